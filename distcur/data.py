@@ -1,0 +1,89 @@
+"""Step tables as numpy arrays, for the stages that fit a (sub)set of steps in memory.
+
+Training, scoring against the target set and the datamodels all work on arrays of states and
+actions keyed by (source, episode, step). Streaming stages (ingest, embedding, KDE partial sums)
+read the store part by part instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from distcur.schema import list_column_to_numpy
+from distcur.store import Store
+
+STEPS_PREFIX = "steps"
+
+
+def steps_key(source: str) -> str:
+    """Store key of one source's step table."""
+    return f"{STEPS_PREFIX}/source={source}"
+
+
+def list_sources(store: Store) -> list[str]:
+    """Sources with a committed step table in ``store``."""
+    names = [n for n in store.listdir(STEPS_PREFIX) if n.startswith("source=")]
+    return [n[len("source="):] for n in names if store.manifest(f"{STEPS_PREFIX}/{n}") is not None]
+
+
+@dataclass
+class StepArrays:
+    """Columns of a step table as arrays; row i is step ``step[i]`` of ``(source[i], episode[i])``."""
+
+    source: np.ndarray  # (N,) object (str)
+    episode: np.ndarray  # (N,) int64
+    step: np.ndarray  # (N,) int32
+    task: np.ndarray  # (N,) object (str)
+    state: np.ndarray  # (N, ds) float32
+    action: np.ndarray  # (N, da) float32
+    success: np.ndarray  # (N,) bool (False where unknown)
+    is_first: np.ndarray  # (N,) bool
+    is_last: np.ndarray  # (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.episode)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> StepArrays:
+        def col(name, dtype=None):
+            arr = table.column(name).to_numpy(zero_copy_only=False)
+            return arr.astype(dtype) if dtype is not None else arr
+
+        success = table.column("success").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        return cls(
+            source=col("source").astype(object),
+            episode=col("episode", np.int64),
+            step=col("step", np.int32),
+            task=table.column("task").fill_null("").to_numpy(zero_copy_only=False).astype(object),
+            state=list_column_to_numpy(table.column("state"), "state"),
+            action=list_column_to_numpy(table.column("action"), "action"),
+            success=success,
+            is_first=col("is_first", bool),
+            is_last=col("is_last", bool),
+        )
+
+    def take(self, idx: np.ndarray) -> StepArrays:
+        return StepArrays(**{k: v[idx] for k, v in self.__dict__.items()})
+
+    @classmethod
+    def concat(cls, parts: list[StepArrays]) -> StepArrays:
+        return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__})
+
+    def episode_ids(self) -> np.ndarray:
+        """A dense id per (source, episode), in row order of first appearance, (N,) int64."""
+        keys = np.char.add(self.source.astype(str), np.char.add("\x00", self.episode.astype(str)))
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(np.argsort(first))
+        return order[inverse].astype(np.int64)
+
+
+def load_steps(store: Store, sources: list[str] | None = None, columns_filter=None) -> StepArrays:
+    """All steps of ``sources`` (default: every source in the store) as arrays."""
+    sources = sources if sources is not None else list_sources(store)
+    if not sources:
+        raise FileNotFoundError(f"no step tables under {store.uri_of(STEPS_PREFIX)}")
+    parts = [StepArrays.from_table(store.read_table(steps_key(s), filters=columns_filter)) for s in sources]
+    return StepArrays.concat(parts)
