@@ -23,6 +23,31 @@ def steps_key(source: str) -> str:
     return f"{STEPS_PREFIX}/source={source}"
 
 
+def target_source(task: str) -> str:
+    """Source name of the target demonstrations of ``task`` (kept apart from the prior)."""
+    return f"target-{task}"
+
+
+def embeddings_key(encoder: str, source: str) -> str:
+    return f"embeddings/{encoder}/source={source}"
+
+
+def scores_key(run: str) -> str:
+    return f"scores/{run}"
+
+
+def selection_key(run: str) -> str:
+    return f"selections/{run}"
+
+
+def policy_key(run: str) -> str:
+    return f"policies/{run}"
+
+
+def eval_key(run: str) -> str:
+    return f"evals/{run}"
+
+
 def list_sources(store: Store) -> list[str]:
     """Sources with a committed step table in ``store``."""
     names = [n for n in store.listdir(STEPS_PREFIX) if n.startswith("source=")]

@@ -200,3 +200,36 @@ def source_metadata(table: pa.Table) -> dict[str, dict]:
             "action_max": action.max(0).tolist(),
         }
     return out
+
+
+# A selection: which prior steps to train on and with what weight (DESIGN.md store layout,
+# selections/<run>/selection.parquet). Produced by select / datamodel / rebalance, consumed by train.
+SELECTION_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("episode", pa.int64(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("weight", pa.float32(), nullable=False),
+    ]
+)
+
+# Per-step scores of one method (scores/<run>/): higher = more useful for the target.
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("episode", pa.int64(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+    ]
+)
+
+# Per-step embeddings (embeddings/<encoder>/source=<source>/).
+EMBEDDING_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("episode", pa.int64(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("z", pa.list_(pa.float32()), nullable=False),
+    ]
+)
