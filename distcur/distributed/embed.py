@@ -1,0 +1,246 @@
+"""The embedding stage on Ray Data: fit an encoder on a sample of the prior, then embed every step.
+
+1. ``fit_encoder`` streams the fit sources part by part, keeps a uniform random sample of at
+   most ``max_fit_rows`` steps (bounded memory), fits the encoder on it, and commits its bytes
+   at ``encoders/<name>/`` with a manifest (skipped when the same config and inputs are done).
+2. ``embed_source`` reads one source's parquet files (named by its manifest) with
+   ``ray.data.read_parquet`` and runs ``map_batches`` with a pool of embedding actors, each
+   holding one rebuilt encoder; the actors' output is written by Ray Data under a fresh data
+   dir and committed as ``embeddings/<name>/source=<source>`` with
+   :data:`distcur.schema.EMBEDDING_SCHEMA`. No process ever holds a whole source.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distcur.data import embeddings_key, list_sources, steps_key
+from distcur.embed.encoders import Batch, Encoder, build_encoder, encoder_from_bytes
+from distcur.schema import EMBEDDING_SCHEMA, list_column_to_numpy
+from distcur.store import Manifest, Store
+
+log = logging.getLogger(__name__)
+
+ENCODERS_PREFIX = "encoders"
+ENCODER_FILE = "encoder.bin"
+KEY_COLUMNS = ("source", "episode", "step")
+
+
+@dataclass
+class EmbedConfig:
+    """Options of ``distcur embed``.
+
+    ``sources`` default to every source in the store; ``fit_sources`` to the sources that are
+    not target demonstrations (``target-*``), i.e. the prior. ``batch_size``, ``concurrency``
+    and the per-actor resources change how the work runs, not its result, so they are left
+    out of the manifest fingerprint.
+    """
+
+    encoder: str = "vae"
+    encoder_options: dict = field(default_factory=dict)
+    sources: list[str] | None = None
+    fit_sources: list[str] | None = None
+    max_fit_rows: int = 200_000
+    seed: int = 0
+    batch_size: int = 4096
+    concurrency: int = 2
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_fit_rows < 2:
+            raise ValueError(f"EmbedConfig.max_fit_rows must be >= 2, got {self.max_fit_rows}")
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError(f"EmbedConfig: batch_size and concurrency must be >= 1, got "
+                             f"{self.batch_size}, {self.concurrency}")
+
+
+def encoder_key(name: str) -> str:
+    return f"{ENCODERS_PREFIX}/{name}"
+
+
+def _batch_from_table(table: pa.Table, columns: tuple[str, ...]) -> Batch:
+    batch: Batch = {}
+    for c in columns:
+        if c in ("state", "action"):
+            batch[c] = list_column_to_numpy(table.column(c), c)
+        else:
+            batch[c] = np.asarray(table.column(c).to_pylist(), dtype=object)
+    return batch
+
+
+def embed_table(encoder: Encoder, table: pa.Table) -> pa.Table:
+    """Embed the steps of ``table`` (key columns + ``encoder.columns``) -> EMBEDDING_SCHEMA table."""
+    z = encoder.encode(_batch_from_table(table, encoder.columns)) if table.num_rows else np.zeros((0, 0), np.float32)
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    if table.num_rows and not np.isfinite(z).all():
+        row = int(np.argmax(~np.isfinite(z).all(1)))
+        ep, st = table.column("episode")[row].as_py(), table.column("step")[row].as_py()
+        raise ValueError(f"encoder {encoder.name!r} produced a non-finite embedding at episode={ep}, step={st}")
+    dim = z.shape[1] if z.ndim == 2 else 0
+    offsets = pa.array(np.arange(0, len(z) * dim + 1, max(dim, 1), dtype=np.int32)[: len(z) + 1])
+    z_col = pa.ListArray.from_arrays(offsets, pa.array(z.ravel(), pa.float32()))
+    return pa.Table.from_arrays(
+        [table.column("source").cast(pa.string()), table.column("episode").cast(pa.int64()),
+         table.column("step").cast(pa.int32()), z_col],
+        schema=EMBEDDING_SCHEMA,
+    )
+
+
+def sample_steps(store: Store, sources: list[str], columns: tuple[str, ...], max_rows: int, seed: int = 0) -> Batch:
+    """A uniform random sample (without replacement) of at most ``max_rows`` steps of ``sources``.
+
+    Streams the tables part by part and keeps the rows with the smallest random keys, so memory
+    stays at O(max_rows + one batch) however large the sources are.
+    """
+    rng = np.random.default_rng(seed)
+    kept: Batch | None = None
+    kept_keys = np.zeros(0)
+    for src in sources:
+        for rb in store.iter_batches(steps_key(src), columns=list(columns)):
+            batch = _batch_from_table(pa.Table.from_batches([rb]), columns)
+            keys = rng.random(rb.num_rows)
+            if kept is None:
+                kept, kept_keys = batch, keys
+            else:
+                for c in columns:
+                    if batch[c].shape[1:] != kept[c].shape[1:]:
+                        raise ValueError(f"sample_steps: column {c!r} of source {src!r} has shape "
+                                         f"{batch[c].shape[1:]} but earlier sources have {kept[c].shape[1:]}")
+                kept = {c: np.concatenate([kept[c], batch[c]]) for c in columns}
+                kept_keys = np.concatenate([kept_keys, keys])
+            if len(kept_keys) > max_rows:
+                idx = np.argpartition(kept_keys, max_rows - 1)[:max_rows]
+                kept = {c: v[idx] for c, v in kept.items()}
+                kept_keys = kept_keys[idx]
+    if kept is None:
+        raise ValueError(f"sample_steps: sources {sources} hold no steps")
+    return kept
+
+
+def _default_sources(store: Store, config: EmbedConfig) -> tuple[list[str], list[str]]:
+    sources = config.sources if config.sources is not None else list_sources(store)
+    if not sources:
+        raise FileNotFoundError(f"no step tables to embed under {store.uri_of('steps')}")
+    fit_sources = config.fit_sources
+    if fit_sources is None:
+        fit_sources = [s for s in sources if not s.startswith("target-")]
+    return list(sources), list(fit_sources)
+
+
+def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
+    """Fit (or, when already done with the same config and inputs, load) the configured encoder."""
+    encoder = build_encoder(config.encoder, config.encoder_options)
+    _, fit_sources = _default_sources(store, config)
+    stage_config = {"encoder": config.encoder, "options": encoder.config(), "fit_sources": fit_sources,
+                    "max_fit_rows": config.max_fit_rows, "seed": config.seed}
+    inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in fit_sources} if encoder.needs_fit else {}
+    key = encoder_key(encoder.out_name)
+    if store.is_done(key, "fit-encoder", stage_config, inputs):
+        log.info("encoder %s already fit with this config and inputs: loading it", key)
+        return load_encoder(store, encoder.out_name, config.encoder), store.manifest(key)
+    summary: dict = {}
+    if encoder.needs_fit:
+        if not fit_sources:
+            raise ValueError(f"encoder {config.encoder!r} must be fit but no prior source is given "
+                             "(fit_sources is empty; target-* sources are excluded by default)")
+        sample = sample_steps(store, fit_sources, encoder.columns, config.max_fit_rows, config.seed)
+        summary = encoder.fit(sample)
+    writer = store.writer(key, "fit-encoder", stage_config, inputs)
+    rel = f"{writer.data_dir}/{ENCODER_FILE}"
+    store.write_bytes(rel, encoder.to_bytes())
+    writer.add_files([rel], rows=0)
+    manifest = writer.commit({"registry_name": config.encoder, "fit": summary})
+    return encoder, manifest
+
+
+def load_encoder(store: Store, out_name: str, registry_name: str | None = None) -> Encoder:
+    """The fitted encoder committed at ``encoders/<out_name>``."""
+    m = store.manifest(encoder_key(out_name))
+    if m is None:
+        raise FileNotFoundError(f"no fitted encoder at {store.uri_of(encoder_key(out_name))}; run `distcur embed` first")
+    name = registry_name or m.metadata.get("registry_name") or out_name
+    return encoder_from_bytes(name, store.read_bytes(m.files[0]))
+
+
+def _embedding_dim(store: Store, rels: list[str]) -> int:
+    for rel in rels:
+        pf = pq.ParquetFile(store.fs.open_input_file(store.path(rel)))
+        for rb in pf.iter_batches(batch_size=1, columns=["z"]):
+            if rb.num_rows:
+                return len(rb.column(0)[0])
+    return 0
+
+
+class _EmbedActor:
+    """One Ray Data actor: rebuilds the encoder once, then embeds batch after batch."""
+
+    def __init__(self, registry_name: str, blob: bytes, num_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.encoder = encoder_from_bytes(registry_name, blob)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return embed_table(self.encoder, table)
+
+
+def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, source: str,
+                 config: EmbedConfig) -> Manifest:
+    """Embed every step of ``source`` through Ray Data; commit ``embeddings/<name>/source=<source>``."""
+    import ray
+
+    key = embeddings_key(encoder.out_name, source)
+    stage_config = {"encoder": config.encoder, "encoder_fingerprint": encoder_manifest.fingerprint}
+    inputs = {steps_key(source): store.input_fingerprint(steps_key(source)),
+              encoder_key(encoder.out_name): encoder_manifest.fingerprint}
+    if store.is_done(key, "embed", stage_config, inputs):
+        log.info("%s is up to date", key)
+        return store.manifest(key)
+    paths = store.files(steps_key(source))
+    writer = store.writer(key, "embed", stage_config, inputs)
+    try:
+        ds = ray.data.read_parquet(paths, filesystem=store.fs, columns=[*KEY_COLUMNS, *encoder.columns],
+                                   partitioning=None)
+        ds = ds.map_batches(
+            _EmbedActor,
+            fn_constructor_kwargs={"registry_name": config.encoder, "blob": encoder.to_bytes(),
+                                   "num_threads": int(max(1, config.num_cpus_per_actor))},
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            concurrency=config.concurrency,
+            num_cpus=config.num_cpus_per_actor,
+            num_gpus=config.num_gpus_per_actor or None,
+        )
+        ds.write_parquet(store.path(writer.data_dir), filesystem=store.fs)
+        rels, rows = [], 0
+        for name in store.listdir(writer.data_dir):
+            if name.endswith(".parquet"):
+                rel = f"{writer.data_dir}/{name}"
+                rows += pq.read_metadata(store.path(rel), filesystem=store.fs).num_rows
+                rels.append(rel)
+        writer.add_files(rels, rows, EMBEDDING_SCHEMA)
+        if not rels:  # an empty source still commits a readable, empty table
+            writer.write(EMBEDDING_SCHEMA.empty_table())
+        return writer.commit({"encoder": encoder.out_name, "source": source, "dim": _embedding_dim(store, rels)})
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def run_embed(store: Store, config: EmbedConfig, address: str | None = None) -> dict[str, Manifest]:
+    """Fit the encoder and embed every configured source; returns {embedding key: manifest}."""
+    from distcur.distributed.session import ensure_ray
+
+    sources, _ = _default_sources(store, config)
+    encoder, enc_manifest = fit_encoder(store, config)
+    ensure_ray(address)
+    out = {}
+    for src in sources:
+        out[embeddings_key(encoder.out_name, src)] = embed_source(store, encoder, enc_manifest, src, config)
+    return out
