@@ -1,0 +1,93 @@
+"""Ray Data glue for ingest: one read task per RLDS shard file.
+
+The work of a task (read, parse, convert, validate, write parts) is
+:func:`distcur.sources.rlds.ingest_shard`; this module only maps it over shards with Ray
+Data and hands the small per-shard results back to :func:`distcur.sources.rlds.ingest_rlds`,
+which commits the table. Data never flows through the driver: each task writes its own
+immutable parts to the store and returns their paths and statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Iterator
+
+from distcur.distributed.session import ensure_ray
+from distcur.schema import StepValidationError
+from distcur.sources.rlds import (
+    IngestResult,
+    RLDSConfig,
+    RLDSFormatError,
+    Shard,
+    ShardResult,
+    ShardTask,
+    ingest_rlds,
+)
+from distcur.store import Store
+
+# Forwarded to the read tasks so workers reach the same S3 endpoint as the driver (workers of
+# an already running Ray may have been started with another environment).
+S3_ENV_VARS = (
+    "DISTCUR_S3_ENDPOINT",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+# Errors a read task reports back as data (type and message) so the caller gets the same
+# exception, naming file/episode/column, as without Ray; anything else propagates as Ray's error.
+_USER_ERRORS = {e.__name__: e for e in (RLDSFormatError, StepValidationError)}
+
+
+def map_shards_ray_data(
+    task: ShardTask, shards: list[Shard], progress: bool = True, num_cpus: float = 1.0
+) -> Iterator[ShardResult]:
+    """Run ``task`` once per shard as Ray Data tasks (one block, hence one task, per shard)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+    remote_args: dict = {"num_cpus": num_cpus}
+    if env:
+        remote_args["runtime_env"] = {"env_vars": env}
+
+    def read_shard(row: dict) -> dict:
+        try:
+            return {"result": task(shards[int(row["index"])]).to_json(), "error": "", "message": ""}
+        except tuple(_USER_ERRORS.values()) as e:
+            return {"result": "", "error": type(e).__name__, "message": str(e)}
+
+    ds = ray.data.from_items([{"index": i} for i in range(len(shards))], override_num_blocks=len(shards))
+    ds = ds.map(read_shard, **remote_args)
+    for row in ds.iter_rows():
+        if row["error"]:
+            raise _USER_ERRORS[row["error"]](row["message"])
+        yield ShardResult.from_json(row["result"])
+
+
+def ingest_rlds_ray(
+    dataset_uri: str,
+    config: RLDSConfig,
+    store: Store,
+    source: str | None = None,
+    splits: Iterable[str] = ("train",),
+    address: str | None = None,
+    force: bool = False,
+    rows_per_part: int = 100_000,
+    progress: bool = True,
+) -> IngestResult:
+    """:func:`distcur.sources.rlds.ingest_rlds` with one Ray Data read task per shard file.
+
+    Joins ``address`` (or ``RAY_ADDRESS``) or starts a local Ray.
+    """
+    ensure_ray(address)
+    return ingest_rlds(
+        dataset_uri, config, store, source=source, splits=splits,
+        mapper=functools.partial(map_shards_ray_data, progress=progress),
+        force=force, rows_per_part=rows_per_part, progress=progress,
+    )
