@@ -269,14 +269,16 @@ def iter_array_record(path: str, name: str, batch: int = 16) -> Iterator[bytes]:
     try:
         reader = ArrayRecordReader(path, "readahead_buffer_size:0")
     except Exception as e:  # the C++ reader raises RuntimeError/ValueError on a bad file
-        raise RLDSFormatError(f"{name}: cannot open array_record file: {e}") from e
+        raise RLDSFormatError(f"{name}: cannot open array_record file ({type(e).__name__}: {e})") from e
     try:
         n = reader.num_records()
         for start in range(0, n, batch):
             try:
                 records = reader.read(start, min(start + batch, n))
             except Exception as e:
-                raise RLDSFormatError(f"{name}: corrupt records {start}..{min(start + batch, n) - 1}: {e}") from e
+                raise RLDSFormatError(
+                    f"{name}: corrupt records {start}..{min(start + batch, n) - 1} ({type(e).__name__}: {e})"
+                ) from e
             yield from records
     finally:
         reader.close()
