@@ -1,0 +1,314 @@
+"""Gaussian kernel density estimation in log space, blockwise (IWR's core, METHODS.md §2).
+
+A Gaussian KDE with kernel covariance ``h^2 * Sigma`` (Sigma the sample covariance, ddof=1, the
+rule of ``scipy.stats.gaussian_kde``) is an isotropic KDE on whitened points ``y = L^-1 (x - mu)``
+with ``Sigma = L L^T``::
+
+    log p(x) = logsumexp_j(-||y - y_j||^2 / (2 h^2)) - log M - d/2 log(2 pi h^2) - log|det L|
+
+The logsumexp over references decomposes into partial sums over blocks (or shards) of the
+references, combined by a logsumexp reduction: that is what makes the exact computation
+distribute (see :mod:`distcur.distributed.kde`). Within one block the exponents come out of a
+single float32 GEMM on augmented vectors, are exponentiated in place and summed row-wise (no
+running max needed: every exponent is <= 0, so exp cannot overflow); rows whose sum underflows
+are recomputed with a max shift. Block partial sums are accumulated in float64. Memory is
+O(block_queries * block_refs): the full N x M matrix never exists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# One block of exponents, block_queries x block_refs float32, should sit in L2 (512 KiB per core
+# on the development machine: 256 x 1024 x 4 B = 1 MiB spread over two cores).
+BLOCK_QUERIES = 256
+BLOCK_REFS = 1024
+# A float32 row sum below this has lost precision to underflow: recompute the row with a max shift.
+_UNDERFLOW = 1e-30
+# Rows whose float32 exponent error bound, 2 u (|q| + max|r|)^2 / (2 h^2), exceeds this (log units)
+# are recomputed in float64: it only happens for tiny bandwidths or queries far outside the data.
+_MAX_LOG_ERROR = 1e-4
+# Below this many query x reference pairs, thread start-up and barriers cost more than they save.
+_PARALLEL_PAIRS = 1 << 22
+
+
+@contextmanager
+def _torch_threads(pairs: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if pairs < _PARALLEL_PAIRS and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+_BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """``y = L^-1 (x - mean)`` for a sample covariance ``L L^T`` (float64 parameters)."""
+
+    mean: np.ndarray  # [d]
+    chol: np.ndarray  # [d, d] lower-triangular L
+    n: int  # number of points the statistics came from
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def log_det(self) -> float:
+        """log |det L| = 1/2 log det Sigma."""
+        return float(np.sum(np.log(np.diag(self.chol))))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Whitened float32 copy of ``x`` [n, d]."""
+        x = check_points(x, "points", dim=self.dim)
+        centred = (x.astype(np.float64) - self.mean).T
+        from scipy.linalg import solve_triangular
+
+        return np.ascontiguousarray(solve_triangular(self.chol, centred, lower=True).T, dtype=np.float32)
+
+
+def check_points(x: np.ndarray, name: str, dim: int | None = None, min_rows: int = 1) -> np.ndarray:
+    """``x`` as a finite 2-D array; errors name ``name`` and what was expected."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array [n, d], got shape {x.shape}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name}: expected at least {min_rows} points, got {x.shape[0]}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: embedding dim {x.shape[1]} does not match the expected dim {dim}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: points have zero dimensions")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(f"{name}: non-finite value {x[row, col]} at row {row}, dimension {col}")
+    return x
+
+
+def whitening_from_moments(n: int, total: np.ndarray, outer: np.ndarray, name: str = "points") -> Whitening:
+    """Whitening from streamed moments: ``n`` points, ``total = sum x`` [d], ``outer = sum x x^T`` [d, d].
+
+    The covariance is the unbiased sample covariance (ddof=1), as in ``scipy.stats.gaussian_kde``.
+    A constant dimension, or one that is a linear combination of earlier ones, is an error naming
+    the dimension (the KDE would be degenerate, and dividing by it would give NaN scores).
+    """
+    if n < 2:
+        raise ValueError(f"{name}: need at least 2 points for a covariance, got {n}")
+    mean = total / n
+    return _whitening_from_covariance(mean, (outer - n * np.outer(mean, mean)) / (n - 1), n, name)
+
+
+def _whitening_from_covariance(mean: np.ndarray, cov: np.ndarray, n: int, name: str) -> Whitening:
+    var = np.diag(cov)
+    scale = max(float(np.max(np.abs(var))), 1e-300)
+    const = np.flatnonzero(var <= 1e-12 * scale)
+    if const.size:
+        raise ValueError(
+            f"{name}: embedding dimension {int(const[0])} is constant (variance {var[const[0]]:.3g}); "
+            f"the kernel covariance is singular. Drop constant dimensions ({const.tolist()[:10]}) first."
+        )
+    try:
+        chol = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        chol = None
+    if chol is None or np.min(np.diag(chol)) <= 1e-6 * math.sqrt(scale):
+        for k in range(1, cov.shape[0] + 1):
+            try:
+                lk = np.linalg.cholesky(cov[:k, :k])
+            except np.linalg.LinAlgError:
+                lk = None
+            if lk is None or lk[-1, -1] <= 1e-6 * math.sqrt(scale):
+                raise ValueError(
+                    f"{name}: embedding dimension {k - 1} is a linear combination of dimensions 0..{k - 2}; "
+                    "the kernel covariance is singular"
+                )
+    return Whitening(mean=mean, chol=chol, n=int(n))
+
+
+def moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, sum x, sum x x^T) in float64, to merge across shards before :func:`whitening_from_moments`."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return x64.shape[0], x64.sum(0), x64.T @ x64
+
+
+def whitening(x: np.ndarray, name: str = "points") -> Whitening:
+    """Whitening from the sample covariance (ddof=1) of ``x`` [n, d]."""
+    x = check_points(x, name, min_rows=2)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(0)
+    centred = x64 - mean  # centre first: better conditioned than raw moments
+    return _whitening_from_covariance(mean, centred.T @ centred / (len(x) - 1), len(x), name)
+
+
+def _augment(q: torch.Tensor, r: torch.Tensor, h: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[q/h^2, -|q|^2/2h^2, 1] and [r, 1, -|r|^2/2h^2]: their product is -|q-r|^2 / (2 h^2)."""
+    inv = 1.0 / (h * h)
+    qa = torch.cat([q * inv, (q * q).sum(1, keepdim=True) * (-0.5 * inv), torch.ones(len(q), 1)], 1)
+    ra = torch.cat([r, torch.ones(len(r), 1), (r * r).sum(1, keepdim=True) * (-0.5 * inv)], 1)
+    return qa.contiguous(), ra
+
+
+def log_kde_partial_sums(
+    queries: np.ndarray,
+    refs: np.ndarray,
+    h: float,
+    block_queries: int = BLOCK_QUERIES,
+    block_refs: int = BLOCK_REFS,
+) -> np.ndarray:
+    """``logsumexp_j(-||q_i - r_j||^2 / (2 h^2))`` for every query, over this block of references.
+
+    queries: [N, d] and refs: [M, d], already whitened (isotropic kernel); h: bandwidth in the
+    whitened units. Returns float64 [N] (-inf for every query when ``refs`` is empty). Combine the
+    partial sums of disjoint reference blocks with :func:`combine_log_partials`.
+    """
+    queries = check_points(queries, "queries", min_rows=0)
+    refs = check_points(refs, "refs", dim=queries.shape[1], min_rows=0)
+    if not (np.isfinite(h) and h > 0):
+        raise ValueError(f"bandwidth h must be a positive finite number, got {h}")
+    n, m = len(queries), len(refs)
+    if n == 0 or m == 0:
+        return np.full(n, -np.inf)
+    with _torch_threads(n * m), torch.no_grad():
+        return _log_kde_partial_sums(queries, refs, float(h), block_queries, block_refs)
+
+
+def _log_kde_partial_sums(queries: np.ndarray, refs: np.ndarray, h: float, block_queries: int,
+                          block_refs: int) -> np.ndarray:
+    n, m = len(queries), len(refs)
+    out = np.full(n, -np.inf)
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    r = torch.from_numpy(np.ascontiguousarray(refs, dtype=np.float32))
+    # Centre on the references so that the |q|^2 + |r|^2 - 2 q.r cancellation loses little in float32.
+    centre = r.mean(0, dtype=torch.float64).float()
+    qa, ra = _augment(q - centre, r - centre, float(h))
+    r_norm_max = float((r - centre).norm(dim=1).max())
+    q_norm = (q - centre).norm(dim=1).double()
+    imprecise = 2 * 6e-8 * (q_norm + r_norm_max) ** 2 / (2 * h * h) > _MAX_LOG_ERROR
+    ref_blocks = [ra[j : j + block_refs].T.contiguous() for j in range(0, m, block_refs)]
+    buf = torch.empty(min(block_queries, n), min(block_refs, m))
+    row = torch.empty(min(block_queries, n))
+    total = torch.empty(min(block_queries, n), dtype=torch.float64)
+    for i in range(0, n, block_queries):
+        qi = qa[i : i + block_queries]
+        b = len(qi)
+        tot = total[:b].zero_()
+        for rt in ref_blocks:
+            e = buf[:b, : rt.shape[1]]
+            torch.mm(qi, rt, out=e)
+            e.exp_()
+            torch.sum(e, 1, out=row[:b])
+            tot += row[:b]
+        out[i : i + b] = tot.log().numpy()
+        low = i + torch.nonzero((tot < _UNDERFLOW) | imprecise[i : i + b]).flatten().numpy()
+        if len(low):
+            centre64 = centre.double().numpy()
+            out[low] = _shifted_logsumexp(queries[low].astype(np.float64) - centre64,
+                                          refs.astype(np.float64) - centre64, float(h), block_refs)
+    return out
+
+
+def _shifted_logsumexp(q: np.ndarray, r: np.ndarray, h: float, block_refs: int) -> np.ndarray:
+    """Max-shifted logsumexp in float64, for rows whose float32 sum underflowed (far queries, tiny h)."""
+    q = torch.from_numpy(q)
+    qq = (q * q).sum(1, keepdim=True)
+    running = torch.full((len(q),), -math.inf, dtype=torch.float64)
+    for j in range(0, len(r), block_refs):
+        rj = torch.from_numpy(r[j : j + block_refs])
+        d2 = (qq + (rj * rj).sum(1) - 2.0 * (q @ rj.T)).clamp_(min=0.0)
+        running = torch.logaddexp(running, torch.logsumexp(d2 * (-0.5 / (h * h)), 1))
+    return running.numpy()
+
+
+def combine_log_partials(partials: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Logsumexp reduction of partial log-sums over disjoint reference blocks: [K, N] -> [N]."""
+    stacked = np.asarray(partials, dtype=np.float64)
+    if stacked.ndim != 2 or stacked.shape[0] == 0:
+        raise ValueError(f"expected partial log-sums of shape [K>=1, N], got {stacked.shape}")
+    top = stacked.max(0)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.exp(stacked - safe).sum(0))
+
+
+def log_normaliser(num_refs: int, dim: int, h: float, log_det: float) -> float:
+    """-log M - d/2 log(2 pi h^2) - log|det L|: turns a kernel log-sum into a log-density."""
+    return -math.log(num_refs) - 0.5 * dim * math.log(2 * math.pi * h * h) - log_det
+
+
+def log_kde(queries: np.ndarray, refs: np.ndarray, h: float, white: Whitening | None = None) -> np.ndarray:
+    """Log-density [N] of ``queries`` [N, d] under a Gaussian KDE on ``refs`` [M, d].
+
+    Kernel covariance ``h^2 * Sigma`` with ``Sigma`` the sample covariance of ``refs`` (or of
+    ``white`` when given, e.g. the prior's in IWR): equals
+    ``scipy.stats.gaussian_kde(refs.T, bw_method=h).logpdf(queries.T)``.
+    """
+    refs = check_points(refs, "refs", min_rows=1)
+    queries = check_points(queries, "queries", dim=refs.shape[1], min_rows=0)
+    white = white if white is not None else whitening(refs, "refs")
+    lse = log_kde_partial_sums(white.apply(queries), white.apply(refs), h)
+    return lse + log_normaliser(len(refs), refs.shape[1], h, white.log_det)
+
+
+def scott_factor(n: int, d: int) -> float:
+    """Scott's rule, ``n^(-1/(d+4))`` (as scipy)."""
+    return float(n ** (-1.0 / (d + 4)))
+
+
+def silverman_factor(n: int, d: int) -> float:
+    """Silverman's rule, ``(n (d+2) / 4)^(-1/(d+4))`` (as scipy)."""
+    return float((n * (d + 2) / 4.0) ** (-1.0 / (d + 4)))
+
+
+def heldout_bandwidth(
+    points: np.ndarray,
+    white: Whitening | None = None,
+    grid: Sequence[float] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[float, dict[str, list[float]]]:
+    """The bandwidth of the grid with the largest k-fold held-out mean log-likelihood of ``points``.
+
+    Returns (h, {"grid": [...], "heldout_loglik": [...]}). The default grid spans 0.25x..2x Scott's
+    factor for ``points`` (log-spaced, 12 values).
+    """
+    points = check_points(points, "points", min_rows=2)
+    n, d = points.shape
+    folds = max(2, min(int(folds), n))
+    white = white if white is not None else whitening(points, "points")
+    y = white.apply(points)
+    if grid is None:
+        grid = (scott_factor(n, d) * np.geomspace(0.25, 2.0, 12)).tolist()
+    fold_of = np.random.default_rng(seed).permutation(n) % folds
+    scores = []
+    for h in grid:
+        total = 0.0
+        for f in range(folds):
+            held, train = y[fold_of == f], y[fold_of != f]
+            lse = log_kde_partial_sums(held, train, float(h))
+            total += float(np.sum(lse + log_normaliser(len(train), d, float(h), white.log_det)))
+        scores.append(total / n)
+    best = int(np.argmax(scores))
+    return float(grid[best]), {"grid": [float(g) for g in grid], "heldout_loglik": scores}
+
+
+def bandwidth_factor(rule: str | float, n: int, d: int) -> float:
+    """A numeric bandwidth, or Scott's / Silverman's rule for ``n`` points in ``d`` dims."""
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
+        if not (math.isfinite(rule) and rule > 0):
+            raise ValueError(f"bandwidth must be a positive finite number, got {rule}")
+        return float(rule)
+    if rule == "scott":
+        return scott_factor(n, d)
+    if rule == "silverman":
+        return silverman_factor(n, d)
+    raise ValueError(f"unknown bandwidth rule {rule!r}: expected a number or one of {_BANDWIDTH_RULES}")

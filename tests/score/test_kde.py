@@ -1,0 +1,98 @@
+"""Log-KDE maths: equality with scipy, partial-sum combination, bandwidths, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats as st
+
+from distcur.score.kde import (
+    combine_log_partials,
+    heldout_bandwidth,
+    log_kde,
+    log_kde_partial_sums,
+    scott_factor,
+    silverman_factor,
+    whitening,
+)
+
+
+def correlated(rng, n, d, shift=0.0):
+    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + shift
+
+
+@pytest.mark.parametrize("d,bw", [(1, None), (3, 0.3), (3, "silverman"), (16, 0.5), (8, 0.05)])
+def test_log_kde_equals_scipy_gaussian_kde(d, bw):
+    rng = np.random.default_rng(d)
+    refs = correlated(rng, 700, d, shift=3.0)
+    queries = np.concatenate([refs[:40], correlated(rng, 120, d, shift=3.0) * 2.0, refs[:5] + 50.0])
+    kde = st.gaussian_kde(refs.T, bw_method=bw)
+    expected = kde.logpdf(queries.T)
+    got = log_kde(queries, refs, kde.factor)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_bandwidth_rules_match_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5))
+    assert scott_factor(300, 5) == pytest.approx(st.gaussian_kde(x.T).scotts_factor())
+    assert silverman_factor(300, 5) == pytest.approx(st.gaussian_kde(x.T).silverman_factor())
+
+
+def test_partial_sums_over_reference_blocks_combine_to_the_whole():
+    rng = np.random.default_rng(1)
+    q, r = rng.normal(size=(300, 6)).astype(np.float32), rng.normal(size=(1000, 6)).astype(np.float32)
+    whole = log_kde_partial_sums(q, r, 0.4)
+    parts = [log_kde_partial_sums(q, r[a:b], 0.4) for a, b in [(0, 1), (1, 333), (333, 1000)]]
+    np.testing.assert_allclose(combine_log_partials(parts), whole, rtol=1e-6, atol=2e-5)
+    # Blocking inside one call does not change the answer either.
+    np.testing.assert_allclose(log_kde_partial_sums(q, r, 0.4, block_queries=7, block_refs=33), whole, rtol=1e-6, atol=2e-5)
+    # Reference in float64 (direct logsumexp).
+    d2 = ((q[:, None, :].astype(np.float64) - r[None].astype(np.float64)) ** 2).sum(-1)
+    from scipy.special import logsumexp
+
+    np.testing.assert_allclose(whole, logsumexp(-d2 / (2 * 0.4**2), axis=1), rtol=1e-6, atol=2e-5)
+    assert np.all(log_kde_partial_sums(q, r[:0], 0.4) == -np.inf)
+    np.testing.assert_allclose(combine_log_partials([whole, np.full(300, -np.inf)]), whole)
+
+
+def test_tiny_bandwidth_does_not_underflow():
+    rng = np.random.default_rng(2)
+    q, r = rng.normal(size=(50, 4)), rng.normal(size=(80, 4))
+    lse = log_kde_partial_sums(q, r, 1e-4)
+    nn = ((q[:, None] - r[None]) ** 2).sum(-1).min(1)
+    assert np.all(np.isfinite(lse))
+    np.testing.assert_allclose(lse, -nn / (2e-8), rtol=1e-6)
+
+
+def test_heldout_bandwidth_picks_a_sensible_interior_value():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 3))
+    h, curve = heldout_bandwidth(x, folds=4)
+    assert curve["grid"][0] < h < curve["grid"][-1]
+    assert max(curve["heldout_loglik"]) == pytest.approx(curve["heldout_loglik"][curve["grid"].index(h)])
+
+
+def test_constant_dimension_is_a_clear_error():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(100, 4))
+    x[:, 2] = 1.5
+    with pytest.raises(ValueError, match="dimension 2 is constant"):
+        whitening(x, "prior")
+    y = rng.normal(size=(100, 3))
+    y = np.concatenate([y, y[:, :1] + 2 * y[:, 1:2]], 1)
+    with pytest.raises(ValueError, match="dimension 3 is a linear combination"):
+        whitening(y, "prior")
+
+
+def test_bad_shapes_and_values_are_clear_errors():
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match="queries: embedding dim 3 does not match the expected dim 4"):
+        log_kde(rng.normal(size=(5, 3)), rng.normal(size=(20, 4)), 0.5)
+    with pytest.raises(ValueError, match="non-finite value nan at row 1, dimension 0"):
+        log_kde(np.array([[0.0, 0.0], [np.nan, 0.0]]), rng.normal(size=(20, 2)), 0.5)
+    with pytest.raises(ValueError, match="bandwidth h must be a positive"):
+        log_kde_partial_sums(rng.normal(size=(5, 2)), rng.normal(size=(5, 2)), 0.0)
+    with pytest.raises(ValueError, match="expected a 2-D array"):
+        log_kde(np.zeros(3), rng.normal(size=(20, 3)), 0.5)
