@@ -1,0 +1,165 @@
+"""IWR: density-ratio maths, the sharded Ray computation, subsample mode, store I/O and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from distcur.data import embeddings_key
+from distcur.schema import EMBEDDING_SCHEMA, SCORE_SCHEMA
+from distcur.score.iwr import iwr_log_weights, run_iwr
+from distcur.score.kde import whitening
+from distcur.store import Store
+
+
+def embedding_table(z: np.ndarray, source: str, episode_len: int = 50) -> pa.Table:
+    n, d = z.shape
+    idx = np.arange(n)
+    flat = pa.array(np.ascontiguousarray(z, dtype=np.float32).ravel())
+    offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int32))
+    return pa.Table.from_arrays(
+        [pa.array([source] * n), pa.array(idx // episode_len, pa.int64()), pa.array(idx % episode_len, pa.int32()),
+         pa.ListArray.from_arrays(offsets, flat)],
+        schema=EMBEDDING_SCHEMA,
+    )
+
+
+def write_embeddings(store: Store, source: str, z: np.ndarray, rows_per_part: int = 1_000_000) -> str:
+    key = embeddings_key("test", source)
+    store.write_table(key, embedding_table(z, source), stage="embed", rows_per_part=rows_per_part)
+    return key
+
+
+@pytest.fixture(scope="module")
+def prior_and_target():
+    rng = np.random.default_rng(0)
+    mix = np.linalg.cholesky(np.array([[1.0, 0.5, 0.0, 0.2], [0.5, 1.0, 0.1, 0.0], [0.0, 0.1, 1.0, 0.3],
+                                       [0.2, 0.0, 0.3, 1.0]]))
+    prior_a = rng.normal(size=(700, 4)) @ mix.T
+    prior_b = rng.normal(size=(500, 4)) @ mix.T * 1.5 + 1.0
+    target = rng.normal(size=(150, 4)) * 0.4 + np.array([1.0, 0.5, 0.0, -0.5])
+    return prior_a, prior_b, target
+
+
+@pytest.fixture(scope="module")
+def store_with_embeddings(tmp_path_factory, prior_and_target):
+    prior_a, prior_b, target = prior_and_target
+    store = Store(tmp_path_factory.mktemp("iwr-store"))
+    keys = [write_embeddings(store, "a", prior_a, rows_per_part=300), write_embeddings(store, "b", prior_b)]
+    target_key = write_embeddings(store, "target", target)
+    return store, keys, target_key
+
+
+def read_scores(store: Store, key: str) -> pa.Table:
+    return store.read_table(key).sort_by([("source", "ascending"), ("episode", "ascending"), ("step", "ascending")])
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 5])
+def test_sharded_ray_equals_single_process(ray_session, store_with_embeddings, prior_and_target, num_shards):
+    store, keys, target_key = store_with_embeddings
+    prior = np.concatenate(prior_and_target[:2])
+    expected = iwr_log_weights(prior, prior_and_target[2], "scott")
+    manifest = run_iwr(store, keys, target_key, f"scores/iwr-{num_shards}", num_shards=num_shards)
+    assert manifest.rows == len(prior)
+    assert manifest.metadata["num_shards"] == num_shards
+    table = read_scores(store, f"scores/iwr-{num_shards}")
+    assert table.schema.equals(SCORE_SCHEMA)
+    assert set(table.column("method").to_pylist()) == {"iwr"}
+    # Row order of the expected array is source a then b, episode, step: the same as the sorted table.
+    np.testing.assert_allclose(table.column("score").to_numpy(), expected, rtol=1e-5, atol=1e-4)
+    assert set(manifest.inputs) == set(keys) | {target_key}
+    assert manifest.metadata["bandwidth"]["h_prior"] == pytest.approx(1200 ** (-1 / 8))
+
+
+def test_rerun_with_same_config_is_skipped(ray_session, store_with_embeddings):
+    store, keys, target_key = store_with_embeddings
+    first = run_iwr(store, keys, target_key, "scores/iwr-skip", bandwidth=0.7, num_shards=2)
+    again = run_iwr(store, keys, target_key, "scores/iwr-skip", bandwidth=0.7, num_shards=2)
+    assert again.created == first.created and again.fingerprint == first.fingerprint
+
+
+def test_subsample_mode_reports_its_error(ray_session, store_with_embeddings, prior_and_target):
+    store, keys, target_key = store_with_embeddings
+    prior = np.concatenate(prior_and_target[:2])
+    exact = iwr_log_weights(prior, prior_and_target[2], 0.5)
+    manifest = run_iwr(store, keys, target_key, "scores/iwr-sub", bandwidth=0.5, mode="subsample", subsample=600,
+                       num_shards=3)
+    err = manifest.metadata["subsample"]
+    assert err["size"] == 600 and err["probe_points"] == 256
+    est, meas = err["estimated_relative_std"], err["measured_relative_error"]
+    assert 0 < est["median"] < 0.5 and 0 < meas["median"] < 0.5
+    # The predicted std and the measured error agree in scale (|error| ~ 0.8 std for a normal error).
+    assert 0.3 < meas["median"] / est["median"] < 3.0
+    got = read_scores(store, "scores/iwr-sub").column("score").to_numpy()
+    assert np.all(np.isfinite(got))
+    # Unbiased density, so log w is close to exact and ranks nearly the same.
+    assert np.corrcoef(got, exact)[0, 1] > 0.95
+
+
+def test_nearest_neighbour_limit_of_target_density():
+    rng = np.random.default_rng(1)
+    prior, target = rng.normal(size=(400, 3)), rng.normal(size=(30, 3))
+    white = whitening(prior)
+    yp, yt = white.apply(prior), white.apply(target)
+    nn = ((yp[:, None].astype(np.float64) - yt[None]) ** 2).sum(-1).min(1)
+    # log w = log p_t - log p_prior: rank by the target part alone with h -> 0.
+    from distcur.score.kde import log_kde_partial_sums
+
+    log_pt = log_kde_partial_sums(yp, yt, 1e-3)
+    assert np.array_equal(np.argsort(-log_pt, kind="stable"), np.argsort(nn, kind="stable"))
+    # A moderate bandwidth does not reproduce it exactly (the test can fail).
+    assert not np.array_equal(np.argsort(-log_kde_partial_sums(yp, yt, 1.0)), np.argsort(nn))
+
+
+def test_prior_from_the_target_distribution_gives_near_flat_weights():
+    rng = np.random.default_rng(2)
+    same = iwr_log_weights(rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)), 0.5)
+    shifted = iwr_log_weights(rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) * 0.5 + 1.0, 0.5)
+    # Measured: IQR of log w ~0.2 for the same distribution vs ~3 for a shifted, narrower target.
+    iqr_same = np.subtract(*np.quantile(same, [0.75, 0.25]))
+    iqr_shift = np.subtract(*np.quantile(shifted, [0.75, 0.25]))
+    assert abs(np.median(same)) < 0.1 and iqr_same < 0.35
+    assert iqr_shift > 5 * iqr_same
+
+
+@pytest.mark.parametrize("rule", ["silverman", "likelihood"])
+def test_bandwidth_rules_give_finite_weights(rule):
+    rng = np.random.default_rng(3)
+    w = iwr_log_weights(rng.normal(size=(500, 3)), rng.normal(size=(80, 3)) + 0.5, rule)
+    assert w.shape == (500,) and np.all(np.isfinite(w))
+
+
+def test_bad_input_is_a_clear_error(ray_session, tmp_path):
+    rng = np.random.default_rng(4)
+    with pytest.raises(ValueError, match="target embeddings: embedding dim 3 does not match the expected dim 4"):
+        iwr_log_weights(rng.normal(size=(100, 4)), rng.normal(size=(10, 3)))
+    with pytest.raises(ValueError, match="target embeddings: expected at least 1 points, got 0"):
+        iwr_log_weights(rng.normal(size=(100, 4)), np.zeros((0, 4)))
+    constant = rng.normal(size=(100, 4))
+    constant[:, 1] = 0.25
+    with pytest.raises(ValueError, match="dimension 1 is constant"):
+        iwr_log_weights(constant, rng.normal(size=(10, 4)))
+
+    store = Store(tmp_path)
+    prior_key = write_embeddings(store, "p", rng.normal(size=(200, 4)))
+    other_key = write_embeddings(store, "q", rng.normal(size=(200, 5)))
+    empty_key = embeddings_key("test", "empty")
+    store.write_table(empty_key, EMBEDDING_SCHEMA.empty_table(), stage="embed")
+    wrong_key = write_embeddings(store, "wrong", rng.normal(size=(20, 3)))
+    const_key = write_embeddings(store, "const", constant)
+    with pytest.raises(ValueError, match=r"target embeddings .*empty"):
+        run_iwr(store, [prior_key], empty_key, "scores/x")
+    with pytest.raises(ValueError, match=r"target embeddings .*source=wrong have dim 3 but the prior .* dim 4"):
+        run_iwr(store, [prior_key], wrong_key, "scores/x")
+    with pytest.raises(ValueError, match="mismatched dims"):
+        run_iwr(store, [prior_key, other_key], wrong_key, "scores/x", num_shards=2)
+    with pytest.raises(ValueError, match="dimension 1 is constant"):
+        run_iwr(store, [const_key], prior_key, "scores/x")
+    with pytest.raises(ValueError, match="mode='subsample' needs subsample"):
+        run_iwr(store, [prior_key], prior_key, "scores/x", mode="subsample")
+    with pytest.raises(ValueError, match="unknown bandwidth 'wide'"):
+        run_iwr(store, [prior_key], prior_key, "scores/x", bandwidth="wide")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        run_iwr(store, [prior_key], "embeddings/test/source=missing", "scores/x")
+    assert store.manifest("scores/x") is None
