@@ -270,6 +270,7 @@ def iter_array_record(path: str, name: str, batch: int = 16) -> Iterator[bytes]:
         reader = ArrayRecordReader(path, "readahead_buffer_size:0")
     except Exception as e:  # the C++ reader raises RuntimeError/ValueError on a bad file
         raise RLDSFormatError(f"{name}: cannot open array_record file ({type(e).__name__}: {e})") from e
+    ok = False
     try:
         n = reader.num_records()
         for start in range(0, n, batch):
@@ -280,8 +281,13 @@ def iter_array_record(path: str, name: str, batch: int = 16) -> Iterator[bytes]:
                     f"{name}: corrupt records {start}..{min(start + batch, n) - 1} ({type(e).__name__}: {e})"
                 ) from e
             yield from records
+        ok = True
     finally:
-        reader.close()
+        try:
+            reader.close()
+        except Exception as e:  # the reader re-reports a corruption on close; keep the first error
+            if ok:
+                raise RLDSFormatError(f"{name}: corrupt array_record file ({type(e).__name__}: {e})") from e
 
 
 def iter_shard_records(shard: Shard) -> Iterator[bytes]:
