@@ -1,0 +1,11 @@
+"""Ray job: `distcur datamodel` from the 'datamodel' section of a job config (see jobs/_common.py).
+
+    ray job submit --working-dir . -- python jobs/datamodel.py --config jobs/configs/metaworld.yaml
+"""
+
+import sys
+
+from _common import main
+
+if __name__ == "__main__":
+    sys.exit(main("datamodel"))
