@@ -87,7 +87,7 @@ def check_task(name: str, what: str = "task", allow_excluded: bool = False) -> s
     if allow_excluded and name in EXCLUDED_TASKS:
         return name
     if name in EXCLUDED_TASKS:
-        raise ValueError(f"{what} {name!r} cannot be used: {EXCLUDED_TASKS[name]}. Valid names: {valid_tasks()}")
+        raise ValueError(f"{what} {name!r} cannot be used: {EXCLUDED_TASKS[name]}; valid names: {valid_tasks()}")
     names = valid_tasks()
     if name not in names:
         raise ValueError(f"unknown MetaWorld {what} {name!r}; valid names: {names}")
@@ -261,7 +261,7 @@ class MetaWorldPriorConfig:
     success_noise: float = 0.1
     failed_noise: float = 1.0
     failed_modes: tuple[str, ...] = FAILED_MODES
-    failed_max_steps: int = 200
+    failed_max_steps: int = 150
     max_steps: int = MAX_PATH_LENGTH
     seed: int = 0
     task_counts: dict[str, int] | None = None

@@ -1,0 +1,162 @@
+"""MetaWorld prior/target generation: counts, determinism, the target rule, replayable success, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from distcur.data import StepArrays, steps_key, target_source
+from distcur.sources.metaworld import (
+    PRIOR_SOURCE,
+    EpisodeSpec,
+    MetaWorldPriorConfig,
+    generate_chunk,
+    generate_metaworld,
+    make_envs,
+    reset_env,
+    run_chunks_locally,
+)
+from distcur.store import Store
+
+TARGET = "button-press-topdown-v3"
+TASKS = ("reach-v3", "drawer-close-v3", TARGET)
+
+
+def small_config(**kw) -> MetaWorldPriorConfig:
+    base = dict(target=TARGET, tasks=TASKS, success_per_task=2, failed_per_task=3, target_demos=2,
+                failed_max_steps=60, max_steps=200, chunk_episodes=3)
+    return MetaWorldPriorConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def generated(ray_session, tmp_path_factory):
+    """The same config generated twice: through Ray, and in one process."""
+    cfg = small_config()
+    ray_store = Store(tmp_path_factory.mktemp("mw_ray"))
+    local_store = Store(tmp_path_factory.mktemp("mw_local"))
+    info = generate_metaworld(cfg, ray_store, progress=False)
+    generate_metaworld(cfg, local_store, runner=run_chunks_locally)
+    return cfg, ray_store, local_store, info
+
+
+def test_counts_and_target_rule(generated):
+    cfg, store, _, info = generated
+    prior = StepArrays.from_table(store.read_table(steps_key(PRIOR_SOURCE)))
+    target = StepArrays.from_table(store.read_table(steps_key(target_source(TARGET))))
+    assert prior.state.shape[1] == 39 and prior.action.shape[1] == 4
+    assert np.all(np.abs(prior.action) <= 1.0)
+    episodes = {}
+    for task, ok in zip(prior.task[prior.is_first], prior.success[prior.is_first]):
+        episodes.setdefault(task, []).append(bool(ok))
+    # 2 successes + 3 failures per task, except the target: failures only
+    assert {t: (sum(v), len(v) - sum(v)) for t, v in episodes.items()} == {
+        "reach-v3": (2, 3), "drawer-close-v3": (2, 3), TARGET: (0, 3)}
+    assert not prior.success[prior.task == TARGET].any()
+    assert info["prior"]["episodes"] == 13 and info["target"]["episodes"] == 2
+    assert set(target.task) == {TARGET} and target.success.all() and target.is_last.sum() == 2
+    assert info["prior"]["rows"] == len(prior) and info["target"]["rows"] == len(target)
+    # success is an episode outcome: constant within an episode
+    ids = prior.episode_ids()
+    assert all(len(set(prior.success[ids == i])) == 1 for i in np.unique(ids))
+    m = store.manifest(steps_key(PRIOR_SOURCE))
+    assert m.metadata["sources"][PRIOR_SOURCE]["state_dim"] == 39
+    tasks = m.metadata["tasks"]
+    assert tasks["reach-v3"]["expert_success_rate"] > 0.5 and tasks[TARGET]["expert_success_rate"] is None
+    assert sum(tasks[TARGET]["failed_modes"].values()) == 3
+    assert store.manifest(steps_key(target_source(TARGET))).metadata["tasks"][TARGET]["expert_success_rate"] > 0.5
+
+
+def test_ray_and_local_runs_are_equal(generated):
+    """Deterministic for a seed, whatever runs the episodes."""
+    _, ray_store, local_store, _ = generated
+    for key in (steps_key(PRIOR_SOURCE), steps_key(target_source(TARGET))):
+        a, b = ray_store.read_table(key), local_store.read_table(key)
+        assert a.equals(b), key
+        assert ray_store.manifest(key).metadata["episode_seeds"] == local_store.manifest(key).metadata["episode_seeds"]
+
+
+def _replay(task: str, seed: int, actions: np.ndarray, states: np.ndarray) -> list[bool]:
+    env = make_envs(task, 1)[0]
+    obs = reset_env(env, seed)
+    flags = []
+    for s, a in zip(states, actions):
+        np.testing.assert_allclose(obs, s, atol=1e-5)
+        obs, _, _, _, info = env.step(a)
+        flags.append(bool(info["success"]))
+    return flags
+
+
+def test_recorded_success_replays(generated):
+    """Replaying a stored episode from its recorded seed reproduces its states and its outcome."""
+    _, store, _, _ = generated
+    key = steps_key(target_source(TARGET))
+    target = StepArrays.from_table(store.read_table(key))
+    seeds = store.manifest(key).metadata["episode_seeds"]
+    rows = target.episode == 0
+    flags = _replay(TARGET, seeds[0], target.action[rows], target.state[rows])
+    assert flags[-1] and not any(flags[:-1])  # stops at the first success
+
+    prior_key = steps_key(PRIOR_SOURCE)
+    table = store.read_table(prior_key, filters=pc.field("task") == TARGET)
+    prior = StepArrays.from_table(table)
+    ep = int(prior.episode[0])
+    rows = prior.episode == ep
+    flags = _replay(TARGET, store.manifest(prior_key).metadata["episode_seeds"][ep], prior.action[rows], prior.state[rows])
+    assert not any(flags)
+
+
+def test_seed_changes_the_data():
+    cfg0, cfg1 = small_config(), small_config(seed=1)
+    spec = EpisodeSpec(PRIOR_SOURCE, 0, "reach-v3", "success", 0)
+    t0, _ = generate_chunk(cfg0, [spec])
+    t0b, _ = generate_chunk(cfg0, [spec])
+    t1, _ = generate_chunk(cfg1, [spec])
+    assert t0.equals(t0b)
+    assert not t0.column("state").equals(t1.column("state"))
+
+
+def test_resume_skips(generated):
+    cfg, store, _, _ = generated
+    before = {k: store.manifest(k).created for k in (steps_key(PRIOR_SOURCE), steps_key(target_source(TARGET)))}
+    info = generate_metaworld(cfg, store, runner=lambda *a: pytest.fail("resume should not generate"))
+    assert info["prior"]["skipped"] and info["target"]["skipped"] and info["prior"]["episodes"] == 13
+    assert {k: store.manifest(k).created for k in before} == before
+
+
+def test_onehot_and_task_counts(tmp_path):
+    cfg = MetaWorldPriorConfig(target="reach-v3", tasks=("drawer-close-v3", "reach-v3"), success_per_task=1,
+                               failed_per_task=1, target_demos=1, failed_max_steps=20, max_steps=150,
+                               task_counts={"drawer-close-v3": 2}, append_task_onehot=True)
+    store = Store(tmp_path)
+    info = generate_metaworld(cfg, store, runner=run_chunks_locally)
+    prior = StepArrays.from_table(store.read_table(steps_key(PRIOR_SOURCE)))
+    target = StepArrays.from_table(store.read_table(steps_key(target_source("reach-v3"))))
+    assert prior.state.shape[1] == target.state.shape[1] == 41 == cfg.state_dim
+    assert info["prior"]["tasks"]["drawer-close-v3"]["success_episodes"] == 2
+    np.testing.assert_array_equal(prior.state[prior.task == "drawer-close-v3", 39:], [[1, 0]] * int((prior.task == "drawer-close-v3").sum()))
+    np.testing.assert_array_equal(target.state[:, 39:], [[0, 1]] * len(target))
+    assert store.manifest(steps_key(PRIOR_SOURCE)).metadata["onehot_over"] == ["drawer-close-v3", "reach-v3"]
+
+
+def test_target_is_added_to_tasks():
+    cfg = MetaWorldPriorConfig(target="drawer-open-v3", tasks=("reach-v3",))
+    assert cfg.tasks == ("reach-v3", "drawer-open-v3") and cfg.successes("drawer-open-v3") == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target="pick-place-wal-v3"), r"unknown MetaWorld target 'pick-place-wal-v3'; valid names: \[.*'pick-place-wall-v3'"),
+        (dict(tasks=("reach-v3", "nope-v3")), r"unknown MetaWorld prior task 'nope-v3'; valid names"),
+        (dict(target="peg-insert-side-v3"), r"expert fails.*valid names"),
+        (dict(task_counts={"pick-place-wall-v3": 3}), "must be 0"),
+        (dict(task_counts={"door-close-v3": 3}), "not in tasks"),
+        (dict(success_noise=-0.1), "success_noise"),
+        (dict(failed_modes=("wild",)), "failed_modes"),
+        (dict(max_steps=501), "max_steps"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MetaWorldPriorConfig(**kwargs)
