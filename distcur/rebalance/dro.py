@@ -100,6 +100,15 @@ def group_mean_losses(nll: torch.Tensor, group: torch.Tensor, num_groups: int) -
     return out
 
 
+def check_finite_inputs(obs: np.ndarray, act: np.ndarray, group: np.ndarray) -> None:
+    """NaN/inf states or actions would make every loss NaN: name the first bad row and its group."""
+    for name, x in (("state", obs), ("action", act)):
+        bad = ~np.isfinite(np.asarray(x, np.float64)).all(1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"non-finite {name} at row {i} (group {int(group[i])}): {np.asarray(x)[i].tolist()}")
+
+
 def stratified_batch(members: Sequence[np.ndarray], per_group: int, rng: np.random.Generator) -> np.ndarray:
     """``per_group`` indices drawn with replacement from each group's member list."""
     return np.concatenate([m[rng.integers(len(m), size=per_group)] for m in members])
@@ -171,6 +180,7 @@ def dro_rebalance(
     """DoReMi-style group weights (G,) for ``obs`` (N, ds), ``act`` (N, da), ``group`` (N,)."""
     cfg = cfg or DROConfig()
     check_groups(group, num_groups)
+    check_finite_inputs(obs, act, group)
     G = num_groups
     if reference_params is None:
         ref_w = frequency_weights(group, G) if cfg.reference == "balanced" else None

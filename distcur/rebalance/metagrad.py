@@ -26,7 +26,7 @@ import torch
 
 from distcur.datamodels.metagrad import weight_meta_gradient
 from distcur.policy.functional import AdamConfig, Params, PolicySpec, adam_init, bc_loss, init_params
-from distcur.rebalance.dro import autograd_train_step, stratified_batch
+from distcur.rebalance.dro import autograd_train_step, check_finite_inputs, stratified_batch
 from distcur.rebalance.group import check_alpha, check_groups
 
 INITS = ("uniform", "data")
@@ -111,9 +111,8 @@ def metagrad_rebalance(
     check_groups(group, G)
     group = np.asarray(group, np.int64)
     train, val = split_validation(group, G, cfg.val_fraction, seed, episode)
+    check_finite_inputs(obs, act, group)
     obs_t, act_t = torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(act, dtype=torch.float32)
-    if not (torch.isfinite(obs_t).all() and torch.isfinite(act_t).all()):
-        raise ValueError("metagrad_rebalance: states or actions contain NaN/inf")
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(train & (group == g)) for g in range(G)]
     val_sets = []
