@@ -1,0 +1,38 @@
+"""``distcur select``: keep the top x% (or the clusters above a threshold) of a score run."""
+
+from __future__ import annotations
+
+import json
+
+from distcur.config import DEFAULT_STORE
+
+
+def register(sub) -> None:
+    p = sub.add_parser("select", help="scores -> selection (top x% or threshold, per step / sub-trajectory / episode)")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
+    p.add_argument("--scores", required=True, help="score run to select from (scores/<run>)")
+    p.add_argument("--run", required=True, help="output run name: writes selections/<run>")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--top", type=float, default=None, help="keep the top X percent of clusters (default 10)")
+    rule.add_argument("--threshold", type=float, default=None, help="keep clusters with mean score >= T")
+    p.add_argument("--level", default="step", choices=("step", "subtraj", "episode"))
+    p.add_argument("--horizon", type=int, default=30, help="sub-trajectory length H for --level subtraj")
+    p.add_argument("--weighting", default="uniform", choices=("uniform", "score"))
+    p.add_argument("--export-lerobot", action="store_true", help="also write selections/<run>/lerobot (index, weight)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from distcur.select import SelectConfig, lerobot_key, run_select
+    from distcur.store import Store
+
+    top = args.top if args.top is not None or args.threshold is not None else 10.0
+    config = SelectConfig(top_percent=top, threshold=args.threshold, level=args.level, horizon=args.horizon,
+                          weighting=args.weighting)
+    m = run_select(Store(args.store), args.scores, args.run, config, export_lerobot=args.export_lerobot)
+    out = {"selection": f"selections/{args.run}", "rows": m.rows,
+           "selected_fraction": m.metadata.get("selected_fraction")}
+    if args.export_lerobot:
+        out["lerobot"] = lerobot_key(args.run)
+    print(json.dumps(out, indent=2))
+    return 0
