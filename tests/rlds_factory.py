@@ -65,8 +65,10 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def make_episode(rng: np.random.Generator, index: int, steps: int) -> FactoryEpisode:
-    h, w = IMAGE_HW
+def make_episode(
+    rng: np.random.Generator, index: int, steps: int, image_hw: tuple[int, int] = IMAGE_HW
+) -> FactoryEpisode:
+    h, w = image_hw
     images = [_encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "jpeg") for _ in range(steps)]
     wrist = [_encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "png") for _ in range(steps)]
     terminal = np.zeros(steps, bool)
@@ -85,11 +87,11 @@ def make_episode(rng: np.random.Generator, index: int, steps: int) -> FactoryEpi
     )
 
 
-def rlds_features(language_in_observation: bool = False):
+def rlds_features(language_in_observation: bool = False, image_hw: tuple[int, int] = IMAGE_HW):
     """The TFDS FeaturesDict of the factory's datasets (OXE-like)."""
     import tensorflow_datasets as tfds
 
-    h, w = IMAGE_HW
+    h, w = image_hw
     observation = {
         "image": tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="jpeg"),
         "wrist_image": tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="png"),
@@ -157,6 +159,7 @@ def make_rlds_dataset(
     seed: int = 0,
     language_in_observation: bool = False,
     episodes: list[FactoryEpisode] | None = None,
+    image_hw: tuple[int, int] = IMAGE_HW,
 ) -> FactoryDataset:
     """Write an RLDS dataset with TFDS (``file_format`` 'tfrecord' or 'array_record').
 
@@ -168,12 +171,14 @@ def make_rlds_dataset(
 
     rng = np.random.default_rng(seed)
     if episodes is None:
-        episodes = [make_episode(rng, i, int(rng.integers(steps[0], steps[1] + 1))) for i in range(num_episodes)]
+        episodes = [
+            make_episode(rng, i, int(rng.integers(steps[0], steps[1] + 1)), image_hw) for i in range(num_episodes)
+        ]
     examples = [(i, episode_example(ep, i, language_in_observation)) for i, ep in enumerate(episodes)]
     builder = tfds.dataset_builders.store_as_tfds_dataset(
         name=name,
         version="1.0.0",
-        features=rlds_features(language_in_observation),
+        features=rlds_features(language_in_observation, image_hw),
         split_datasets={"train": examples},
         data_dir=os.fspath(root),
         file_format=file_format,
