@@ -30,7 +30,9 @@ def ray_session():
         if ray.is_initialized():
             break
         try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            # address="local": always a fresh private instance, never a `ray start` cluster that
+            # another process left running on this machine
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == 2:
                 raise
