@@ -10,8 +10,10 @@ immutable parts to the store and returns their paths and statistics.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 
 from distcur.distributed.session import ensure_ray
 from distcur.schema import StepValidationError
@@ -26,8 +28,9 @@ from distcur.sources.rlds import (
 )
 from distcur.store import Store
 
-# Forwarded to the read tasks so workers reach the same S3 endpoint as the driver (workers of
-# an already running Ray may have been started with another environment).
+# Forwarded to the read tasks (when set in the driver) so workers reach the same S3 endpoint with
+# the same credentials as the driver: workers of an already running Ray may have been started with
+# another environment. On a cluster with an IAM instance profile leave the AWS keys unset.
 S3_ENV_VARS = (
     "DISTCUR_S3_ENDPOINT",
     "AWS_ENDPOINT_URL",
@@ -58,11 +61,12 @@ def map_shards_ray_data(
 
     def read_shard(row: dict) -> dict:
         try:
-            return {"result": task(shards[int(row["index"])]).to_json(), "error": "", "message": ""}
+            return {"result": task(Shard(**json.loads(row["shard"]))).to_json(), "error": "", "message": ""}
         except tuple(_USER_ERRORS.values()) as e:
             return {"result": "", "error": type(e).__name__, "message": str(e)}
 
-    ds = ray.data.from_items([{"index": i} for i in range(len(shards))], override_num_blocks=len(shards))
+    items = [{"shard": json.dumps(asdict(s))} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(shards))
     ds = ds.map(read_shard, **remote_args)
     for row in ds.iter_rows():
         if row["error"]:

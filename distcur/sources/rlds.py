@@ -212,7 +212,15 @@ def check_config(dataset: RLDSDataset, config: RLDSConfig) -> None:
     keys = set(step_feature_keys(dataset.features_json))
     if not keys:
         raise RLDSFormatError(f"{dataset.uri}/features.json: no 'steps' feature: not an RLDS dataset")
-    missing = [k for k in config.required_keys if k not in keys and k not in _prefixes(keys)]
+    missing = [k for k in config.required_keys if k not in keys]
+    groups = [k for k in missing if k in _prefixes(keys)]
+    if groups:
+        k = groups[0]
+        leaves = sorted(x for x in keys if x.startswith(k + "/"))
+        raise RLDSFormatError(
+            f"{dataset.uri}: config {config.name!r} reads step feature {k!r}, which is a dict of {leaves}; "
+            "name its leaves in the order to concatenate (e.g. action/world_vector, action/rotation_delta, ...)"
+        )
     if missing:
         raise RLDSFormatError(
             f"{dataset.uri}: config {config.name!r} reads step feature(s) {missing} that features.json "

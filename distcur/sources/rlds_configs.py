@@ -104,7 +104,6 @@ CONFIGS: dict[str, RLDSConfig] = {
         state_dim=8,
         action_dim=7,
         control_frequency=3.0,
-        success=True,
     ),
     # Bridge as published in OXE (``bridge``): 7-d state; dict action world_vector (3),
     # rotation_delta (3), open_gripper (bool -> 0/1); instruction in the observation; 5 Hz.

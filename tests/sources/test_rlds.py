@@ -210,6 +210,9 @@ def test_missing_key_names_key_and_lists_features(datasets, committed):
     config = RLDSConfig(**{**CONFIG.to_dict(), "state_keys": ("observation/joint_pos",)})
     with pytest.raises(RLDSFormatError, match=r"reads step feature\(s\) \['observation/joint_pos'\].*observation/state"):
         ingest_rlds(datasets["tf3"].path, config, store, source=SOURCE, progress=False, force=True)
+    config = RLDSConfig(**{**CONFIG.to_dict(), "action_keys": ("action",)})
+    with pytest.raises(RLDSFormatError, match=r"reads step feature 'action', which is a dict of \['action/grip"):
+        ingest_rlds(datasets["tf3"].path, config, store, source=SOURCE, progress=False, force=True)
     assert_intact(store, manifest)
 
 
