@@ -345,3 +345,20 @@ def test_factory_features_are_oxe_like():
     assert set(step["action"].keys()) == {"world_vector", "rotation_delta", "gripper_closedness_action"}
     assert step["observation"]["image"].encoding_format == "jpeg"
     assert step["observation"]["wrist_image"].encoding_format == "png"
+
+
+@pytest.mark.slow
+def test_cli_ingest_metaworld_tiny(ray_session, tmp_path, capsys):
+    config = tmp_path / "prior.yaml"
+    config.write_text("success_per_task: 1\nfailed_per_task: 1\ntarget_demos: 1\nfailed_max_steps: 20\n")
+    out = str(tmp_path / "store")
+    argv = ["ingest", "metaworld", "--target", "reach-v3", "--tasks", "reach-v3", "button-press-v3",
+            "--config", str(config), "--seed", "3", "--out", out]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    store = Store(out)
+    assert store.manifest(steps_key("metaworld")).config["seed"] == 3
+    assert store.manifest(steps_key("target-reach-v3")) is not None
+    assert cli_main(argv) == 0  # rerun resumes: both outputs skipped
+    info = json.loads(capsys.readouterr().out)
+    assert info["prior"]["skipped"] and info["target"]["skipped"]
