@@ -321,3 +321,23 @@ def test_proxy_loss_drops_with_training(store_factory):
     assert proxy_loss(trained, train.obs, train.act, batch_size=7) == pytest.approx(direct, rel=1e-5)
     with pytest.raises(ValueError, match="dims"):
         proxy_loss(trained, train.obs[:, :3], train.act)
+
+
+def test_cli_train_and_evaluate_proxy_only(store_factory, tmp_path):
+    from distcur.cli import main
+
+    store = store_factory()
+    cfg_yaml = tmp_path / "train.yaml"
+    cfg_yaml.write_text("hidden: [16, 16]\nbatch_size: 32\ncheckpoint_every: 5\nlog_every: 5\n")
+    common = ["--store", store.uri, "--target", "target-toy", "--config", str(cfg_yaml), "--steps", "10"]
+    assert main(["train", *common, "--selection", "random:0.5:3", "--out", "rand50"]) == 0
+    assert main(["train", *common, "--selection", "none", "--out", "tonly"]) == 0
+    state = ckpt.load_policy_state(store, "rand50")
+    assert state["meta"]["data"]["n_prior"] == 100 and state["meta"]["config"]["hidden"] == [16, 16]
+    assert ckpt.load_policy_state(store, "tonly")["meta"]["data"]["n_prior"] == 0
+    assert main(["train", *common, "--selection", "missing-run", "--out", "x"]) == 2  # clear error, exit 2
+    assert main(["evaluate", "rand50", "--task", "toy", "--store", store.uri, "--episodes", "0",
+                 "--proxy-source", "target-toy", "--seeds", "0", "1", "--method", "random50"]) == 0
+    table = store.read_table("evals/rand50").to_pylist()
+    assert [r["seed"] for r in table] == [0, 1] and table[0]["method"] == "random50"
+    assert math.isnan(table[0]["success"]) and np.isfinite(table[0]["proxy_loss"])
