@@ -143,6 +143,13 @@ def adam_init(params: Params) -> dict[str, Params | torch.Tensor]:
     }
 
 
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with gradient 0 (not inf) at 0, so reverse mode through Adam stays finite where a
+    parameter's gradient has always been exactly 0 (a dead ReLU unit). Same values as sqrt."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
 def adam_update(params: Params, grads: Params, state: dict, cfg: AdamConfig) -> tuple[Params, dict]:
     """One Adam step written without in-place ops (differentiable, vmap-able)."""
     t = state["t"] + 1
@@ -157,7 +164,7 @@ def adam_update(params: Params, grads: Params, state: dict, cfg: AdamConfig) -> 
         v = cfg.beta2 * state["v"][k] + (1 - cfg.beta2) * g * g
         m_hat = m / bc1.to(p.dtype)
         v_hat = v / bc2.to(p.dtype)
-        new_p[k] = p - cfg.lr * m_hat / (torch.sqrt(v_hat) + cfg.eps)
+        new_p[k] = p - cfg.lr * m_hat / (_safe_sqrt(v_hat) + cfg.eps)
         new_m[k], new_v[k] = m, v
     return new_p, {"m": new_m, "v": new_v, "t": t}
 

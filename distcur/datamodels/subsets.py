@@ -1,0 +1,100 @@
+"""Random subsets of the prior's clusters for the regression datamodels.
+
+Mask j keeps each of C clusters independently with probability p. A mask is a pure function
+of (seed, j), so any worker can rebuild any model's mask from its id, and the store keeps
+them as a table (``datamodels/<run>/masks``) for the regression and for audit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from distcur.policy.ensemble import ensemble_loss, init_ensemble, sample_batches, train_ensemble
+from distcur.policy.functional import AdamConfig, PolicySpec
+
+MASK_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # "train" (fits tau) or "heldout" (LDS)
+        pa.field("mask", pa.binary(), nullable=False),  # np.packbits of the (C,) bool mask
+    ]
+)
+
+
+def subset_mask(model: int, n_clusters: int, keep_prob: float, seed: int) -> np.ndarray:
+    """(C,) bool: the clusters model ``model`` trains on."""
+    if not 0 < keep_prob < 1:
+        raise ValueError(f"keep_prob must be in (0, 1), got {keep_prob}")
+    return np.random.default_rng([int(seed), int(model)]).random(n_clusters) < keep_prob
+
+
+def subset_masks(models: np.ndarray | range, n_clusters: int, keep_prob: float, seed: int) -> np.ndarray:
+    """(m, C) bool masks of ``models``."""
+    return np.stack([subset_mask(int(j), n_clusters, keep_prob, seed) for j in models]).reshape(-1, n_clusters)
+
+
+def masks_table(models: np.ndarray, splits: list[str], masks: np.ndarray) -> pa.Table:
+    packed = [np.packbits(m).tobytes() for m in masks]
+    return pa.Table.from_pydict(
+        {"model": np.asarray(models, np.int64), "split": list(splits), "mask": packed}, schema=MASK_SCHEMA
+    )
+
+
+def masks_from_table(table: pa.Table, n_clusters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(models (m,), splits (m,), masks (m, C) bool) from a :data:`MASK_SCHEMA` table."""
+    raw = table.column("mask").to_pylist()
+    masks = np.stack([np.unpackbits(np.frombuffer(b, np.uint8))[:n_clusters].astype(bool) for b in raw])
+    return (
+        table.column("model").to_numpy(),
+        np.asarray(table.column("split").to_pylist(), dtype=object),
+        masks,
+    )
+
+
+@dataclass
+class SubsetTrainingData:
+    """Everything a worker needs to train subset models, as plain arrays.
+
+    The pool holds the prior rows (``group`` = their cluster id, 0..C-1) followed by the
+    injected target half (``group`` = -1, kept by every model); the proxy half is held apart.
+    States are normalised, actions in (-1, 1).
+    """
+
+    obs: np.ndarray  # (N, ds) float32
+    act: np.ndarray  # (N, da) float32
+    group: np.ndarray  # (N,) int64
+    n_clusters: int
+    proxy_obs: np.ndarray  # (Np, ds) float32
+    proxy_act: np.ndarray  # (Np, da) float32
+
+
+def train_subset_models(
+    data: SubsetTrainingData,
+    masks: np.ndarray,
+    init_seeds: np.ndarray,
+    spec: PolicySpec,
+    adam: AdamConfig,
+    steps: int,
+    batch_size: int,
+    target_fraction: float,
+    batch_seed: int,
+) -> np.ndarray:
+    """Train one stacked policy per mask (k, C) at once and return each one's proxy loss, (k,).
+
+    Model j starts from ``init_params(spec, seed=init_seeds[j])``; all k share the minibatch
+    sequence drawn from ``batch_seed`` (the per-model masks weight the rows)."""
+    if masks.shape != (len(init_seeds), data.n_clusters):
+        raise ValueError(f"train_subset_models: masks {masks.shape} do not match {len(init_seeds)} models x "
+                         f"{data.n_clusters} clusters")
+    obs = torch.as_tensor(data.obs)
+    act = torch.as_tensor(data.act)
+    group = torch.as_tensor(data.group)
+    params, state = init_ensemble(spec, [int(s) for s in init_seeds])
+    batches = sample_batches(data.group, steps, batch_size, target_fraction, batch_seed)
+    params, _, _ = train_ensemble(params, state, spec, adam, obs, act, group, torch.as_tensor(masks), batches)
+    losses = ensemble_loss(params, spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act))
+    return losses.double().numpy()
