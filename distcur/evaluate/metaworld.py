@@ -20,15 +20,14 @@ import numpy as np
 
 from distcur.sources.metaworld import (
     ACTION_DIM,
-    EXCLUDED_TASKS,
     MAX_PATH_LENGTH,
     STATE_DIM,
     STREAM_EVAL,
+    check_task,
     derive_seed,
     expert,
     make_envs,
     reset_env,
-    valid_tasks,
 )
 
 Policy = Callable[[np.ndarray], np.ndarray]
@@ -36,10 +35,7 @@ Policy = Callable[[np.ndarray], np.ndarray]
 
 def check_eval_task(task: str) -> str:
     """Any MetaWorld v3 task can be evaluated (even one whose expert is excluded from the prior)."""
-    names = valid_tasks() + sorted(EXCLUDED_TASKS)
-    if task not in names:
-        raise ValueError(f"unknown MetaWorld task {task!r}; valid names: {sorted(names)}")
-    return task
+    return check_task(task, "task", allow_excluded=True)
 
 
 def eval_episode_seed(task: str, seed: int, episode: int) -> int:

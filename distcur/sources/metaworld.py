@@ -5,8 +5,8 @@ Gaussian action noise, and ``failed_per_task`` failed or off-task rollouts. For 
 the prior holds *no* successful demo, only its failed attempts; the target set is
 ``target_demos`` successful expert demos of the target task (source ``target-<task>``).
 
-Every environment is built with ``metaworld.MT1`` (the goal is part of the 39-d state). An
-episode's initial state (object and goal positions) is drawn by the environment's own sampler
+Every environment is built as ``metaworld.MT1`` builds its own (the goal is part of the 39-d
+state; a test checks the two agree step for step). An episode's initial state (object and goal positions) is drawn by the environment's own sampler
 from a seed derived from (config seed, role, task, episode index, attempt), so generation is a
 pure function of the config: same seed, same tables.
 
@@ -120,6 +120,8 @@ def _mt1_task(task: str) -> tuple[type, Any]:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ML1_ARGS_KWARGS
         from metaworld.types import Task
 
+        if task not in ALL_V3_ENVIRONMENTS:
+            raise ValueError(f"unknown MetaWorld task {task!r}; valid names: {sorted(ALL_V3_ENVIRONMENTS)}")
         cls = ALL_V3_ENVIRONMENTS[task]
         kwargs = {k: v for k, v in ML1_ARGS_KWARGS[task]["kwargs"].items() if k != "task_id"}
         # rand_vec is a placeholder: reset_env always draws a fresh one from its seed.
@@ -455,7 +457,9 @@ def generate_chunk(cfg: MetaWorldPriorConfig, specs: Sequence[EpisodeSpec]) -> t
     """Generate planned episodes (all of one source) into a step table plus per-episode stats."""
     parts, stats = [], []
     for spec in specs:
+        cpu0 = time.process_time()
         ro, st = generate_episode(cfg, spec)
+        st["cpu_s"] = time.process_time() - cpu0
         if spec.role == "failed" and ro.succeeded:
             raise AssertionError(f"failed episode {spec.episode} of {spec.task!r} succeeded")
         parts.append(episode_columns(cfg, spec, ro))
@@ -473,9 +477,10 @@ def summarize(stats: list[dict]) -> dict[str, dict]:
         t = out.setdefault(
             s["task"],
             {"success_episodes": 0, "failed_episodes": 0, "steps": 0, "failed_modes": {}, "cut_after_success": 0,
-             "expert_attempts": 0, "expert_successes": 0},
+             "expert_attempts": 0, "expert_successes": 0, "cpu_s": 0.0},
         )
         t["steps"] += s["steps"]
+        t["cpu_s"] += s.get("cpu_s", 0.0)
         if s["role"] == "failed":
             t["failed_episodes"] += 1
             t["failed_modes"][s["mode"]] = t["failed_modes"].get(s["mode"], 0) + 1
@@ -485,6 +490,7 @@ def summarize(stats: list[dict]) -> dict[str, dict]:
             t["expert_attempts"] += s["attempts"]
             t["expert_successes"] += s["expert_successes"]
     for t in out.values():
+        t["cpu_s"] = round(t["cpu_s"], 3)
         t["expert_success_rate"] = (
             round(t["expert_successes"] / t["expert_attempts"], 4) if t["expert_attempts"] else None
         )
@@ -514,6 +520,8 @@ def _write_source(
         "tasks": summarize(stats),
         # initial-state seed of each episode (index = episode id): reset_env(env, seed) replays it
         "episode_seeds": [s["seed"] for s in stats],
+        # CPU seconds spent rolling out episodes, summed over workers (wall time on n idle cores ~ this / n)
+        "cpu_s": round(sum(s["cpu_s"] for s in stats), 3),
         **extra_metadata,
     }
     return store.write_table(key, table, stage=STAGE, config=config, metadata=metadata)

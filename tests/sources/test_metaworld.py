@@ -160,3 +160,22 @@ def test_target_is_added_to_tasks():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MetaWorldPriorConfig(**kwargs)
+
+
+def test_envs_match_metaworld_mt1():
+    """Our environments behave exactly like ones built by metaworld.MT1 from the same initial state."""
+    import metaworld
+
+    task = "pick-place-wall-v3"
+    mt1 = metaworld.MT1(task, seed=3)
+    theirs = mt1.train_classes[task]()
+    theirs.set_task(mt1.train_tasks[5])
+    ours = make_envs(task, 1)[0]
+    np.testing.assert_array_equal(reset_env(theirs, 77), reset_env(ours, 77))
+    assert np.any(reset_env(ours, 77)[36:] != 0)  # the goal is in the state
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        act = rng.uniform(-1, 1, 4).astype(np.float32)
+        a, b = theirs.step(act), ours.step(act)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1] == b[1] and a[4]["success"] == b[4]["success"]
