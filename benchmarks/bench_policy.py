@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -35,6 +34,8 @@ from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
 from distcur.store import Store
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import machine_facts  # noqa: E402
 
 
 def train_method(store: Store, task: str, kind: str, cfg: TrainConfig, run: str) -> tuple[TrainedPolicy, dict]:
@@ -116,8 +117,7 @@ def main() -> int:
                      "train_seeds": args.train_seeds, "steps": args.steps, "batch_size": 256,
                      "hidden": [400, 400, 400], "alpha_all_data": 0.5, "weighting": "sample"},
         "details": details,
-        "machine": {"cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "machine": {**machine_facts(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "load_avg_at_end": os.getloadavg()},
         "wall_s": round(time.time() - t_start, 1),
     }
