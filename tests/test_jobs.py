@@ -166,11 +166,7 @@ def test_job_scripts_run_as_scripts(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"distcur select --store {tmp_path} --scores s --run r --top 7"
-    result = subprocess.run(
-        [sys.executable, os.path.join(JOBS, "select.py"), "--config", str(config), "--set", "tpo=7"],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-    )
-    assert result.returncode == 2 and "has no option --tpo" in result.stderr, result.stderr
+    assert common.main("select", ["--config", str(config), "--set", "tpo=7"]) == 2
 
 
 # -- end to end ----------------------------------------------------------------------------------
