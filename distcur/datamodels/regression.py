@@ -59,11 +59,11 @@ def fit_linear_datamodel(
     cv = KFold(folds, shuffle=True, random_state=seed)
     fits: dict[str, tuple[np.ndarray, float, float, float]] = {}
     if penalty in ("auto", "lasso"):
-        lasso = LassoCV(cv=cv, n_alphas=60, max_iter=20000, tol=1e-6, random_state=seed).fit(x, y)
+        lasso = LassoCV(cv=cv, alphas=60, max_iter=20000, tol=1e-6, random_state=seed).fit(x, y)
         mse = float(lasso.mse_path_.mean(axis=1).min())
         fits["lasso"] = (lasso.coef_, float(lasso.intercept_), float(lasso.alpha_), mse)
     if penalty in ("auto", "ridge"):
-        alphas = np.logspace(-4, 4, 33) * max(1.0, x.shape[1] / 10)
+        alphas = np.logspace(-4, 4, 17) * max(1.0, x.shape[1] / 10)
         ridge = RidgeCV(alphas=alphas, cv=cv, scoring="neg_mean_squared_error").fit(x, y)
         fits["ridge"] = (ridge.coef_, float(ridge.intercept_), float(ridge.alpha_), float(-ridge.best_score_))
     best = min(fits, key=lambda k: fits[k][3])

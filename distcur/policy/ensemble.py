@@ -31,15 +31,14 @@ from distcur.policy.functional import (
 
 def sample_batches(group: np.ndarray, steps: int, batch_size: int, fixed_fraction: float, seed: int) -> np.ndarray:
     """(steps, batch_size) row indices: ``round(fixed_fraction * B)`` rows of group -1 per batch,
-    the rest uniformly from the rows of group >= 0 (with replacement). A pure function of ``seed``."""
+    the rest uniformly from the rows of group >= 0 (with replacement); a pool without rows of
+    one kind draws all rows from the other. A pure function of ``seed``."""
     group = np.asarray(group)
     fixed = np.flatnonzero(group < 0)
     free = np.flatnonzero(group >= 0)
     n_fixed = int(round(fixed_fraction * batch_size)) if len(fixed) else 0
     if len(free) == 0:
         n_fixed = batch_size
-    if n_fixed and len(fixed) == 0:
-        raise ValueError("sample_batches: fixed_fraction > 0 but no rows of group -1 in the pool")
     rng = np.random.default_rng(seed)
     parts = []
     if n_fixed:
