@@ -203,6 +203,9 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
         log.info("%s is up to date", key)
         return store.manifest(key)
     paths = store.files(steps_key(source))
+    # the actor pool must leave a CPU for Ray Data's read and write tasks, or the pipeline stalls
+    spare = max(0.0, ray.cluster_resources().get("CPU", 1.0) - 1.0)
+    actors = max(1, min(config.concurrency, int(spare // max(config.num_cpus_per_actor, 1e-3))))
     writer = store.writer(key, "embed", stage_config, inputs)
     try:
         ds = ray.data.read_parquet(paths, filesystem=store.fs, columns=[*KEY_COLUMNS, *encoder.columns],
@@ -213,7 +216,7 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
                                    "num_threads": int(max(1, config.num_cpus_per_actor))},
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            concurrency=config.concurrency,
+            concurrency=actors,
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
         )

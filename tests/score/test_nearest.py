@@ -73,3 +73,63 @@ def test_random_scores_are_uniform_and_independent_of_sharding():
     np.testing.assert_array_equal(random_scores("metaworld", ep[500:900], st[500:900], seed=3), s[500:900])
     assert not np.array_equal(random_scores("metaworld", ep, st, seed=4), s)
     assert not np.array_equal(random_scores("other", ep, st, seed=3), s)
+
+
+# -- end to end through the store and Ray ----------------------------------------------------------
+def write_source(store, source: str, episodes: int, length: int, seed: int, rows_per_part: int,
+                 state_dim: int = 6) -> None:
+    from distcur.data import steps_key
+    from distcur.schema import steps_table
+
+    rng = np.random.default_rng(seed)
+    n = episodes * length
+    state = rng.normal(size=(n, state_dim)).astype(np.float32)
+    action = rng.normal(size=(n, 2)).astype(np.float32)
+    step = np.tile(np.arange(length), episodes)
+    table = steps_table({"source": source, "episode": np.repeat(np.arange(episodes), length), "step": step,
+                         "state": state, "action": action,
+                         "is_first": step == 0, "is_last": step == length - 1, "is_terminal": step == length - 1})
+    store.write_table(steps_key(source), table, "ingest", {"seed": seed}, rows_per_part=rows_per_part)
+
+
+def test_score_runs_equal_in_process_scores(tmp_path, ray_session):
+    from distcur.data import embeddings_key, load_steps, scores_key
+    from distcur.distributed.embed import EmbedConfig, run_embed
+    from distcur.distributed.score import score
+    from distcur.schema import SCORE_SCHEMA
+    from distcur.store import Store
+
+    store = Store(tmp_path / "store")
+    write_source(store, "metaworld", episodes=10, length=40, seed=0, rows_per_part=130)
+    write_source(store, "other", episodes=3, length=40, seed=2, rows_per_part=1000)
+    write_source(store, "target-reach", episodes=2, length=40, seed=1, rows_per_part=1000)
+    run_embed(store, EmbedConfig(encoder="state-action", batch_size=64))
+    prior = load_steps(store, ["metaworld", "other"])
+    target = load_steps(store, ["target-reach"])
+    feats = {"sr": (prior.state, target.state), "ar": (prior.action, target.action),
+             "br": (np.concatenate([prior.state, prior.action], 1), np.concatenate([target.state, target.action], 1))}
+    for method, (p, t) in feats.items():
+        opts = {"encoder": "state-action"} if method == "br" else {}
+        m = score(store, method, "reach", f"{method}-run", block=37, **opts)
+        got = store.read_table(scores_key(f"{method}-run"))
+        assert got.schema.equals(SCORE_SCHEMA, check_metadata=False) and m.rows == len(prior) == got.num_rows
+        expected = nearest_scores(p, t)
+        lookup = {(s, e, st): v for s, e, st, v in zip(prior.source, prior.episode, prior.step, expected)}
+        for s, e, st, v, meth in zip(*(got.column(c).to_pylist() for c in ("source", "episode", "step", "score",
+                                                                          "method"))):
+            assert meth == method and v == pytest.approx(lookup[(s, e, st)], abs=1e-9)
+    # resume: same config and inputs -> the committed output is returned as is
+    assert score(store, "sr", "reach", "sr-run", block=37).created == store.manifest(scores_key("sr-run")).created
+    m = score(store, "random", "reach", "random-run", seed=5)
+    rnd = store.read_table(scores_key("random-run"))
+    assert m.rows == len(prior) and 0.0 <= min(rnd.column("score").to_pylist()) < 1.0
+    # bad input: a target whose state has another dimension
+    write_source(store, "target-wide", episodes=1, length=40, seed=3, rows_per_part=1000, state_dim=7)
+    with pytest.raises(ValueError, match="prior has dim 6 but target has dim 7"):
+        score(store, "sr", "wide", "bad-run")
+    with pytest.raises(FileNotFoundError, match="target-missing"):
+        score(store, "br", "missing", "bad-run", encoder="state-action")
+    with pytest.raises(ValueError, match="unknown score method"):
+        score(store, "knn", "reach", "bad-run")
+    assert store.manifest(scores_key("bad-run")) is None
+    assert store.manifest(embeddings_key("state-action", "metaworld")).rows == 400

@@ -124,3 +124,55 @@ def test_strap_scores_retrieve_the_matching_episode():
         strap_scores(prior_z, ep_p, st_p, target_z[:0], pos[:0], ep_t[:0], st_t[:0])
     with pytest.raises(ValueError, match="dim 4 but target embeddings have dim 3"):
         strap_scores(prior_z, ep_p, st_p, target_z[:, :3], pos, ep_t, st_t)
+
+
+# -- end to end through the store and Ray ----------------------------------------------------------
+def hand_paths(rng, episodes: int, length: int) -> np.ndarray:
+    """(episodes * length, 6) states: a hand position moving between waypoints with pauses, plus noise dims."""
+    out = []
+    for _ in range(episodes):
+        waypoints = rng.uniform(-1, 1, size=(4, 3))
+        legs = [np.linspace(waypoints[i], waypoints[i + 1], length // 3) for i in range(3)]
+        pos = np.concatenate(legs)[:length]
+        pos = np.concatenate([pos, np.repeat(pos[-1:], length - len(pos), 0)])
+        out.append(np.concatenate([pos, rng.normal(scale=0.1, size=(length, 3))], 1))
+    return np.concatenate(out).astype(np.float32)
+
+
+def test_run_strap_equals_in_process_with_episodes_split_across_parts(tmp_path, ray_session):
+    from distcur.data import load_steps, scores_key, steps_key
+    from distcur.distributed.embed import EmbedConfig, run_embed
+    from distcur.distributed.score import score
+    from distcur.schema import steps_table
+    from distcur.store import Store
+
+    rng = np.random.default_rng(0)
+    store = Store(tmp_path / "store")
+    length = 60
+    target_state = hand_paths(rng, 2, length)
+    prior_state = hand_paths(rng, 12, length)
+    prior_state[:2 * length] = target_state + rng.normal(scale=1e-3, size=target_state.shape)  # two replays
+    for source, state, part in (("metaworld", prior_state, 70), ("target-reach", target_state, 1000)):
+        episodes = len(state) // length
+        step = np.tile(np.arange(length), episodes)
+        table = steps_table({"source": source, "episode": np.repeat(np.arange(episodes), length), "step": step,
+                             "state": state, "action": rng.normal(size=(len(state), 2)).astype(np.float32),
+                             "is_first": step == 0, "is_last": step == length - 1,
+                             "is_terminal": step == length - 1})
+        store.write_table(steps_key(source), table, "ingest", {}, rows_per_part=part)
+    target = load_steps(store, ["target-reach"])
+    run_embed(store, EmbedConfig(encoder="state", batch_size=50))
+
+    m = score(store, "strap", "reach", "strap-run", encoder="state", k=6, min_length=15)
+    got = store.read_table(scores_key("strap-run")).sort_by([("episode", "ascending"), ("step", "ascending")])
+    prior = load_steps(store, ["metaworld"])
+    expected, kept = strap_scores(prior.state, prior.episode, prior.step, target.state, target.state[:, :3],
+                                  target.episode, target.step, k=6, min_length=15, source="metaworld")
+    order = np.lexsort((prior.step, prior.episode))
+    np.testing.assert_allclose(got.column("score").to_numpy(), expected[order], rtol=1e-9, atol=1e-12)
+    assert m.metadata["segments"] == len({(x.segment) for x in kept}) >= 2
+    assert [(x["episode"], x["start_step"], x["end_step"]) for x in m.metadata["kept"]] == \
+        [(x.episode, x.start_step, x.end_step) for x in kept]
+    assert {x.episode for x in kept} <= {0, 1} and np.isfinite(got.column("score").to_numpy()).all()
+    with pytest.raises(FileNotFoundError, match="embeddings/vae"):
+        score(store, "strap", "reach", "strap-bad")  # default encoder vae was never embedded
