@@ -18,15 +18,15 @@ O(block_queries * block_refs): the full N x M matrix never exists.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# One block of exponents, block_queries x block_refs float32, should sit in L2 (512 KiB per core
-# on the development machine: 256 x 1024 x 4 B = 1 MiB spread over two cores).
+# One block of exponents, block_queries x block_refs float32 per worker thread (1 MiB: L2/L3-resident
+# on the development machine; 64..512 x 512..2048 measured within noise of each other).
 BLOCK_QUERIES = 256
 BLOCK_REFS = 1024
 # A float32 row sum below this has lost precision to underflow: recompute the row with a max shift.
@@ -34,20 +34,8 @@ _UNDERFLOW = 1e-30
 # Rows whose float32 exponent error bound, 2 u (|q| + max|r|)^2 / (2 h^2), exceeds this (log units)
 # are recomputed in float64: it only happens for tiny bandwidths or queries far outside the data.
 _MAX_LOG_ERROR = 1e-4
-# Below this many query x reference pairs, thread start-up and barriers cost more than they save.
+# Below this many query x reference pairs, threads cost more than they save.
 _PARALLEL_PAIRS = 1 << 22
-
-
-@contextmanager
-def _torch_threads(pairs: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if pairs < _PARALLEL_PAIRS and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 _BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
 
 
@@ -164,12 +152,15 @@ def log_kde_partial_sums(
     h: float,
     block_queries: int = BLOCK_QUERIES,
     block_refs: int = BLOCK_REFS,
+    threads: int | None = None,
 ) -> np.ndarray:
     """``logsumexp_j(-||q_i - r_j||^2 / (2 h^2))`` for every query, over this block of references.
 
     queries: [N, d] and refs: [M, d], already whitened (isotropic kernel); h: bandwidth in the
     whitened units. Returns float64 [N] (-inf for every query when ``refs`` is empty). Combine the
-    partial sums of disjoint reference blocks with :func:`combine_log_partials`.
+    partial sums of disjoint reference blocks with :func:`combine_log_partials`. ``threads``:
+    worker threads, each running single-threaded torch on its own query blocks (no barriers, one
+    block per core's L2); default ``torch.get_num_threads()``, 1 for small problems.
     """
     queries = check_points(queries, "queries", min_rows=0)
     refs = check_points(refs, "refs", dim=queries.shape[1], min_rows=0)
@@ -178,12 +169,21 @@ def log_kde_partial_sums(
     n, m = len(queries), len(refs)
     if n == 0 or m == 0:
         return np.full(n, -np.inf)
-    with _torch_threads(n * m), torch.no_grad():
-        return _log_kde_partial_sums(queries, refs, float(h), block_queries, block_refs)
+    threads = threads or torch.get_num_threads()
+    if n * m < _PARALLEL_PAIRS:
+        threads = 1
+    threads = max(1, min(threads, -(-n // block_queries)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _log_kde_partial_sums(queries, refs, float(h), block_queries, block_refs, threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _log_kde_partial_sums(queries: np.ndarray, refs: np.ndarray, h: float, block_queries: int,
-                          block_refs: int) -> np.ndarray:
+                          block_refs: int, threads: int) -> np.ndarray:
     n, m = len(queries), len(refs)
     out = np.full(n, -np.inf)
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
@@ -193,27 +193,36 @@ def _log_kde_partial_sums(queries: np.ndarray, refs: np.ndarray, h: float, block
     qa, ra = _augment(q - centre, r - centre, float(h))
     r_norm_max = float((r - centre).norm(dim=1).max())
     q_norm = (q - centre).norm(dim=1).double()
-    imprecise = 2 * 6e-8 * (q_norm + r_norm_max) ** 2 / (2 * h * h) > _MAX_LOG_ERROR
+    imprecise = (2 * 6e-8 * (q_norm + r_norm_max) ** 2 / (2 * h * h) > _MAX_LOG_ERROR).numpy()
     ref_blocks = [ra[j : j + block_refs].T.contiguous() for j in range(0, m, block_refs)]
-    buf = torch.empty(min(block_queries, n), min(block_refs, m))
-    row = torch.empty(min(block_queries, n))
-    total = torch.empty(min(block_queries, n), dtype=torch.float64)
-    for i in range(0, n, block_queries):
-        qi = qa[i : i + block_queries]
-        b = len(qi)
-        tot = total[:b].zero_()
-        for rt in ref_blocks:
-            e = buf[:b, : rt.shape[1]]
-            torch.mm(qi, rt, out=e)
-            e.exp_()
-            torch.sum(e, 1, out=row[:b])
-            tot += row[:b]
-        out[i : i + b] = tot.log().numpy()
-        low = i + torch.nonzero((tot < _UNDERFLOW) | imprecise[i : i + b]).flatten().numpy()
-        if len(low):
-            centre64 = centre.double().numpy()
-            out[low] = _shifted_logsumexp(queries[low].astype(np.float64) - centre64,
-                                          refs.astype(np.float64) - centre64, float(h), block_refs)
+
+    def run(starts: list[int]) -> None:
+        buf = torch.empty(min(block_queries, n), min(block_refs, m))
+        row = torch.empty(min(block_queries, n))
+        total = torch.empty(min(block_queries, n), dtype=torch.float64)
+        for i in starts:
+            qi = qa[i : i + block_queries]
+            b = len(qi)
+            tot = total[:b].zero_()
+            for rt in ref_blocks:
+                e = buf[:b, : rt.shape[1]]
+                torch.mm(qi, rt, out=e)
+                e.exp_()
+                torch.sum(e, 1, out=row[:b])
+                tot += row[:b]
+            out[i : i + b] = tot.log().numpy()
+
+    starts = list(range(0, n, block_queries))
+    if threads == 1:
+        run(starts)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, [starts[t::threads] for t in range(threads)]))
+    low = np.flatnonzero((out < math.log(_UNDERFLOW)) | imprecise)
+    if len(low):
+        centre64 = centre.double().numpy()
+        out[low] = _shifted_logsumexp(queries[low].astype(np.float64) - centre64,
+                                      refs.astype(np.float64) - centre64, float(h), block_refs)
     return out
 
 

@@ -116,7 +116,7 @@ def test_prior_from_the_target_distribution_gives_near_flat_weights():
     rng = np.random.default_rng(2)
     same = iwr_log_weights(rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)), 0.5)
     shifted = iwr_log_weights(rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)) * 0.5 + 1.0, 0.5)
-    # Measured: IQR of log w ~0.2 for the same distribution vs ~3 for a shifted, narrower target.
+    # Measured: IQR of log w 0.13 for the same distribution vs 5.0 for a shifted, narrower target.
     iqr_same = np.subtract(*np.quantile(same, [0.75, 0.25]))
     iqr_shift = np.subtract(*np.quantile(shifted, [0.75, 0.25]))
     assert abs(np.median(same)) < 0.1 and iqr_same < 0.35

@@ -1,0 +1,238 @@
+"""Exact log-KDE speed (BENCHMARKS.md §2): distcur vs scipy, sklearn, plain numpy and the bare GEMM.
+
+N query points under M reference points in d dims, Gaussian kernel with covariance h^2 * Sigma
+(scipy's rule; h = Scott's factor). Every ratio is taken inside one repetition, so machine load
+shared by the peers of that repetition cancels; the JSON reports median/min/max over repetitions.
+
+- distcur: :func:`distcur.score.kde.log_kde` on all N queries (whitening included).
+- gemm: bare float32 matmul of the distance GEMM's shapes, (n x d) @ (d x M), blockwise into a
+  reused output (the full N x M output would be 16 GB); the fastest of numpy / torch and of several
+  query-block sizes is the reference, so gemm_fraction is conservative.
+- scipy ``gaussian_kde.logpdf``, sklearn ``KernelDensity(rtol=0, atol=0)`` on whitened points,
+  plain numpy (float64, blockwise, scipy logsumexp): timed on a subset of the queries, scaled linearly.
+
+Usage: python benchmarks/bench_kde.py [--queries 200000] [--refs 20000] [--dims 16 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy
+import scipy.stats as st
+import sklearn
+import torch
+from scipy.special import logsumexp
+from sklearn.neighbors import KernelDensity
+
+from distcur.score.kde import BLOCK_QUERIES, BLOCK_REFS, log_kde, scott_factor, whitening
+
+RESULTS = Path(__file__).parent / "results" / "kde.json"
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def bare_gemm_pairs_per_s(q: np.ndarray, r: np.ndarray) -> tuple[float, str, dict[str, float]]:
+    """Fastest float32 GEMM rate (pairs/s) of (n x d) @ (d x M), blockwise into a reused output."""
+    best, which, rates = 0.0, "", {}
+    rt_np = np.ascontiguousarray(r.T)
+    qt, rt_t = torch.from_numpy(q), torch.from_numpy(rt_np)
+    for bq in (1024, 4096):
+        for lib in ("numpy", "torch"):
+            out_np = np.empty((bq, len(r)), np.float32)
+            out_t = torch.from_numpy(out_np)
+            t = time.perf_counter()
+            for i in range(0, len(q) - bq + 1, bq):
+                if lib == "numpy":
+                    np.matmul(q[i : i + bq], rt_np, out=out_np)
+                else:
+                    torch.mm(qt[i : i + bq], rt_t, out=out_t)
+            rate = (len(q) // bq) * bq * len(r) / (time.perf_counter() - t)
+            rates[f"{lib}_query_block_{bq}"] = rate
+            if rate > best:
+                best, which = rate, f"{lib}, query block {bq} x {len(r)}"
+    # Our own scheme too: one Python thread per core, single-threaded torch, block of the KDE's shape.
+    blocks = [rt_t[:, j : j + BLOCK_REFS].contiguous() for j in range(0, len(r) - BLOCK_REFS + 1, BLOCK_REFS)]
+    starts = list(range(0, len(q) - BLOCK_QUERIES + 1, BLOCK_QUERIES))
+    threads = torch.get_num_threads()
+
+    def run(mine: list[int]) -> None:
+        out_t = torch.empty(BLOCK_QUERIES, BLOCK_REFS)
+        for i in mine:
+            for b in blocks:
+                torch.mm(qt[i : i + BLOCK_QUERIES], b, out=out_t)
+
+    torch.set_num_threads(1)
+    try:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, [starts[k::threads] for k in range(threads)]))
+        rate = len(starts) * BLOCK_QUERIES * len(blocks) * BLOCK_REFS / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    rates[f"torch_{threads}_threads_block_{BLOCK_QUERIES}x{BLOCK_REFS}"] = rate
+    if rate > best:
+        best, which = rate, f"torch, {threads} threads x block {BLOCK_QUERIES} x {BLOCK_REFS}"
+    return best, which, rates
+
+
+def numpy_log_kde(q: np.ndarray, r: np.ndarray, h: float, white) -> np.ndarray:
+    """Plain numpy: whiten, float64 blockwise squared distances, scipy logsumexp."""
+    yq, yr = white.apply(q).astype(np.float64), white.apply(r).astype(np.float64)
+    rr = (yr * yr).sum(1)
+    out = np.empty(len(q))
+    for i in range(0, len(q), 1024):
+        b = yq[i : i + 1024]
+        d2 = (b * b).sum(1)[:, None] + rr[None] - 2 * b @ yr.T
+        out[i : i + 1024] = logsumexp(-d2 / (2 * h * h), axis=1)
+    d = q.shape[1]
+    return out - np.log(len(r)) - 0.5 * d * np.log(2 * np.pi * h * h) - white.log_det
+
+
+def one_repetition(q, r, h, subsets, rep) -> dict:
+    n, m, d = len(q), len(r), q.shape[1]
+    white = whitening(r, "refs")
+    # The GEMM is timed right before and right after distcur (the load on a shared machine drifts):
+    # each candidate's rate is the mean of the two, the reference the fastest candidate.
+    _, _, before = bare_gemm_pairs_per_s(q[: subsets["gemm"]], white.apply(r))
+    t_ours, ours = timed(log_kde, q, r, h)
+    _, _, after = bare_gemm_pairs_per_s(q[: subsets["gemm"]], white.apply(r))
+    gemm_rates = {k: (before[k] + after[k]) / 2 for k in before}
+    gemm_kind = max(gemm_rates, key=gemm_rates.get)
+    gemm_rate = gemm_rates[gemm_kind]
+    rate_ours = n * m / t_ours
+
+    ns = subsets["scipy"]
+    kde = st.gaussian_kde(r.T.astype(np.float64), bw_method=h)
+    t_scipy, ref = timed(kde.logpdf, q[:ns].T.astype(np.float64))
+    nk = subsets["sklearn"]
+    yq, yr = white.apply(q[:nk]).astype(np.float64), white.apply(r).astype(np.float64)
+    skl = KernelDensity(kernel="gaussian", bandwidth=h, rtol=0, atol=0).fit(yr)
+    t_skl, skl_out = timed(skl.score_samples, yq)
+    skl_out = skl_out - white.log_det  # sklearn's density is in whitened coordinates
+    nn = subsets["numpy"]
+    t_np, np_out = timed(numpy_log_kde, q[:nn], r, h, white)
+
+    rate = {
+        "distcur": rate_ours,
+        "gemm_float32": gemm_rate,
+        "scipy": ns * m / t_scipy,
+        "sklearn": nk * m / t_skl,
+        "numpy": nn * m / t_np,
+    }
+    rel = lambda a, b: float(np.max(np.abs(a - b) / np.abs(b)))  # noqa: E731
+    out = {
+        "repetition": rep,
+        "pairs_per_s": rate,
+        "seconds_full_N": {k: n * m / v for k, v in rate.items()},
+        "gemm_reference": gemm_kind,
+        "gemm_fraction": rate_ours / gemm_rate,
+        "gemm_fraction_vs_numpy_matmul": rate_ours / max(v for k, v in gemm_rates.items() if k.startswith("numpy")),
+        "gemm_candidates_pairs_per_s": gemm_rates,
+        "gemm_candidates_before_after": {k: [before[k], after[k]] for k in before},
+        "speedup_vs_scipy": rate_ours / rate["scipy"],
+        "speedup_vs_sklearn": rate_ours / rate["sklearn"],
+        "speedup_vs_numpy": rate_ours / rate["numpy"],
+        "max_rel_err_vs_scipy": rel(ours[:ns], ref),
+        "max_rel_err_sklearn_vs_scipy": rel(skl_out[: min(nk, ns)], ref[: min(nk, ns)]),
+        "max_rel_err_numpy_vs_scipy": rel(np_out[: min(nn, ns)], ref[: min(nn, ns)]),
+    }
+    print(json.dumps({"d": d, **{k: v for k, v in out.items() if k not in ("seconds_full_N", "pairs_per_s")}}),
+          flush=True)
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    keys = ["gemm_fraction", "gemm_fraction_vs_numpy_matmul", "speedup_vs_scipy", "speedup_vs_sklearn", "speedup_vs_numpy"]
+    summary: dict = {k: statistics.median(r[k] for r in runs) for k in keys}
+    summary["spread"] = {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
+                             "max": max(r[k] for r in runs)} for k in keys}
+    summary["pairs_per_s_median"] = {k: statistics.median(r["pairs_per_s"][k] for r in runs)
+                                     for k in runs[0]["pairs_per_s"]}
+    summary["max_rel_err_vs_scipy"] = max(r["max_rel_err_vs_scipy"] for r in runs)
+    summary["runs"] = runs
+    return summary
+
+
+def machine() -> dict:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+        "sklearn": sklearn.__version__, "platform": platform.platform(), "loadavg": load,
+    }
+
+
+def write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=200_000)
+    p.add_argument("--refs", type=int, default=20_000)
+    p.add_argument("--dims", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--scipy-queries", type=int, default=2000)
+    p.add_argument("--sklearn-queries", type=int, default=1000)
+    p.add_argument("--numpy-queries", type=int, default=10_000)
+    p.add_argument("--gemm-queries", type=int, default=16_384)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    subsets = {"scipy": args.scipy_queries, "sklearn": args.sklearn_queries, "numpy": args.numpy_queries,
+               "gemm": args.gemm_queries}
+    subsets = {k: min(v, args.queries) for k, v in subsets.items()}
+    result: dict = {
+        "inputs": {"queries": args.queries, "refs": args.refs, "dims": args.dims, "repeats": args.repeats,
+                   "data": "queries and refs ~ N(0, A A^T) with a random A (seed 0), refs shifted by 0.1",
+                   "bandwidth": "Scott's factor M^(-1/(d+4)), kernel covariance h^2 * sample covariance (ddof=1)",
+                   "peer_query_subsets": subsets, "block": [BLOCK_QUERIES, BLOCK_REFS]},
+        "machine_before": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    for d in args.dims:
+        rng = np.random.default_rng(0)
+        a = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+        q = (rng.normal(size=(args.queries, d)) @ a.T).astype(np.float32)
+        r = (rng.normal(size=(args.refs, d)) @ a.T + 0.1).astype(np.float32)
+        h = scott_factor(args.refs, d)
+        runs = []
+        for rep in range(args.repeats):
+            runs.append(one_repetition(q, r, h, subsets, rep))
+            result[f"d{d}"] = {"bandwidth": h, "repetitions_done": len(runs), **summarise(runs)}
+            write(args.out, result)  # a partial result survives an interrupted run
+    result["machine_after"] = machine()
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
