@@ -1,6 +1,6 @@
 """RLDS ingest: Ray Data against the same parsing in one process, and peak memory at 1x vs 16x.
 
-    python benchmarks/bench_ingest.py [--shards 16] [--episodes-per-shard 16] [--steps 40] [--scale 16]
+    python benchmarks/bench_ingest.py [--shards 16] [--episodes-per-shard 8] [--steps 25] [--scale 16]
 
 Writes benchmarks/results/ingest.json::
 
@@ -122,8 +122,8 @@ def run_child(mode: str, dataset: str, warmup: str | None, workdir: str) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--episodes-per-shard", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=40, help="steps per episode")
+    parser.add_argument("--episodes-per-shard", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=25, help="steps per episode")
     parser.add_argument("--image", type=int, default=32, help="image side (two images per step)")
     parser.add_argument("--scale", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
