@@ -177,6 +177,7 @@ def run_metaworld(args) -> dict:
         protocol = {"tasks": tasks, "frequent_task": frequent, "demos_per_task": counts, "task_onehot": True,
                     "groups": "task", "policy_hidden": list(args.hidden), "train_steps": args.train_steps,
                     "batch_size": args.batch_size, "episodes_per_task_per_seed": args.episodes, "seeds": list(args.seeds),
+                    "eval_max_steps": args.eval_max_steps,
                     "methods": list(args.methods), "alpha": alphas, "weights_s": weights_s,
                     "dro": {"eta": 0.2, "s": 0.05, "steps": args.dro_steps},
                     "metagrad": {"rounds": args.meta_rounds, "K": args.meta_k, "warmup": args.meta_warmup},
@@ -199,7 +200,8 @@ def run_metaworld(args) -> dict:
             for task in tasks:
                 t = time.time()
                 res = evaluate_success(policy, task, episodes=args.episodes, seeds=(seed,),
-                                       append_task_onehot_over=onehot_over, parallel=not args.no_ray)
+                                       max_steps=args.eval_max_steps, append_task_onehot_over=onehot_over,
+                                       parallel=not args.no_ray)
                 successes.append(res[0]["success"])
                 records.append({"task": f"imbalanced/{task}", "method": method, "seed": seed,
                                 "episodes": res[0]["episodes"], "success": res[0]["success"], "proxy_loss": None,
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     mw.add_argument("--methods", nargs="+", default=["uniform", "frequency", "dro", "metagrad"])
     mw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     mw.add_argument("--episodes", type=int, default=50)
+    mw.add_argument("--eval-max-steps", type=int, default=500, help="rollout limit (MetaWorld's own: 500)")
     mw.add_argument("--hidden", type=int, nargs="+", default=[400, 400, 400])
     mw.add_argument("--train-steps", type=int, default=4000)
     mw.add_argument("--batch-size", type=int, default=256)
