@@ -64,6 +64,8 @@ class RebalanceConfig:
             raise ValueError(f"RebalanceConfig.groups must be one of {GROUPINGS}, got {self.groups!r}")
         if self.k is not None and self.k < 2:
             raise ValueError(f"RebalanceConfig.k must be >= 2 (or None to choose it), got {self.k}")
+        if self.groups != "kmeans" and (self.k is not None or self.embeddings is not None):
+            raise ValueError(f"RebalanceConfig: k and embeddings apply to groups=kmeans only, got groups={self.groups!r}")
         self.k_range = tuple(int(v) for v in self.k_range)
         self.hidden = tuple(int(h) for h in self.hidden)
 

@@ -183,3 +183,5 @@ def test_run_rebalance_dro_and_metagrad_with_kmeans_groups(toy_store, toy, tmp_p
         np.testing.assert_allclose(shares, np.sort(alpha), atol=1e-5)
     assert cli_main(["rebalance", "--method", "metagrad", "--store", toy_store.uri, "--run", "x",
                      "--groups", "source"]) == 2  # one source = one group: a clear error, exit 2
+    with pytest.raises(ValueError, match="groups=kmeans only"):
+        RebalanceConfig(groups="task", k=3)  # never ignore an option silently
