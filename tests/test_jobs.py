@@ -4,7 +4,7 @@
   trip: the argv it builds parses back to the config's values; wrong keys fail loudly.
 - Every section of the shipped configs translates into an argv its stage's own parser accepts.
 - The job scripts run as scripts (``python jobs/select.py`` must not shadow the stdlib).
-- End to end: a tiny MetaWorld ingest, random scoring and selection run through the job entry
+- End to end: a tiny MetaWorld ingest and a balanced-BC rebalance run through the job entry
   points on the module's local Ray and land in the store; and a job submitted through
   ``JobSubmissionClient`` to a local Ray cluster with a dashboard writes its table to the store.
 """
@@ -185,8 +185,7 @@ def _tiny_pipeline_config(tmp_path, store: str) -> str:
     config = {
         "common": {"store": store},
         "ingest": {"command": "metaworld", "out": store, "target": "reach-v3", "config": TINY_PRIOR},
-        "score": {"method": "random", "target": "reach-v3", "run": "random-reach", "seed": 3},
-        "select": {"scores": "random-reach", "run": "random-reach", "top": 50, "level": "episode"},
+        "rebalance": {"method": "frequency", "groups": "task", "run": "balanced"},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -194,25 +193,29 @@ def _tiny_pipeline_config(tmp_path, store: str) -> str:
 
 
 def test_jobs_run_a_tiny_pipeline_into_the_store(ray_session, tmp_path, capsys):
-    from distcur.data import list_sources, scores_key, selection_key, steps_key
+    import numpy as np
+
+    from distcur.data import list_sources, selection_key, steps_key
     from distcur.store import Store
 
     store_uri = str(tmp_path / "store")
     config = _tiny_pipeline_config(tmp_path, store_uri)
-    for stage in ("ingest", "score", "select"):
+    for stage in ("ingest", "rebalance"):
         assert common.main(stage, ["--config", config]) == 0, capsys.readouterr().err
     store = Store(store_uri)
     assert sorted(list_sources(store)) == ["metaworld", "target-reach-v3"]
     prior = store.manifest(steps_key("metaworld"))
+    target = store.manifest(steps_key("target-reach-v3"))
     assert prior.rows > 0 and prior.stage.startswith("ingest")
-    scores = store.read_table(scores_key("random-reach"))
-    assert scores.num_rows == prior.rows
-    selection = store.manifest(selection_key("random-reach"))
-    assert selection is not None and 0 < selection.rows <= prior.rows
-    # A resubmitted job finds its output committed and skips the work.
-    before = store.manifest(scores_key("random-reach")).created
-    assert common.main("score", ["--config", config]) == 0
-    assert store.manifest(scores_key("random-reach")).created == before
+    assert prior.config["tasks"] == ["reach-wall-v3", "reach-v3"] and prior.config["success_per_task"] == 1
+    weights = store.read_table(selection_key("balanced"))
+    assert weights.num_rows == prior.rows + target.rows
+    assert np.isfinite(weights.column("weight").to_numpy()).all()
+    assert store.manifest(selection_key("balanced")).stage.startswith("rebalance")
+    # A resubmitted job finds its outputs committed and skips the work.
+    before = store.manifest(steps_key("metaworld")).created
+    assert common.main("ingest", ["--config", config]) == 0
+    assert store.manifest(steps_key("metaworld")).created == before
 
 
 # The head gets its own dashboard and dashboard-agent ports: the agent's default port (52365)
