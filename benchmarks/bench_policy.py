@@ -30,7 +30,7 @@ from distcur.evaluate.metaworld import evaluate_success, rollout_steps_per_s
 from distcur.evaluate.proxy import proxy_loss_on_source
 from distcur.policy.loaded import TrainedPolicy
 from distcur.policy.train import TrainConfig, baseline_selection, load_training_data, train_to_store
-from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
+from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
 from distcur.store import Store
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,18 +59,19 @@ def evaluate(policy, task, episodes, seeds, parallel) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="pick-place-wall-v3")
-    p.add_argument("--store", default=os.path.join(HERE, ".store-policy"))
+    p.add_argument("--store", default=os.environ.get("DISTCUR_BENCH_STORE", "/tmp/distcur-bench-policy"))
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="+", default=["expert50", "target_only", "all_data"])
-    p.add_argument("--no-ray", action="store_true", help="rollouts in this process instead of Ray tasks")
+    p.add_argument("--ray", action="store_true", help="generation and rollouts as Ray tasks (default: in process)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "policy.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    parallel = not args.no_ray
+    parallel = args.ray
+    runner = None if args.ray else run_chunks_locally
     cfg_kwargs = dict(steps=args.steps, checkpoint_every=args.steps)
     results: dict = {}
     details: dict = {}
@@ -79,7 +80,8 @@ def main() -> int:
     if "expert50" in args.only:
         store50 = Store(os.path.join(args.store, "expert50"))
         gen = generate_metaworld(MetaWorldPriorConfig(target=args.task, tasks=(args.task,), success_per_task=0,
-                                                      failed_per_task=1, target_demos=50), store50, progress=False)
+                                                      failed_per_task=1, target_demos=50), store50, progress=False,
+                                 runner=runner)
         details["expert50_generation"] = {k: gen[k] for k in ("target", "wall_s")}
         per = []
         for ts in args.train_seeds:
@@ -93,10 +95,11 @@ def main() -> int:
                 details["rollout"] = rs
         results["expert50_success"] = float(np.mean([r["success"] for r in per]))
         details["expert50"] = per
+        write(args, results, details, t_start)
 
     store = Store(os.path.join(args.store, "default"))
     if {"target_only", "all_data"} & set(args.only):
-        gen = generate_metaworld(MetaWorldPriorConfig(target=args.task), store, progress=False)
+        gen = generate_metaworld(MetaWorldPriorConfig(target=args.task), store, progress=False, runner=runner)
         details["default_generation"] = {k: gen[k] for k in ("prior", "target", "wall_s")}
     for method, kind in (("target_only", "target_only"), ("all_data", "all")):
         if method not in args.only:
@@ -110,7 +113,15 @@ def main() -> int:
         results[f"{method}_success"] = float(np.mean([r["success"] for r in per]))
         results[f"{method}_sem"] = float(np.mean([r["sem"] for r in per]))
         details[method] = per
+        write(args, results, details, t_start)
 
+    write(args, results, details, t_start)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def write(args, results: dict, details: dict, t_start: float) -> None:
+    """Write the results so far (called after each method, so a cut-short run leaves its figures)."""
     out = {
         **results,
         "protocol": {"task": args.task, "episodes_per_seed": args.episodes, "eval_seeds": args.seeds,
@@ -124,8 +135,6 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2, default=float)
-    print(json.dumps(results, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
