@@ -100,7 +100,7 @@ def _commit(store: Store, writer, results: list[tuple[str, int]], metadata: dict
 def _remote(fn, **options):
     import ray
 
-    return ray.remote(**options)(fn)
+    return ray.remote(**{"num_cpus": 1, **options})(fn)
 
 
 # -- nearest (SR / AR / BR) --------------------------------------------------------------------------

@@ -137,8 +137,8 @@ def train_vae(state: np.ndarray, action: np.ndarray, config: VAEConfig | None = 
 @torch.no_grad()
 def vae_embed(model: StateActionVAE, state: np.ndarray, action: np.ndarray) -> np.ndarray:
     """BehaviorRetrieval's embedding ``[mu(s, a), a]``, (n, latent_dim + da) float32."""
-    state = np.asarray(state, np.float32)
-    action = np.asarray(action, np.float32)
+    state = np.array(state, np.float32)  # a writable copy: Arrow-backed arrays are read-only
+    action = np.array(action, np.float32)
     if state.shape[1:] != (model.state_dim,) or action.shape[1:] != (model.action_dim,):
         raise ValueError(
             f"vae_embed: the VAE was fit on state dim {model.state_dim} / action dim {model.action_dim}, "

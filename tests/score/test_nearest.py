@@ -103,13 +103,15 @@ def test_score_runs_equal_in_process_scores(tmp_path, ray_session):
     write_source(store, "metaworld", episodes=10, length=40, seed=0, rows_per_part=130)
     write_source(store, "other", episodes=3, length=40, seed=2, rows_per_part=1000)
     write_source(store, "target-reach", episodes=2, length=40, seed=1, rows_per_part=1000)
-    run_embed(store, EmbedConfig(encoder="state-action", batch_size=64))
-    prior = load_steps(store, ["metaworld", "other"])
+    run_embed(store, EmbedConfig(encoder="state-action", sources=["metaworld", "target-reach"], batch_size=64))
     target = load_steps(store, ["target-reach"])
-    feats = {"sr": (prior.state, target.state), "ar": (prior.action, target.action),
-             "br": (np.concatenate([prior.state, prior.action], 1), np.concatenate([target.state, target.action], 1))}
-    for method, (p, t) in feats.items():
-        opts = {"encoder": "state-action"} if method == "br" else {}
+    for method in ("sr", "ar", "br"):
+        # br reads the embeddings, made for "metaworld" only; sr / ar read every prior step table
+        opts = {"encoder": "state-action", "prior_sources": ["metaworld"]} if method == "br" else {}
+        prior = load_steps(store, ["metaworld"] if method == "br" else ["metaworld", "other"])
+        p, t = {"sr": (prior.state, target.state), "ar": (prior.action, target.action),
+                "br": (np.concatenate([prior.state, prior.action], 1),
+                       np.concatenate([target.state, target.action], 1))}[method]
         m = score(store, method, "reach", f"{method}-run", block=37, **opts)
         got = store.read_table(scores_key(f"{method}-run"))
         assert got.schema.equals(SCORE_SCHEMA, check_metadata=False) and m.rows == len(prior) == got.num_rows
@@ -122,13 +124,13 @@ def test_score_runs_equal_in_process_scores(tmp_path, ray_session):
     assert score(store, "sr", "reach", "sr-run", block=37).created == store.manifest(scores_key("sr-run")).created
     m = score(store, "random", "reach", "random-run", seed=5)
     rnd = store.read_table(scores_key("random-run"))
-    assert m.rows == len(prior) and 0.0 <= min(rnd.column("score").to_pylist()) < 1.0
+    assert m.rows == 13 * 40 and 0.0 <= min(rnd.column("score").to_pylist()) < 1.0
     # bad input: a target whose state has another dimension
     write_source(store, "target-wide", episodes=1, length=40, seed=3, rows_per_part=1000, state_dim=7)
     with pytest.raises(ValueError, match="prior has dim 6 but target has dim 7"):
         score(store, "sr", "wide", "bad-run")
     with pytest.raises(FileNotFoundError, match="target-missing"):
-        score(store, "br", "missing", "bad-run", encoder="state-action")
+        score(store, "br", "missing", "bad-run", encoder="state-action", prior_sources=["metaworld"])
     with pytest.raises(ValueError, match="unknown score method"):
         score(store, "knn", "reach", "bad-run")
     assert store.manifest(scores_key("bad-run")) is None
