@@ -14,8 +14,9 @@ Config layout (one file per pipeline, one section per stage)::
       - command: metaworld                  # a list = several, run in order
         tasks: [reach-v3, push-v3]          # --tasks reach-v3 push-v3  (nargs '+')
         episodes_per_task: 4                # --episodes-per-task 4
-      - command: rlds
-        data_dir: s3://bucket/oxe
+      - command: rlds                       # `path` fills the positional PATH
+        path: s3://bucket/oxe/fractal20220817_data/0.1.0
+        dataset: fractal20220817_data
     score:
       method: iwr
 
@@ -58,7 +59,6 @@ from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
-RESERVED = {"command"}
 TOP_LEVEL = {"description", "common"}
 
 
