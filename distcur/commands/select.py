@@ -8,7 +8,7 @@ from distcur.config import DEFAULT_STORE
 
 
 def register(sub) -> None:
-    p = sub.add_parser("select", help="scores -> selection (top x% or threshold, per step / sub-trajectory / episode)")
+    p = sub.add_parser("select", help="scores -> selection (top x%% or threshold, per step / sub-trajectory / episode)")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
     p.add_argument("--scores", required=True, help="score run to select from (scores/<run>)")
     p.add_argument("--run", required=True, help="output run name: writes selections/<run>")
