@@ -103,8 +103,8 @@ def train_vae(state: np.ndarray, action: np.ndarray, config: VAEConfig | None = 
         (model in eval mode, history {"loss": [...], "recon": [...], "kl": [...]} every 50 steps).
     """
     config = config or VAEConfig()
-    state = np.asarray(state, np.float32)
-    action = np.asarray(action, np.float32)
+    state = np.array(state, np.float32)  # writable copies for torch.from_numpy
+    action = np.array(action, np.float32)
     if state.ndim != 2 or action.ndim != 2 or len(state) != len(action):
         raise ValueError(f"train_vae: expected state (n, ds) and action (n, da), got {state.shape} and {action.shape}")
     if len(state) < 2:
