@@ -169,15 +169,30 @@ def adam_update(params: Params, grads: Params, state: dict, cfg: AdamConfig) -> 
     return new_p, {"m": new_m, "v": new_v, "t": t}
 
 
-def make_train_step(spec: PolicySpec, adam: AdamConfig, normalize: str = "weights") -> Callable:
+def make_train_step(spec: PolicySpec, adam: AdamConfig, normalize: str = "weights", functional: bool = True) -> Callable:
     """``step(params, opt_state, obs, act, weights) -> (params, opt_state, loss)``.
 
-    A pure function: wrap it in ``torch.func.vmap`` to train stacked models, or call it on
-    tensors that require grad to differentiate through training.
+    ``functional=True``: a pure function built on ``torch.func.grad``; wrap it in
+    ``torch.func.vmap`` to train stacked models, or call it on tensors that require grad to
+    differentiate through training. ``functional=False``: the same loss and the same Adam
+    update with plain ``torch.autograd.grad`` and no graph kept across steps; several times
+    cheaper per step in eager mode for one model, which is what single-policy loops want.
     """
 
     def loss_fn(p, obs, act, w):
         return bc_loss(p, obs, act, spec, w, normalize)
+
+    if not functional:
+
+        def eager_step(params: Params, opt_state: dict, obs, act, weights):
+            p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            loss = loss_fn(p, obs, act, weights)
+            grads = torch.autograd.grad(loss, list(p.values()))
+            with torch.no_grad():
+                new_params, opt_state = adam_update(p, dict(zip(p, grads)), opt_state, adam)
+            return new_params, opt_state, loss.detach()
+
+        return eager_step
 
     grad_and_loss = torch.func.grad_and_value(loss_fn)
 

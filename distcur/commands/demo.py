@@ -1,0 +1,46 @@
+"""``distcur demo``: the whole pipeline on the embedded MetaWorld default, with a results table."""
+
+from __future__ import annotations
+
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="ingest, embed, score, datamodels, co-train and evaluate on MetaWorld")
+    p.add_argument("--target", default=None, help="MetaWorld target task (default pick-place-wall-v3)")
+    p.add_argument("--store", default=None, help="store URI (default ./distcur-store/demo)")
+    p.add_argument("--run", default=None, help="run name (default demo)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of methods to compare")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--episodes", type=int, default=None, help="rollouts per (method, seed)")
+    p.add_argument("--full", action="store_true", help="paper-size run (hours on 2 cores)")
+    p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
+    p.add_argument("--record", default=None, metavar="JSON",
+                   help="merge the results into this quality_metaworld.json (BENCHMARKS.md §1)")
+    p.add_argument("--report", action="store_true", help="also write the HTML report into the store")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from distcur.pipeline import DemoConfig, merge_quality_json, protocol_of, quality_records, run_demo
+    from distcur.report import format_table, success_summary, write_report
+    from distcur.store import Store
+
+    t0 = time.time()
+    overrides = {"target": args.target, "store": args.store, "run": args.run, "address": args.address,
+                 "methods": tuple(args.methods) if args.methods else None,
+                 "seeds": tuple(args.seeds) if args.seeds else None, "episodes": args.episodes}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
+    table = run_demo(cfg)
+    print()
+    print(f"distcur demo: target {cfg.target}, {len(cfg.seeds)} seeds x {cfg.episodes} episodes, "
+          f"top {cfg.top_percent:g}% at {cfg.select_level} level, alpha {cfg.alpha}")
+    print(format_table(success_summary(table)))
+    if args.report:
+        print("report:", write_report(Store(cfg.store), cfg.run))
+    if args.record:
+        merge_quality_json(args.record, quality_records(table, protocol_of(cfg)))
+        print("recorded:", args.record)
+    print(f"wall {time.time() - t0:.0f} s")
+    return 0
