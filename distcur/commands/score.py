@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="strap: end-effector speed cut (default 5e-3)")
     p.add_argument("--min-length", type=int, default=None, help="strap: minimum segment length (default 20)")
     p.add_argument("--seed", type=int, default=None, help="random: seed (default 0)")
-    p.add_argument("--bandwidth", default=None, help="iwr: scott (default), silverman, mlcv, or a number")
+    p.add_argument("--bandwidth", default=None, help="iwr: scott (default), silverman, likelihood (max held-out likelihood), or a number")
     p.add_argument("--mode", default=None, choices=("exact", "subsample"), help="iwr: KDE mode (default exact)")
     p.add_argument("--num-shards", type=int, default=None, help="iwr: prior shards for the KDE partial sums")
     p.add_argument("--subsample", type=int, default=None, help="iwr: reference subsample size in subsample mode")
