@@ -129,6 +129,7 @@ def run_metaworld(args) -> dict:
     from distcur.store import Store
 
     t_start = time.time()
+    torch.set_num_threads(args.threads)  # on a shared, oversubscribed machine one thread is faster
     tasks = list(args.tasks)
     frequent = args.frequent or tasks[0]
     counts = {t: (args.frequent_demos if t == frequent else args.rare_demos) for t in tasks}
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     mw.add_argument("--rebalance-hidden", type=int, nargs="+", default=[128, 128],
                     help="policy of the DRO proxy/reference and the meta-gradient runs")
     mw.add_argument("--prepare-only", action="store_true", help="generate the data and the weights, then stop")
+    mw.add_argument("--threads", type=int, default=1, help="torch threads")
     mw.add_argument("--no-ray", action="store_true", help="generate and evaluate in this process")
     args = p.parse_args(argv)
     run_toy(args) if args.part == "toy" else run_metaworld(args)
