@@ -187,9 +187,9 @@ def run_sweep(cfg: SweepConfig) -> pa.Table:
         rows.append({
             "method": point["method"], "bandwidth": None if point["bandwidth"] is None else str(point["bandwidth"]),
             "top_percent": point["top_percent"], "alpha": point["alpha"], "selection": point["selection"],
-            "proxy_loss": float(result.metrics.get("proxy_loss", float("nan"))),
-            "best_proxy_loss": float(df["proxy_loss"].min()) if df is not None and "proxy_loss" in df else float("nan"),
-            "success": float(result.metrics.get("success", float("nan"))),
+            "proxy_loss": float(result.metrics["proxy_loss"]),
+            "best_proxy_loss": float(df["proxy_loss"].min()) if df is not None and "proxy_loss" in df else None,
+            "success": float(result.metrics["success"]) if "success" in result.metrics else None,  # None: not measured
             "steps_trained": int(result.metrics.get("step", 0)),
             "stopped_early": int(result.metrics.get("step", 0)) < cfg.train_steps,
         })
