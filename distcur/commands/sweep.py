@@ -13,7 +13,7 @@ def _bandwidth(text: str):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sweep", help="Ray Tune sweep of scorer / bandwidth / top-x% / alpha; results at sweeps/<run>")
+    p = sub.add_parser("sweep", help="Ray Tune sweep of scorer / bandwidth / top-x%% / alpha; results at sweeps/<run>")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI with the prior, target and embeddings")
     p.add_argument("--target", default=None, help="target task (default pick-place-wall-v3)")
     p.add_argument("--run", default=None, help="sweep name (default sweep)")
