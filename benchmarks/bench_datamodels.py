@@ -93,13 +93,29 @@ def gemm_rate(n: int = 1024, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def start_ray(tries: int = 4) -> None:
+    """Start a new local Ray (2 CPUs; never join another running cluster), retrying: on a loaded
+    shared machine node start-up can time out."""
+    import ray
+
+    for attempt in range(tries):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as e:  # Ray raises a bare Exception on a start-up timeout
+            print(f"ray.init attempt {attempt + 1} failed: {e}", flush=True)
+            ray.shutdown()
+            time.sleep(10)
+    raise RuntimeError("could not start a local Ray")
+
+
 def torchtrainer_job_seconds(spec, steps, batch_size, jobs) -> list[float]:
     """Wall time of one Ray Train job (1 worker) per model, training it for ``steps`` steps."""
     import ray
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray()
     data = pool()
 
     def train_one_model(config):
@@ -236,6 +252,7 @@ def lds_on_metaworld(store_uri: str | None, target: str) -> dict:
         store_uri = tempfile.mkdtemp(prefix="dm-bench-store-")
         generate_metaworld(MetaWorldPriorConfig(target=target), Store(store_uri), progress=False)
     store = Store(store_uri)
+    start_ray()
     run = f"bench-datamodel-{int(time.time())}"
     t = time.perf_counter()
     m = run_datamodel(store, "regression", target, run, DatamodelConfig())
