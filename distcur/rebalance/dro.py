@@ -25,9 +25,8 @@ from distcur.policy.functional import (
     Params,
     PolicySpec,
     adam_init,
-    adam_update,
-    bc_loss,
     init_params,
+    make_train_step,
     policy_forward,
     tanh_gaussian_nll,
 )
@@ -114,25 +113,6 @@ def stratified_batch(members: Sequence[np.ndarray], per_group: int, rng: np.rand
     return np.concatenate([m[rng.integers(len(m), size=per_group)] for m in members])
 
 
-def autograd_train_step(spec: PolicySpec, adam: AdamConfig, normalize: str = "weights"):
-    """The same step as :func:`make_train_step` (same loss, same Adam) with plain autograd.
-
-    ``torch.func.grad`` costs about 6x more per step than ``torch.autograd.grad`` in eager mode
-    for the small policies of the rebalancing loops, which never vmap or differentiate through
-    the step; so these loops use this form.
-    """
-
-    def step(params: Params, opt_state: dict, obs, act, weights):
-        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        loss = bc_loss(p, obs, act, spec, weights, normalize)
-        grads = torch.autograd.grad(loss, list(p.values()))
-        with torch.no_grad():
-            new, opt_state = adam_update(p, dict(zip(p, grads)), opt_state, adam)
-        return new, opt_state, loss.detach()
-
-    return step
-
-
 def train_weighted_bc(
     obs: np.ndarray,
     act: np.ndarray,
@@ -159,7 +139,7 @@ def train_weighted_bc(
     obs_t, act_t = torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(act, dtype=torch.float32)
     params = init_params(spec, seed)
     opt = adam_init(params)
-    step_fn = autograd_train_step(spec, AdamConfig(lr=lr))
+    step_fn = make_train_step(spec, AdamConfig(lr=lr), functional=False)
     ones = torch.ones(batch_size)
     for _ in range(steps):
         idx = torch.as_tensor(rng.choice(n, size=batch_size, p=p))
@@ -195,7 +175,7 @@ def dro_rebalance(
     rng = np.random.default_rng(seed)
     params = init_params(spec, seed)
     opt = adam_init(params)
-    step_fn = autograd_train_step(spec, AdamConfig(lr=cfg.lr), normalize="batch")
+    step_fn = make_train_step(spec, AdamConfig(lr=cfg.lr), normalize="batch", functional=False)
     alpha = np.full(G, 1.0 / G)
     history = np.zeros((cfg.steps, G))
     excess_hist = np.zeros((cfg.steps, G))

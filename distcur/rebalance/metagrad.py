@@ -25,8 +25,16 @@ import numpy as np
 import torch
 
 from distcur.datamodels.metagrad import weight_meta_gradient
-from distcur.policy.functional import AdamConfig, Params, PolicySpec, adam_init, bc_loss, init_params
-from distcur.rebalance.dro import autograd_train_step, check_finite_inputs, stratified_batch
+from distcur.policy.functional import (
+    AdamConfig,
+    Params,
+    PolicySpec,
+    adam_init,
+    bc_loss,
+    init_params,
+    make_train_step,
+)
+from distcur.rebalance.dro import check_finite_inputs, stratified_batch
 from distcur.rebalance.group import check_alpha, check_groups
 
 INITS = ("uniform", "data")
@@ -133,7 +141,7 @@ def metagrad_rebalance(
     theta = np.log(alpha0)
     per_group = max(1, cfg.batch_size // G)
     adam = AdamConfig(lr=cfg.lr)
-    step = autograd_train_step(spec, adam, normalize="batch")
+    step = make_train_step(spec, adam, normalize="batch", functional=False)
     params = init_params(spec, seed)
     opt = adam_init(params)
 
