@@ -411,7 +411,7 @@ def train_policy(
             raise ValueError("world_size > 1 needs an all_reduce function")
         step_fn = make_sharded_train_step(spec, adam, all_reduce)
     else:
-        step_fn = make_train_step(spec, adam)
+        step_fn = make_train_step(spec, adam, functional=False)  # one model: the cheaper eager step
 
     def state_at(step: int) -> dict:
         meta = {"config": config_dict, "sampler": {**sampler.state(), "step": step}, "history": list(history),
