@@ -62,7 +62,7 @@ class DemoConfig:
     lr: float = 1e-3
     prior: dict[str, Any] = field(default_factory=lambda: {"success_per_task": 8, "failed_per_task": 8,
                                                            "failed_max_steps": 150, "max_steps": 300})
-    vae: dict[str, Any] = field(default_factory=dict)  # VAEConfig options of the BR / STRAP / IWR embedding
+    vae: dict[str, Any] = field(default_factory=lambda: {"train_steps": 1500})  # VAEConfig options of the BR / STRAP / IWR embedding
     datamodel: dict[str, Any] = field(default_factory=dict)  # DatamodelConfig options (see make_config)
     address: str | None = None
 
