@@ -106,15 +106,11 @@ def run_toy(args) -> dict:
 
 # -- MetaWorld ---------------------------------------------------------------------------------
 def merge_quality_records(path: Path, records: list[dict], protocol: dict) -> None:
-    """Read-modify-write of ``quality_metaworld.json``: replace only the ``imbalanced/*`` records
-    (and the protocol's ``imbalanced`` entry), keep everything else another process wrote."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("protocol", {})["imbalanced"] = protocol
-    kept = [r for r in data.get("results", []) if not str(r.get("task", "")).startswith("imbalanced/")]
-    data["results"] = kept + records
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """Replace only the ``imbalanced/*`` records (and the protocol's ``imbalanced`` entry)."""
+    from distcur.pipeline import merge_quality_json
+
+    merge_quality_json(path, {"protocol": {"imbalanced": protocol}, "results": records},
+                       drop_task_prefix="imbalanced/")
 
 
 def run_metaworld(args) -> dict:

@@ -232,7 +232,7 @@ def run_demo(cfg: DemoConfig) -> pa.Table:
 
     jobs = [(m, selections[m], s) for m in cfg.methods for s in cfg.seeds]
     key = eval_key(cfg.run)
-    inputs = {k: v for k, v in {r: store.input_fingerprint(selection_key(r)) for r in selections.values() if r}.items()}
+    inputs = {r: store.input_fingerprint(selection_key(r)) for r in selections.values() if r}
     config = {k: v for k, v in to_dict(cfg).items() if k not in ("store", "address")}
     if store.is_done(key, "demo", config, inputs):
         table = store.read_table(key)
@@ -256,15 +256,21 @@ def quality_records(table: pa.Table, protocol: dict) -> dict:
                                            "selected_fraction")} for r in rows]}
 
 
-def merge_quality_json(path: str, new: dict) -> None:
-    """Replace the records of (task, method, seed) present in ``new`` and keep all others."""
+def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str | None = None) -> None:
+    """Read-modify-write of ``quality_metaworld.json``, the one writer every run goes through.
+
+    Replaces the records of (task, method, seed) present in ``new`` (and, with
+    ``drop_task_prefix``, every record whose task starts with it) and keeps all others;
+    ``new["protocol"]`` entries replace the protocol's entries of the same name."""
     try:
         with open(path) as f:
             current = json.load(f)
     except FileNotFoundError:
         current = {"protocol": {}, "results": []}
     keys = {(r["task"], r["method"], r["seed"]) for r in new["results"]}
-    kept = [r for r in current.get("results", []) if (r["task"], r["method"], r["seed"]) not in keys]
+    kept = [r for r in current.get("results", [])
+            if (r["task"], r["method"], r["seed"]) not in keys
+            and not (drop_task_prefix and str(r["task"]).startswith(drop_task_prefix))]
     protocol = dict(current.get("protocol", {}))
     protocol.update(new.get("protocol", {}))
     out = {**current, "protocol": protocol, "results": kept + new["results"]}
