@@ -66,6 +66,36 @@ def test_tiny_bandwidth_does_not_underflow():
     np.testing.assert_allclose(lse, -nn / (2e-8), rtol=1e-6)
 
 
+def test_fused_exp_kernel_matches_float64_exp_over_its_range():
+    from distcur.score._fastexp import MAX_REL_ERROR, exp2_row_sums
+
+    rng = np.random.default_rng(5)
+    # Multiples of 1/64: e + col - shift is exact in float32 whatever the order of the additions.
+    grid = lambda lo, hi, size: (rng.integers(lo * 64, hi * 64, size=size) / 64).astype(np.float32)  # noqa: E731
+    e = grid(-140, 90, (37, 301))  # odd sizes: vector tails
+    col, shift = grid(-5, 5, 301), grid(-3, 3, 37)
+    sums = np.full(37, 2.0)  # accumulates into what is there
+    exp2_row_sums(e, col, shift, sums)
+    x = e.astype(np.float64) + col - shift[:, None]
+    expected = 2.0 + np.exp2(np.clip(x, -126.0, 126.0)).sum(1)
+    np.testing.assert_allclose(sums, expected, rtol=MAX_REL_ERROR)
+
+
+def test_rows_whose_later_reference_blocks_dwarf_the_first_are_recomputed_exactly():
+    # The float32 path shifts each row by its maximum over the first reference block; here the
+    # nearest reference sits in a later block, 2^400 above anything in the first: the row sum
+    # would overflow, so the row must come back from the float64 fallback, equal to logsumexp.
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(6)
+    r = rng.normal(size=(100, 3)) * 0.01 + 5.0
+    q = np.concatenate([rng.normal(size=(4, 3)) * 0.01 - 5.0, rng.normal(size=(3, 3)) * 0.01 + 5.0])
+    r = np.concatenate([r, q[:4] + 1e-3])  # the far queries' neighbours: in the last block only
+    got = log_kde_partial_sums(q, r, 0.5, block_refs=16)
+    d2 = ((q[:, None, :] - r[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(got, logsumexp(-d2 / (2 * 0.25), axis=1), rtol=1e-6, atol=1e-5)
+
+
 def test_heldout_bandwidth_picks_a_sensible_interior_value():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(400, 3))
