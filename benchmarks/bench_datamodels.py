@@ -1,11 +1,12 @@
 """DataMIL datamodel figures -> benchmarks/results/datamodels.json (BENCHMARKS.md §2, issue #5).
 
 All speed figures are ratios measured in this run, at the datamodel's default subset model
-(DatamodelConfig: MLP 64 x 64, batch 256, 39-d state, 4-d action), one torch thread per
+(DatamodelConfig: MLP 128 x 128, batch 256, 39-d state, 4-d action), one torch thread per
 process (as a 1-CPU Ray worker runs it), medians of ``--repeats`` runs with min and max:
 
-* speedup_vs_loop_k64 / _k256: models x steps per second of stacked (vmap) training of k
-  models over the same functional step called one model at a time;
+* speedup_vs_loop_k64 / _k256: models x steps per second of stacked training of k models
+  (distcur.policy.ensemble.train_ensemble) over a plain loop training the same models one at a
+  time with the eager single-model step;
 * speedup_vs_train_job_per_model: the same rate over one Ray Train TorchTrainer job per model
   (the naive design), measured on a few jobs training one model for the default step count;
 * gemm_fraction: achieved training FLOP/s (3 x forward FLOPs per sample) at k = 64 over the
@@ -40,7 +41,7 @@ import torch
 from distcur.commands.datamodel import DatamodelConfig, MetagradSettings, RegressionSettings
 from distcur.datamodels.metagrad import sqrt_checkpoint_every, weight_meta_gradient
 from distcur.datamodels.proxy import make_proxy_fn
-from distcur.policy.ensemble import init_ensemble, sample_batches, train_ensemble, train_single
+from distcur.policy.ensemble import batch_weights, init_ensemble, sample_batches, train_ensemble, train_single
 from distcur.policy.functional import AdamConfig, PolicySpec, adam_init, init_params, make_train_step
 
 DS, DA = 39, 4
@@ -60,7 +61,7 @@ def pool(seed: int = 0):
     return obs, act, group
 
 
-def vmap_rate(spec, adam, data, k, steps, batch_size) -> float:
+def stacked_rate(spec, adam, data, k, steps, batch_size) -> float:
     obs, act, group = data
     masks = torch.as_tensor(np.random.default_rng(k).random((k, N_CLUSTERS)) < 0.5, dtype=torch.float32)
     batches = sample_batches(group.numpy(), steps + 1, batch_size, 0.25, seed=1)
@@ -72,15 +73,25 @@ def vmap_rate(spec, adam, data, k, steps, batch_size) -> float:
 
 
 def loop_rate(spec, adam, data, n_models, steps, batch_size) -> float:
+    """A plain one-model-at-a-time loop: the eager single-model step (torch.autograd.grad + Adam,
+    the fastest single-model path, the one train_policy uses) on each model's own batch weights."""
     obs, act, group = data
     masks = torch.as_tensor(np.random.default_rng(0).random((n_models, N_CLUSTERS)) < 0.5, dtype=torch.float32)
     batches = sample_batches(group.numpy(), steps + 1, batch_size, 0.25, seed=1)
-    p = init_params(spec, 0)
-    train_single(p, adam_init(p), spec, adam, obs, act, group, masks[0], batches[:1])  # warm-up
+    step = make_train_step(spec, adam, functional=False)
+
+    def train(i, rows_list):
+        p = init_params(spec, i)
+        state = adam_init(p)
+        for idx in rows_list:
+            rows = torch.as_tensor(idx)
+            w = batch_weights(masks[i : i + 1], group[rows])[0]
+            p, state, _ = step(p, state, obs[rows], act[rows], w)
+
+    train(0, batches[:1])  # warm-up
     t = time.perf_counter()
     for i in range(n_models):
-        p = init_params(spec, i)
-        train_single(p, adam_init(p), spec, adam, obs, act, group, masks[i], batches[1:])
+        train(i, batches[1:])
     return n_models * steps / (time.perf_counter() - t)
 
 
@@ -281,27 +292,27 @@ def main() -> int:
     data = pool()
     t0 = time.time()
     res: dict = {}
-    rates = {"vmap64": [], "vmap256": [], "loop": [], "gemm": []}
+    rates = {"stacked64": [], "stacked256": [], "loop": [], "gemm": []}
     for _ in range(args.repeats):
         rates["gemm"].append(gemm_rate())
-        rates["vmap64"].append(vmap_rate(spec, adam, data, 64, args.steps, cfg.batch_size))
-        rates["vmap256"].append(vmap_rate(spec, adam, data, 256, args.steps, cfg.batch_size))
+        rates["stacked64"].append(stacked_rate(spec, adam, data, 64, args.steps, cfg.batch_size))
+        rates["stacked256"].append(stacked_rate(spec, adam, data, 256, args.steps, cfg.batch_size))
         rates["loop"].append(loop_rate(spec, adam, data, 4, args.steps, cfg.batch_size))
         print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
     flops_per_model_step = 3 * spec.flops_per_sample() * cfg.batch_size
-    sp64 = [a / b for a, b in zip(rates["vmap64"], rates["loop"])]
-    sp256 = [a / b for a, b in zip(rates["vmap256"], rates["loop"])]
-    gfrac = [r * flops_per_model_step / g for r, g in zip(rates["vmap64"], rates["gemm"])]
+    sp64 = [a / b for a, b in zip(rates["stacked64"], rates["loop"])]
+    sp256 = [a / b for a, b in zip(rates["stacked256"], rates["loop"])]
+    gfrac = [r * flops_per_model_step / g for r, g in zip(rates["stacked64"], rates["gemm"])]
     res["speedup_vs_loop_k64"] = stats(sp64)
     res["speedup_vs_loop_k256"] = stats(sp256)
     res["gemm_fraction"] = stats(gfrac)
-    res["gemm_fraction_k256"] = stats([r * flops_per_model_step / g for r, g in zip(rates["vmap256"], rates["gemm"])])
+    res["gemm_fraction_k256"] = stats([r * flops_per_model_step / g for r, g in zip(rates["stacked256"], rates["gemm"])])
     res["rates_model_steps_per_s"] = {k: stats(v) for k, v in rates.items() if k != "gemm"}
     res["gemm_gflops"] = stats([g / 1e9 for g in rates["gemm"]])
 
     job_s = torchtrainer_job_seconds(spec, reg.steps, cfg.batch_size, args.jobs)
     job_rate = [reg.steps / s for s in job_s]  # one model per job
-    vm = statistics.median(rates["vmap64"])
+    vm = statistics.median(rates["stacked64"])
     res["speedup_vs_train_job_per_model"] = stats([vm / r for r in job_rate])
     res["train_job_seconds_per_model"] = stats(job_s)
     print("jobs", job_s, flush=True)
