@@ -7,7 +7,9 @@ overlapping states). For each method the group weights are computed, a fresh pol
 trained on the weights (the trainer's weighted sampling) and its action error on each
 behaviour's own states is measured. Scenarios: groups = the behaviour labels, and groups =
 k-means with k = 4 on state-action pairs (over-segmentation: the frequent behaviour spans
-several clusters, so equal weight per *group* is no longer equal weight per behaviour).
+several clusters, so equal weight per *group* is no longer equal weight per behaviour), and
+``corrupt``: a third group of mislabelled pairs (rare states, frequent actions) as large as the
+rare group, with the meta-gradient judging weights by the trusted groups' validation loss.
 Writes ``benchmarks/results/rebalance_toy2d.json``.
 
 ``metaworld``: a multi-task MetaWorld set where one task has ~10x the successful demos of the
@@ -52,11 +54,16 @@ def run_toy(args) -> dict:
     spec = PolicySpec(2, 2, tuple(args.hidden))
     steps, batch, lr = args.steps, 128, 3e-3
     records = []
-    for scenario in ("labels", "kmeans4"):
+    for scenario in args.scenarios:
         for seed in args.seeds:
-            data = make_toy2d(n_frequent=1000, ratio=10.0, seed=seed)
-            if scenario == "labels":
+            # "corrupt": as many mislabelled pairs as rare ones (rare states, frequent actions); the
+            # meta-gradient's objective is the trusted groups' (frequent, rare) validation loss.
+            data = make_toy2d(n_frequent=1000, ratio=10.0, seed=seed, n_corrupt=100 if scenario == "corrupt" else 0)
+            objective_groups = None
+            if scenario in ("labels", "corrupt"):
                 groups = groups_from_labels(data.behaviour)
+                if scenario == "corrupt":
+                    objective_groups = tuple(groups.names.index(b) for b in ("frequent", "rare"))
             else:
                 groups = kmeans_groups(np.concatenate([data.state, data.action], 1), k=4, seed=seed)
             rare = data.behaviour == "rare"
@@ -71,13 +78,14 @@ def run_toy(args) -> dict:
                 t = time.time()
                 mg = metagrad_rebalance(data.state, data.action, groups.group, groups.k, spec,
                                         MetaGradConfig(init=init, outer_steps=8, inner_steps=10, warmup_steps=200,
-                                                       lr=lr, meta_lr=1.0), seed=seed, episode=data.episode)
+                                                       lr=lr, meta_lr=1.0, objective_groups=objective_groups),
+                                        seed=seed, episode=data.episode)
                 methods[f"metagrad-{init}"] = (mg.alpha, time.time() - t)
             for name, (alpha, secs) in methods.items():
                 w = None if alpha is None else alpha_to_sample_weights(groups.group, alpha)
                 params = train_weighted_bc(data.state, data.action, w, spec, steps, batch, lr, seed=seed)
                 err = action_errors(params, spec)
-                rare_share = 1 / 11 if w is None else float(w[rare].sum() / w.sum())
+                rare_share = float(rare.mean()) if w is None else float(w[rare].sum() / w.sum())
                 records.append({"scenario": scenario, "seed": seed, "method": name, "k": groups.k,
                                 "alpha": None if alpha is None else np.round(alpha, 4).tolist(),
                                 "rare_share": round(rare_share, 4), "err_frequent": round(err["frequent"], 4),
@@ -86,7 +94,7 @@ def run_toy(args) -> dict:
                                 "weights_s": round(secs, 2)})
                 print(json.dumps(records[-1]), flush=True)
     summary = {}
-    for scenario in ("labels", "kmeans4"):
+    for scenario in args.scenarios:
         for name in ("uniform", "frequency", "dro", "metagrad-uniform", "metagrad-data"):
             rs = [r for r in records if r["scenario"] == scenario and r["method"] == name]
             summary[f"{scenario}/{name}"] = {
@@ -94,7 +102,8 @@ def run_toy(args) -> dict:
                       "max": float(max(r[key] for r in rs))}
                 for key in ("err_rare", "err_frequent", "err_balanced", "rare_share")
             }
-    out = {"protocol": {"data": "toy2d n_frequent=1000 ratio=10", "policy_hidden": list(args.hidden),
+    out = {"protocol": {"data": "toy2d n_frequent=1000 ratio=10; corrupt: + 100 mislabelled pairs (rare states, "
+                                "frequent actions), metagrad objective = frequent + rare validation loss", "policy_hidden": list(args.hidden),
                         "train_steps": steps, "batch_size": batch, "lr": lr, "seeds": list(args.seeds),
                         "dro": "eta=0.2 s=0.05, reference balanced", "metagrad": "8 rounds x K=10 steps, warmup 200",
                         "metric": "mean L2 action error on fresh states of each behaviour"},
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     toy.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     toy.add_argument("--steps", type=int, default=400)
     toy.add_argument("--hidden", type=int, nargs="+", default=[32, 32])
+    toy.add_argument("--scenarios", nargs="+", default=["labels", "kmeans4", "corrupt"],
+                     choices=["labels", "kmeans4", "corrupt"])
     mw = sub.add_parser("metaworld")
     mw.add_argument("--store", default="/tmp/distcur-imbalanced")
     mw.add_argument("--tasks", nargs="+", default=["reach-v3", "button-press-v3", "drawer-close-v3"])

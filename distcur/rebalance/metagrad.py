@@ -3,7 +3,8 @@
 Group weights alpha = softmax(theta) on the simplex; a batch holds the same number of samples
 from every group and sample i weighs G alpha_{g(i)}, so the batch loss is sum_g alpha_g L_g.
 The objective is *balanced*: the mean over groups of the per-group BC loss on held-out
-validation data. Each outer round
+validation data (over all groups, or over ``objective_groups``: the trusted ones, when some
+groups may hold corrupted demos that no weighting by size or loss can tell apart). Each outer round
 
 1. takes d objective / d alpha by reverse mode through K training steps from the current
    policy (DataMIL's engine, :func:`distcur.datamodels.metagrad.weight_meta_gradient`);
@@ -53,6 +54,9 @@ class MetaGradConfig:
     init: str = "uniform"
     val_fraction: float = 0.2
     val_max_per_group: int = 512
+    # Groups whose validation loss the objective averages (None: all). Name the groups you trust
+    # (e.g. curated demos) and the weights of the others are judged by what they do to those.
+    objective_groups: tuple[int, ...] | None = None
     checkpoint_every: int | None = None  # steps per recomputed segment (None: whole graph)
 
     def __post_init__(self):
@@ -133,8 +137,15 @@ def metagrad_rebalance(
     def per_group_val(p: Params) -> torch.Tensor:
         return torch.stack([bc_loss(p, o, a, spec) for o, a in val_sets])
 
+    if cfg.objective_groups is not None:
+        bad = [g for g in cfg.objective_groups if not 0 <= int(g) < G]
+        if not cfg.objective_groups or bad:
+            raise ValueError(f"MetaGradConfig.objective_groups must be a non-empty subset of 0..{G - 1}, "
+                             f"got {cfg.objective_groups}")
+    judged = torch.as_tensor(sorted({int(g) for g in cfg.objective_groups} if cfg.objective_groups else range(G)))
+
     def balanced_objective(p: Params) -> torch.Tensor:
-        return per_group_val(p).mean()
+        return per_group_val(p)[judged].mean()
 
     counts = np.array([len(m) for m in members], np.float64)
     alpha0 = np.full(G, 1.0 / G) if cfg.init == "uniform" else counts / counts.sum()

@@ -68,19 +68,31 @@ def sample_states(n: int, behaviour: int, rng: np.random.Generator) -> np.ndarra
     return (CENTERS[behaviour] + STATE_STD * rng.standard_normal((n, 2))).astype(np.float32)
 
 
-def make_toy2d(n_frequent: int = 2000, ratio: float = 10.0, seed: int = 0, episode_len: int = 20) -> Toy2D:
-    """``n_frequent`` frequent and ``n_frequent / ratio`` rare state-action pairs, in episodes."""
+def make_toy2d(n_frequent: int = 2000, ratio: float = 10.0, seed: int = 0, episode_len: int = 20,
+               n_corrupt: int = 0) -> Toy2D:
+    """``n_frequent`` frequent and ``n_frequent / ratio`` rare state-action pairs, in episodes.
+
+    ``n_corrupt`` > 0 adds that many *mislabelled* pairs (behaviour ``"corrupt"``): states of the
+    rare behaviour, actions of the frequent one, as a batch of bad teleoperation would give. Their
+    loss stays high whatever the weights, so loss-driven (DRO) and size-driven (frequency)
+    reweighting both feed them to the policy, at the rare behaviour's expense.
+    """
     if ratio < 1 or n_frequent < episode_len:
         raise ValueError(f"make_toy2d: need ratio >= 1 and n_frequent >= episode_len, got {ratio}, {n_frequent}")
     rng = np.random.default_rng(seed)
     n_eps = [n_frequent // episode_len, max(1, int(round(n_frequent / ratio / episode_len)))]
+    # (label, state region, action behaviour) per block of episodes
+    blocks = [(BEHAVIOURS[0], 0, 0, n_eps[0]), (BEHAVIOURS[1], 1, 1, n_eps[1])]
+    if n_corrupt > 0:
+        n_eps.append(max(1, int(round(n_corrupt / episode_len))))
+        blocks.append(("corrupt", 1, 0, n_eps[-1]))
     states, actions, labels = [], [], []
-    for b, ne in enumerate(n_eps):
-        s = sample_states(ne * episode_len, b, rng)
-        a = expert_action(s, b) + ACTION_NOISE * rng.standard_normal((len(s), 2))
+    for label, region, acts_as, ne in blocks:
+        s = sample_states(ne * episode_len, region, rng)
+        a = expert_action(s, acts_as) + ACTION_NOISE * rng.standard_normal((len(s), 2))
         states.append(s)
         actions.append(np.clip(a, -0.99, 0.99).astype(np.float32))
-        labels.append(np.full(len(s), BEHAVIOURS[b], dtype=object))
+        labels.append(np.full(len(s), label, dtype=object))
     n = sum(n_eps) * episode_len
     return Toy2D(
         state=np.concatenate(states),

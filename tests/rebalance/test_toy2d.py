@@ -16,7 +16,7 @@ import torch
 from distcur.policy.functional import PolicySpec
 from distcur.rebalance.dro import DROConfig, dro_rebalance, train_weighted_bc
 from distcur.rebalance.frequency import frequency_weights
-from distcur.rebalance.group import groups_from_labels
+from distcur.rebalance.group import alpha_to_sample_weights, groups_from_labels
 from distcur.rebalance.metagrad import MetaGradConfig, metagrad_rebalance
 from distcur.rebalance.toy2d import action_errors, bayes_errors, make_toy2d
 
@@ -91,3 +91,31 @@ def test_metagrad_discovers_the_rebalancing_from_the_data_shares(toy, uniform_er
     assert bayes_errors(res.alpha)["rare"] < RARE_RECOVERED
     err = action_errors(res.params, SPEC)
     assert err["rare"] < RARE_RECOVERED and err["rare"] < 0.6 * uniform_errors["rare"], (err, uniform_errors)
+
+
+def test_with_mislabelled_demos_metagrad_on_trusted_groups_beats_frequency_and_dro():
+    # A third group as large as the rare one: rare states, frequent actions (bad teleoperation).
+    # Frequency gives it a third of the data and DRO more (its loss stays high), both at the rare
+    # behaviour's expense; the meta-gradient, judging weights by the trusted groups' validation
+    # loss, starves it. The measured criterion: the weight it gets and the rare behaviour's error.
+    data = make_toy2d(n_frequent=1000, ratio=10.0, seed=0, n_corrupt=100)
+    groups = groups_from_labels(data.behaviour)
+    assert groups.names == ["corrupt", "frequent", "rare"]
+    trusted = (1, 2)
+    dro = dro_rebalance(data.state, data.action, groups.group, groups.k, SPEC,
+                        DROConfig(steps=200, reference_steps=200, batch_size=BATCH, lr=LR), seed=0)
+    cfg = MetaGradConfig(init="uniform", outer_steps=8, inner_steps=10, warmup_steps=200, lr=LR, meta_lr=1.0,
+                         objective_groups=trusted)
+    mg = metagrad_rebalance(data.state, data.action, groups.group, groups.k, SPEC, cfg, seed=0, episode=data.episode)
+    assert mg.alpha[0] < 0.15 and mg.alpha[0] < 0.6 * dro.alpha[0], (mg.alpha, dro.alpha)
+    errs = {}
+    for name, w in (("frequency", frequency_weights(groups.group, groups.k)),
+                    ("dro", alpha_to_sample_weights(groups.group, dro.alpha)),
+                    ("metagrad", alpha_to_sample_weights(groups.group, mg.alpha))):
+        params = train_weighted_bc(data.state, data.action, w, SPEC, STEPS, BATCH, LR, seed=0)
+        errs[name] = action_errors(params, SPEC)
+    balanced = {k: (e["rare"] + e["frequent"]) / 2 for k, e in errs.items()}
+    assert balanced["metagrad"] < 0.85 * min(balanced["frequency"], balanced["dro"]), errs
+    with pytest.raises(ValueError, match="objective_groups"):
+        metagrad_rebalance(data.state, data.action, groups.group, groups.k, SPEC,
+                           MetaGradConfig(outer_steps=1, inner_steps=2, objective_groups=(5,)))
