@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--embeddings", default=None, help="k-means on embeddings/<ENCODER> instead of state-action")
     p.add_argument("--config", default=None, help="YAML with RebalanceConfig options (dro: / metagrad: nest)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--trusted", nargs="+", default=None, metavar="GROUP",
+                   help="metagrad: groups whose validation loss is the objective (default: all groups)")
     p.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
     p.set_defaults(func=run)
 
@@ -38,7 +40,8 @@ def run(args) -> int:
     from distcur.rebalance.pipeline import RebalanceConfig, run_rebalance
 
     cfg = load_config(RebalanceConfig, args.config, method=args.method, groups=args.groups, k=args.k,
-                      sources=args.sources, embeddings=args.embeddings, seed=args.seed)
+                      sources=args.sources, embeddings=args.embeddings, seed=args.seed,
+                      trusted=args.trusted)
     manifest = run_rebalance(args.store, run=args.run, config=cfg, force=args.force)
     meta = manifest.metadata
     print(json.dumps({k: meta.get(k) for k in ("method", "grouping", "k", "groups", "group_counts", "alpha",

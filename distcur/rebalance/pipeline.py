@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,9 @@ class RebalanceConfig:
     seed: int = 0
     dro: DROConfig = field(default_factory=DROConfig)
     metagrad: MetaGradConfig = field(default_factory=MetaGradConfig)
+    # metagrad: names of the groups (tasks / sources) whose validation loss is the objective,
+    # e.g. the curated ones when others may hold bad demos; None: every group.
+    trusted: list[str] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +69,10 @@ class RebalanceConfig:
             raise ValueError(f"RebalanceConfig.k must be >= 2 (or None to choose it), got {self.k}")
         if self.groups != "kmeans" and (self.k is not None or self.embeddings is not None):
             raise ValueError(f"RebalanceConfig: k and embeddings apply to groups=kmeans only, got groups={self.groups!r}")
+        if self.trusted is not None and (self.method != "metagrad" or self.groups == "kmeans" or not self.trusted):
+            raise ValueError("RebalanceConfig.trusted: a non-empty list of group names, for method=metagrad with "
+                             f"task or source groups; got trusted={self.trusted}, method={self.method!r}, "
+                             f"groups={self.groups!r}")
         self.k_range = tuple(int(v) for v in self.k_range)
         self.hidden = tuple(int(h) for h in self.hidden)
 
@@ -142,8 +149,13 @@ def compute_alpha(cfg: RebalanceConfig, steps, groups: GroupAssignment) -> tuple
             "mean_excess": res.excess.mean(0).round(6).tolist(),
             "reference_loss": np.round(res.reference_loss, 6).tolist(),
         }
-    res = metagrad_rebalance(obs, act, groups.group, G, spec, cfg.metagrad, seed=cfg.seed,
-                             episode=steps.episode_ids())
+    mg = cfg.metagrad
+    if cfg.trusted:
+        unknown = [t for t in cfg.trusted if t not in groups.names]
+        if unknown:
+            raise ValueError(f"rebalance: trusted group(s) {unknown} are not among the groups {groups.names}")
+        mg = replace(mg, objective_groups=tuple(groups.names.index(t) for t in cfg.trusted))
+    res = metagrad_rebalance(obs, act, groups.group, G, spec, mg, seed=cfg.seed, episode=steps.episode_ids())
     return res.alpha, {
         "alpha_trajectory": res.history.round(6).tolist(),
         "balanced_val_loss": np.round(res.objective, 6).tolist(),

@@ -185,3 +185,18 @@ def test_run_rebalance_dro_and_metagrad_with_kmeans_groups(toy_store, toy, tmp_p
                      "--groups", "source"]) == 2  # one source = one group: a clear error, exit 2
     with pytest.raises(ValueError, match="groups=kmeans only"):
         RebalanceConfig(groups="task", k=3)  # never ignore an option silently
+
+
+def test_metagrad_objective_on_trusted_groups_by_name(toy_store, toy):
+    small = MetaGradConfig(outer_steps=2, inner_steps=3, warmup_steps=10, batch_size=64)
+    cfg = RebalanceConfig(method="metagrad", groups="task", hidden=(16, 16), metagrad=small, trusted=["rare"])
+    m = run_rebalance(toy_store, "metagrad", run="toy-trusted", config=cfg)
+    assert m.metadata["groups"] == ["frequent", "rare"] and len(m.metadata["balanced_val_loss"]) == 2
+    # The objective differs from the all-groups one, so the weights do too.
+    all_groups = run_rebalance(toy_store, "metagrad", run="toy-all",
+                               config=RebalanceConfig(method="metagrad", hidden=(16, 16), metagrad=small))
+    assert m.metadata["alpha"] != all_groups.metadata["alpha"]
+    with pytest.raises(ValueError, match=r"trusted group\(s\) \['pick'\] are not among the groups"):
+        run_rebalance(toy_store, "metagrad", run="bad", config=RebalanceConfig(method="metagrad", trusted=["pick"]))
+    with pytest.raises(ValueError, match="RebalanceConfig.trusted"):
+        RebalanceConfig(method="dro", trusted=["rare"])
