@@ -77,7 +77,7 @@ class DatamodelConfig:
     cluster: str = "episode"
     horizon: int = DEFAULT_HORIZON
     # The subset model: small, so that many train at once; 128 wide, because at 64 the batched GEMMs
-    # are too small to run efficiently (gemm_fraction 0.44 vs 0.60 on the development machine).
+    # are too small to run efficiently (gemm_fraction 0.44 vs 0.60 measured in one run, under load).
     hidden: tuple[int, ...] = (128, 128)
     lr: float = 1e-3
     batch_size: int = 256

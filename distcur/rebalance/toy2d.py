@@ -80,12 +80,12 @@ def make_toy2d(n_frequent: int = 2000, ratio: float = 10.0, seed: int = 0, episo
     if ratio < 1 or n_frequent < episode_len:
         raise ValueError(f"make_toy2d: need ratio >= 1 and n_frequent >= episode_len, got {ratio}, {n_frequent}")
     rng = np.random.default_rng(seed)
-    n_eps = [n_frequent // episode_len, max(1, int(round(n_frequent / ratio / episode_len)))]
-    # (label, state region, action behaviour) per block of episodes
-    blocks = [(BEHAVIOURS[0], 0, 0, n_eps[0]), (BEHAVIOURS[1], 1, 1, n_eps[1])]
+    # (label, state region, action behaviour, episodes) per block
+    blocks = [(BEHAVIOURS[0], 0, 0, n_frequent // episode_len),
+              (BEHAVIOURS[1], 1, 1, max(1, int(round(n_frequent / ratio / episode_len))))]
     if n_corrupt > 0:
-        n_eps.append(max(1, int(round(n_corrupt / episode_len))))
-        blocks.append(("corrupt", 1, 0, n_eps[-1]))
+        blocks.append(("corrupt", 1, 0, max(1, int(round(n_corrupt / episode_len)))))
+    n_episodes = sum(ne for *_, ne in blocks)
     states, actions, labels = [], [], []
     for label, region, acts_as, ne in blocks:
         s = sample_states(ne * episode_len, region, rng)
@@ -93,12 +93,12 @@ def make_toy2d(n_frequent: int = 2000, ratio: float = 10.0, seed: int = 0, episo
         states.append(s)
         actions.append(np.clip(a, -0.99, 0.99).astype(np.float32))
         labels.append(np.full(len(s), label, dtype=object))
-    n = sum(n_eps) * episode_len
+    n = n_episodes * episode_len
     return Toy2D(
         state=np.concatenate(states),
         action=np.concatenate(actions),
         behaviour=np.concatenate(labels),
-        episode=np.repeat(np.arange(sum(n_eps), dtype=np.int64), episode_len),
+        episode=np.repeat(np.arange(n_episodes, dtype=np.int64), episode_len),
         step=np.tile(np.arange(episode_len, dtype=np.int32), n // episode_len),
     )
 

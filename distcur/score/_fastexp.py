@@ -1,13 +1,14 @@
 """Fused, vectorised ``sum_j 2^(e_ij + c_j - s_i)`` over a float32 block: the KDE's only non-GEMM work.
 
 ``torch.exp_`` followed by ``torch.sum`` makes two passes over each block of exponents and uses a
-10-ulp exp; on the development machine (AVX2, Zen 1) that was 55% of the log-KDE's time at d = 16.
+10-ulp exp; on the development machine (AVX2, Zen 1) the two took more time than the GEMM at
+d = 16 (measured per 256 x 1024 block: exp 2.2 ns + sum 0.14 ns per pair vs GEMM 2.0 ns).
 This kernel reads the block once. The caller folds log2(e) into the GEMM operands, so exponents
 arrive in base 2 and the range reduction is exact: ``2^x = 2^n * 2^f`` with ``n = round(x)`` and
 ``f = x - n`` in [-1/2, 1/2] (both exact in float32), ``2^n`` built from its exponent bits and
-``2^f`` a degree-4 polynomial fitted for relative error (max 5.3e-6: below the float32 rounding
-of the GEMM that produced the exponents, ~1e-5 at d = 16, and the caller's float64 fallback
-threshold of 1e-4). LLVM vectorises the loop (``fastmath`` permits the reassociated reduction);
+``2^f`` a degree-4 polynomial fitted for relative error (max 5.3e-6 over the interval: below the
+error bound of the float32 GEMM that produced the exponents, which the caller keeps under 1e-4
+or recomputes the row in float64). LLVM vectorises the loop (``fastmath`` permits the reassociated reduction);
 the kernel releases the GIL, so one Python thread per core runs GEMM + kernel on its own blocks.
 
 Exponents are clamped to [-126, 126] first: terms below 2^-126 relative to the row's shift flush

@@ -31,7 +31,7 @@ import torch
 from distcur.score._fastexp import OVERFLOW, exp2_row_sums
 
 # One block of exponents, block_queries x block_refs float32 per worker thread (1 MiB: L2/L3-resident
-# on the development machine; 512 x 512 measured 10-15% faster than 256 x 1024 or 64 x 2048 at d = 16).
+# on the development machine; at d = 16, 2 threads, 512 x 512 measured 15% faster than 256 x 1024, 37% than 64 x 2048).
 BLOCK_QUERIES = 512
 BLOCK_REFS = 512
 # Rows whose float32 exponent error bound, 2 u (|q| + max|r|)^2 / (2 h^2), exceeds this (log units)
@@ -198,6 +198,7 @@ def _log_kde_partial_sums(queries: np.ndarray, refs: np.ndarray, h: float, block
     imprecise = (2 * 6e-8 * (q_norm + r_norm_max) ** 2 / (2 * h * h) > _MAX_LOG_ERROR).numpy()
     ref_blocks = [(rc[j : j + block_refs].T.contiguous(), r_term[j : j + block_refs]) for j in range(0, m, block_refs)]
     log_sums = np.zeros(n)  # ln sum_j 2^(exponent_ij - shift_i), >= 0
+    shifts = np.zeros(n, dtype=np.float32)  # shift_i, base 2
 
     def run(starts: list[int]) -> None:
         buf = torch.empty(min(block_queries, n), min(block_refs, m))
@@ -217,7 +218,6 @@ def _log_kde_partial_sums(queries: np.ndarray, refs: np.ndarray, h: float, block
             log_sums[i : i + b] = np.log(tot)
             shifts[i : i + b] = shift
 
-    shifts = np.zeros(n, dtype=np.float32)
     starts = list(range(0, n, block_queries))
     if threads == 1:
         run(starts)
