@@ -41,6 +41,11 @@ def heldout_source(task: str) -> str:
     return f"{target_source(task)}-heldout"
 
 
+# BENCHMARKS.md §1's policy and rollout horizon (DataMIL's MetaWorld setting); ``full()`` adds
+# the paper-size prior and datamodel, ``distcur demo --protocol-policy`` uses them on the demo prior.
+PROTOCOL_POLICY: dict[str, Any] = {"hidden": (400, 400, 400), "train_steps": 4000, "max_steps": 500}
+
+
 @dataclass
 class DemoConfig:
     """The demo's settings; the defaults fit in 10 minutes on 2 cores, ``full()`` is paper size."""
@@ -85,7 +90,7 @@ class DemoConfig:
         """The reference size of BENCHMARKS.md §1 (hours on 2 cores; meant for a cluster)."""
         from distcur.commands.datamodel import FULL_PRESET
 
-        base = dict(seeds=(0, 1, 2), episodes=50, max_steps=500, train_steps=4000, hidden=(400, 400, 400),
+        base = dict(seeds=(0, 1, 2), episodes=50, **PROTOCOL_POLICY,
                     prior={"success_per_task": 50, "failed_per_task": 50}, datamodel=dict(FULL_PRESET))
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

@@ -14,6 +14,12 @@ def register(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--episodes", type=int, default=None, help="rollouts per (method, seed)")
     p.add_argument("--full", action="store_true", help="paper-size run (hours on 2 cores)")
+    p.add_argument("--protocol-policy", action="store_true",
+                   help="train and evaluate with BENCHMARKS.md §1's policy (MLP 3 x 400, 4000 steps, 500-step "
+                        "rollouts) on the demo's prior")
+    p.add_argument("--hidden", nargs="+", type=int, default=None, help="policy MLP widths")
+    p.add_argument("--train-steps", type=int, default=None, help="policy training steps")
+    p.add_argument("--max-steps", type=int, default=None, help="rollout horizon")
     p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="merge the results into this quality_metaworld.json (BENCHMARKS.md §1)")
@@ -22,7 +28,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from distcur.pipeline import DemoConfig, merge_quality_json, protocol_of, quality_records, run_demo
+    from distcur.pipeline import (
+        PROTOCOL_POLICY,
+        DemoConfig,
+        merge_quality_json,
+        protocol_of,
+        quality_records,
+        run_demo,
+    )
     from distcur.report import format_table, success_summary, write_report
     from distcur.store import Store
 
@@ -30,6 +43,11 @@ def run(args) -> int:
     overrides = {"target": args.target, "store": args.store, "run": args.run, "address": args.address,
                  "methods": tuple(args.methods) if args.methods else None,
                  "seeds": tuple(args.seeds) if args.seeds else None, "episodes": args.episodes}
+    if args.protocol_policy:
+        overrides.update(PROTOCOL_POLICY)
+    explicit = {"hidden": tuple(args.hidden) if args.hidden else None, "train_steps": args.train_steps,
+                "max_steps": args.max_steps}
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
     table = run_demo(cfg)
