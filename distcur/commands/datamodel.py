@@ -30,7 +30,7 @@ from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
 from distcur.config import DEFAULT_STORE, load_config, to_dict
 from distcur.data import load_steps, scores_key, steps_key, target_source
 from distcur.datamodels.metagrad import MetagradRunConfig, datamil_metagrad_scores
-from distcur.datamodels.proxy import make_proxy_fn, split_target
+from distcur.datamodels.proxy import PROXIES, check_proxy, make_proxy_fn, split_target
 from distcur.datamodels.regression import PENALTIES, fit_linear_datamodel, linear_datamodeling_score
 from distcur.datamodels.subsets import SubsetTrainingData, masks_table, subset_masks
 from distcur.policy.functional import AdamConfig, Normalizer, PolicySpec
@@ -82,6 +82,7 @@ class DatamodelConfig:
     lr: float = 1e-3
     batch_size: int = 256
     target_fraction: float = 0.25  # share of each batch drawn from the injected target half
+    proxy: str = "nll"  # nll | mse (distcur.datamodels.proxy)
     seed: int = 0
     regression: RegressionSettings = field(default_factory=RegressionSettings)
     metagrad: MetagradSettings = field(default_factory=MetagradSettings)
@@ -95,6 +96,7 @@ class DatamodelConfig:
             raise ValueError(f"cluster must be one of {CLUSTER_LEVELS}, got {self.cluster!r}")
         if not 0 <= self.target_fraction < 1:
             raise ValueError(f"target_fraction must be in [0, 1), got {self.target_fraction}")
+        check_proxy(self.proxy)
 
 
 # Paper size (DataMIL's MetaWorld settings): 3 x 400 policy, K = 100 of T = 1100, 50 iterations.
@@ -165,7 +167,7 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, data: SubsetTraini
                       config={"n_clusters": c, "keep_prob": r.keep_prob, "seed": cfg.seed, "models": m + h},
                       inputs=inputs)
     settings = SubsetTrainSettings(spec, AdamConfig(lr=cfg.lr), r.steps, cfg.batch_size, cfg.target_fraction,
-                                   cfg.seed, shared_init=r.common_random_numbers)
+                                   cfg.seed, shared_init=r.common_random_numbers, proxy=cfg.proxy)
     results, stats = run_subset_batches(store, run, models, masks, data, settings, r.models_per_batch, inputs,
                                         cfg.address, cfg.max_retries, fault_marker)
     store.write_table(f"datamodels/{run}/results", results, stage="datamodel-results",
@@ -184,7 +186,7 @@ def _metagrad(cfg: DatamodelConfig, data: SubsetTrainingData, spec: PolicySpec) 
     mg = cfg.metagrad
     run_cfg = MetagradRunConfig(mg.total_steps, mg.meta_steps, mg.iterations, mg.candidate_fraction,
                                 cfg.batch_size, cfg.target_fraction, mg.checkpoint_every, cfg.seed)
-    proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act))
+    proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), cfg.proxy)
     grads, counts = datamil_metagrad_scores(
         spec, AdamConfig(lr=cfg.lr), torch.as_tensor(data.obs), torch.as_tensor(data.act),
         torch.as_tensor(data.group), data.n_clusters, proxy_fn, run_cfg,
@@ -239,6 +241,8 @@ def register(subparsers) -> None:
     p.add_argument("--run", default=None, help="run name (default: datamodel-<estimator>-<target>)")
     p.add_argument("--cluster", choices=CLUSTER_LEVELS, default=None)
     p.add_argument("--horizon", type=int, default=None, help="steps per sub-trajectory cluster")
+    p.add_argument("--proxy", choices=PROXIES, default=None,
+                   help="proxy loss on the held-out target half: nll (BC loss) or mse (executed action's error)")
     p.add_argument("--config", default=None, help="YAML with DatamodelConfig options")
     p.add_argument("--full", action="store_true", help="paper-size preset (3x400 policy, K=100 of T=1100, ...)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -247,7 +251,7 @@ def register(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     cfg = make_config(args.config, args.full, cluster=args.cluster, horizon=args.horizon, address=args.address,
-                      estimator=args.estimator)
+                      estimator=args.estimator, proxy=args.proxy)
     run = args.run or f"datamodel-{args.estimator}-{args.target}"
     m = run_datamodel(args.store, args.estimator, args.target, run, cfg)
     print(f"scores/{run}: {m.rows} steps, {m.metadata.get('clusters')} clusters"

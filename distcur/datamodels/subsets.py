@@ -82,11 +82,13 @@ def train_subset_models(
     batch_size: int,
     target_fraction: float,
     batch_seed: int,
+    proxy: str = "nll",
 ) -> np.ndarray:
     """Train one stacked policy per mask (k, C) at once and return each one's proxy loss, (k,).
 
     Model j starts from ``init_params(spec, seed=init_seeds[j])``; all k share the minibatch
-    sequence drawn from ``batch_seed`` (the per-model masks weight the rows)."""
+    sequence drawn from ``batch_seed`` (the per-model masks weight the rows). ``proxy``: see
+    :mod:`distcur.datamodels.proxy`."""
     if masks.shape != (len(init_seeds), data.n_clusters):
         raise ValueError(f"train_subset_models: masks {masks.shape} do not match {len(init_seeds)} models x "
                          f"{data.n_clusters} clusters")
@@ -96,5 +98,5 @@ def train_subset_models(
     params, state = init_ensemble(spec, [int(s) for s in init_seeds])
     batches = sample_batches(data.group, steps, batch_size, target_fraction, batch_seed)
     params, _, _ = train_ensemble(params, state, spec, adam, obs, act, group, torch.as_tensor(masks), batches)
-    losses = ensemble_loss(params, spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act))
+    losses = ensemble_loss(params, spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), proxy)
     return losses.double().numpy()

@@ -49,6 +49,7 @@ class SubsetTrainSettings:
     target_fraction: float
     seed: int
     shared_init: bool = True  # every model starts from the same init and sees the same minibatch rows
+    proxy: str = "nll"  # distcur.datamodels.proxy.PROXIES
 
     def as_dict(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class SubsetTrainSettings:
             "target_fraction": self.target_fraction,
             "seed": self.seed,
             "shared_init": self.shared_init,
+            "proxy": self.proxy,
         }
 
 
@@ -108,7 +110,7 @@ def train_and_store_batch(store: Store, run: str, batch: int, models: np.ndarray
     batch_seed = settings.seed if settings.shared_init else settings.seed * 1_000_003 + batch
     init_seeds = np.full(len(models), settings.seed) if settings.shared_init else np.asarray(models) + settings.seed
     proxy = train_subset_models(data, masks, init_seeds, settings.spec, settings.adam, settings.steps,
-                                settings.batch_size, settings.target_fraction, batch_seed)
+                                settings.batch_size, settings.target_fraction, batch_seed, settings.proxy)
     table = pa.Table.from_pydict({"model": np.asarray(models, np.int64), "proxy": proxy}, schema=RESULT_SCHEMA)
     store.write_table(batch_key(run, batch), table, stage=BATCH_STAGE,
                       config=_batch_config(batch, models, masks, settings), inputs=inputs)

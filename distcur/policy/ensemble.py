@@ -207,9 +207,11 @@ def train_single(
     return params, opt_state, torch.stack(losses) if losses else torch.zeros(0)
 
 
-def ensemble_loss(params: Params, spec: PolicySpec, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """Mean BC loss of each stacked model on the same (obs, act), (k,)."""
-    from distcur.policy.functional import bc_loss
+def ensemble_loss(params: Params, spec: PolicySpec, obs: torch.Tensor, act: torch.Tensor,
+                  proxy: str = "nll") -> torch.Tensor:
+    """Each stacked model's proxy loss on the same (obs, act), (k,): the mean BC loss (``nll``)
+    or the executed action's squared error (``mse``), as :func:`distcur.datamodels.proxy.proxy_loss`."""
+    from distcur.datamodels.proxy import proxy_loss
 
     with torch.no_grad():
-        return torch.func.vmap(lambda p: bc_loss(p, obs, act, spec), in_dims=(0,))(params)
+        return torch.func.vmap(lambda p: proxy_loss(p, spec, obs, act, proxy), in_dims=(0,))(params)

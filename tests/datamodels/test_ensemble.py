@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from distcur.datamodels.proxy import proxy_loss
 from distcur.datamodels.subsets import SubsetTrainingData, train_subset_models
 from distcur.policy.ensemble import (
     batch_weights,
@@ -54,6 +55,7 @@ def test_vectorised_training_equals_each_model_alone():
     stacked, _, losses = train_ensemble(params, state, SPEC, ADAM, obs, act, group, masks, batches)
     assert losses.shape == (steps, k)
     proxy = ensemble_loss(stacked, SPEC, obs[:50], act[:50])
+    proxy_mse = ensemble_loss(stacked, SPEC, obs[:50], act[:50], "mse")
     for i, p_vec in enumerate(unstack_params(stacked)):
         p0 = init_params(SPEC, seeds[i])
         alone, _, loss_alone = train_single(p0, adam_init(p0), SPEC, ADAM, obs, act, group, masks[i], batches)
@@ -61,6 +63,7 @@ def test_vectorised_training_equals_each_model_alone():
             torch.testing.assert_close(p_vec[name], alone[name], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(losses[:, i], loss_alone, rtol=1e-4, atol=1e-5)
         assert float(proxy[i]) == pytest.approx(float(bc_loss(alone, obs[:50], act[:50], SPEC)), rel=1e-4)
+        assert float(proxy_mse[i]) == pytest.approx(float(proxy_loss(alone, SPEC, obs[:50], act[:50], "mse")), rel=1e-4)
     # Models with different masks end up different: the masks really select data.
     assert not torch.allclose(stacked["h0.w"][1], stacked["h0.w"][3])
 

@@ -14,7 +14,14 @@ from distcur.datamodels.metagrad import (
     weight_meta_gradient,
 )
 from distcur.datamodels.proxy import make_proxy_fn
-from distcur.policy.functional import AdamConfig, PolicySpec, adam_init, init_params, make_train_step
+from distcur.policy.functional import (
+    AdamConfig,
+    PolicySpec,
+    adam_init,
+    init_params,
+    make_train_step,
+    policy_forward,
+)
 
 DT = torch.float64
 SPEC = PolicySpec(5, 2, (8, 8))
@@ -22,7 +29,7 @@ ADAM = AdamConfig(lr=1e-2)
 G = 4
 
 
-def _problem(k_steps: int = 6, batch: int = 16, seed: int = 0):
+def _problem(k_steps: int = 6, batch: int = 16, seed: int = 0, proxy_kind: str = "nll"):
     g = torch.Generator().manual_seed(seed)
 
     def draw(n):
@@ -30,7 +37,7 @@ def _problem(k_steps: int = 6, batch: int = 16, seed: int = 0):
 
     batches = [(*draw(batch), torch.randint(-1, G, (batch,), generator=g)) for _ in range(k_steps)]
     proxy_obs, proxy_act = draw(32)
-    proxy = make_proxy_fn(SPEC, proxy_obs, proxy_act)
+    proxy = make_proxy_fn(SPEC, proxy_obs, proxy_act, proxy_kind)
     # Warm Adam state (as after DataMIL's T - K forward steps): second moments are positive.
     params, opt = init_params(SPEC, 0, DT), None
     opt = adam_init(params)
@@ -41,8 +48,9 @@ def _problem(k_steps: int = 6, batch: int = 16, seed: int = 0):
     return params, opt, batches, proxy
 
 
-def test_meta_gradient_matches_central_finite_differences():
-    params, opt, batches, proxy = _problem()
+@pytest.mark.parametrize("proxy_kind", ["nll", "mse"])
+def test_meta_gradient_matches_central_finite_differences(proxy_kind):
+    params, opt, batches, proxy = _problem(proxy_kind=proxy_kind)
     w = torch.tensor([1.0, 0.5, 0.0, 1.2], dtype=DT)
     value, dw, final = weight_meta_gradient(params, opt, SPEC, ADAM, batches, w, proxy)
     assert dw.shape == (G,) and np.isfinite(value)
@@ -135,3 +143,18 @@ def test_datamil_scores_rank_helpful_clusters_first():
     assert np.median(grads[good]) < 0 < np.median(grads[~good])
     auc = np.mean(grads[good][:, None] < grads[~good][None, :])  # P(good ranks above bad)
     assert auc >= 0.75, (grads[good], grads[~good])
+
+
+def test_mse_proxy_is_the_executed_actions_squared_error():
+    params = init_params(SPEC, 1, DT)
+    g = torch.Generator().manual_seed(2)
+    obs, act = torch.randn(20, 5, generator=g, dtype=DT), torch.tanh(torch.randn(20, 2, generator=g, dtype=DT))
+    mean, _ = policy_forward(params, obs, SPEC)
+    want = ((torch.tanh(mean) - act) ** 2).sum(-1).mean()
+    assert float(make_proxy_fn(SPEC, obs, act, "mse")(params)) == pytest.approx(float(want), rel=1e-12)
+    # Blind to the predicted std: the NLL moves with the log-std head, the executed-action error does not.
+    wide = {**params, "log_std.b": params["log_std.b"] + 1.0}
+    assert float(make_proxy_fn(SPEC, obs, act, "mse")(wide)) == pytest.approx(float(want), rel=1e-12)
+    assert float(make_proxy_fn(SPEC, obs, act, "nll")(wide)) != pytest.approx(float(make_proxy_fn(SPEC, obs, act)(params)))
+    with pytest.raises(ValueError, match="proxy must be one of"):
+        make_proxy_fn(SPEC, obs, act, "l1")
