@@ -212,9 +212,45 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
+def job_key(run: str, method: str, seed: int) -> str:
+    """Where one (method, seed) policy's result row is committed as soon as it is evaluated."""
+    return f"{eval_key(run)}/jobs/{method}/seed={seed}"
+
+
+def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[str, str | None, int]]) -> list[dict]:
+    """Every job's row, training only the jobs without a committed row made from the same policy,
+    rollout and selection settings: a run stopped after hours loses only the jobs in flight, and
+    adding seeds or methods trains only those."""
+    from distcur.distributed.pipeline import run_policy_jobs
+
+    shared = {k: v for k, v in to_dict(cfg).items() if k not in ("store", "address", "methods", "seeds")}
+    target = steps_key(target_source(cfg.target))
+    heldout = steps_key(heldout_source(cfg.target))
+
+    def spec(job):
+        method, run, seed = job
+        inputs = {"target": store.input_fingerprint(target), "heldout": store.input_fingerprint(heldout)}
+        if run:
+            inputs["selection"] = store.input_fingerprint(selection_key(run))
+        return job_key(cfg.run, method, seed), {**shared, "method": method, "seed": seed}, inputs
+
+    specs = {job: spec(job) for job in jobs}
+    done = {job: store.read_table(s[0]).to_pylist()[0] for job, s in specs.items() if store.is_done(s[0], "demo-job", *s[1:])}
+    todo = [job for job in jobs if job not in done]
+    if done:
+        log.info("train/evaluate: %d of %d (method, seed) jobs already committed, training %d", len(done), len(jobs),
+                 len(todo))
+
+    def commit(job, row):
+        key, config, inputs = specs[job]
+        store.write_table(key, pa.Table.from_pylist([row]), "demo-job", config, inputs)
+
+    fresh = dict(zip(todo, run_policy_jobs(store.uri, cfg, todo, on_result=commit), strict=True)) if todo else {}
+    return [done[job] if job in done else fresh[job] for job in jobs]
+
+
 def run_demo(cfg: DemoConfig) -> pa.Table:
     """Run every stage; returns (and commits at ``evals/<run>``) one row per (method, seed)."""
-    from distcur.distributed.pipeline import run_policy_jobs
     from distcur.distributed.session import ensure_ray
 
     t_start = time.time()
@@ -243,7 +279,7 @@ def run_demo(cfg: DemoConfig) -> pa.Table:
         table = store.read_table(key)
     else:
         t0 = time.time()
-        rows = run_policy_jobs(store.uri, cfg, jobs)
+        rows = _train_evaluate_resumable(store, cfg, jobs)
         timings["train_evaluate"] = time.time() - t0
         for r in rows:
             r["selected_fraction"] = r["selected_steps"] / prior_steps if prior_steps else 0.0

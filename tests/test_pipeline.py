@@ -1,10 +1,12 @@
 """``distcur demo`` end to end at toy size: every stage for real (MetaWorld, Ray, VAE, KDE,
 datamodels, co-training, rollouts), checked for what it must produce, and resumed for free."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from distcur.pipeline import DemoConfig, run_demo
+from distcur.pipeline import DemoConfig, job_key, run_demo
 from distcur.report import build_report, success_summary
 from distcur.store import Store
 
@@ -51,3 +53,19 @@ def test_report_has_every_section(demo_run):
     for heading in ("Success", "Scores", "Selections"):
         assert f"<h2>{heading}</h2>" in page
     assert len(success_summary(table)) == len(cfg.methods)
+
+
+def test_added_seeds_train_only_the_new_jobs(demo_run):
+    """Each (method, seed) row is committed as it finishes: a rerun with more seeds (or after a
+    crash) reuses the committed rows (the same timings prove no retraining) and trains the rest.
+    Last in the module: it replaces the run's table with a two-method one."""
+    cfg, table = demo_run
+    more = dataclasses.replace(cfg, methods=("target_only", "sr"), seeds=(0, 1))
+    rows = {(r["method"], r["seed"]): r for r in run_demo(more).to_pylist()}
+    first = {(r["method"], r["seed"]): r for r in table.to_pylist()}
+    assert set(rows) == {(m, s) for m in ("target_only", "sr") for s in (0, 1)}
+    for m in ("target_only", "sr"):
+        assert rows[(m, 0)] == first[(m, 0)]
+        assert rows[(m, 1)]["train_s"] > 0
+    store = Store(cfg.store)
+    assert store.manifest(job_key(cfg.run, "sr", 1)).stage == "demo-job"
