@@ -224,17 +224,16 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
     from distcur.distributed.pipeline import run_policy_jobs
 
     shared = {k: v for k, v in to_dict(cfg).items() if k not in ("store", "address", "methods", "seeds")}
-    target = steps_key(target_source(cfg.target))
-    heldout = steps_key(heldout_source(cfg.target))
+    data_inputs = {"target": store.input_fingerprint(steps_key(target_source(cfg.target))),
+                   "heldout": store.input_fingerprint(steps_key(heldout_source(cfg.target)))}
+    selection_inputs = {run: store.input_fingerprint(selection_key(run)) for _, run, _ in jobs if run}
 
-    def spec(job):
+    def job_spec(job):
         method, run, seed = job
-        inputs = {"target": store.input_fingerprint(target), "heldout": store.input_fingerprint(heldout)}
-        if run:
-            inputs["selection"] = store.input_fingerprint(selection_key(run))
+        inputs = {**data_inputs, "selection": selection_inputs[run]} if run else data_inputs
         return job_key(cfg.run, method, seed), {**shared, "method": method, "seed": seed}, inputs
 
-    specs = {job: spec(job) for job in jobs}
+    specs = {job: job_spec(job) for job in jobs}
     done = {job: store.read_table(s[0]).to_pylist()[0] for job, s in specs.items() if store.is_done(s[0], "demo-job", *s[1:])}
     todo = [job for job in jobs if job not in done]
     if done:
@@ -329,4 +328,5 @@ def protocol_of(cfg: DemoConfig) -> dict:
                        "alpha": cfg.alpha}, "selection": {"top_percent": cfg.top_percent, "level": cfg.select_level},
             "evaluation": {"episodes": cfg.episodes, "max_steps": cfg.max_steps, "seeds": list(cfg.seeds),
                            "proxy": f"BC NLL on {cfg.heldout_demos} held-out expert demos"},
+            "datamodel": dict(cfg.datamodel),  # DatamodelConfig options given (defaults otherwise)
             "config_fingerprint": fingerprint(to_dict(cfg))}

@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--hidden", nargs="+", type=int, default=None, help="policy MLP widths")
     p.add_argument("--train-steps", type=int, default=None, help="policy training steps")
     p.add_argument("--max-steps", type=int, default=None, help="rollout horizon")
+    p.add_argument("--datamodel-proxy", choices=("nll", "mse"), default=None,
+                   help="the DataMIL methods' proxy loss (distcur.datamodels.proxy; default nll)")
     p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="merge the results into this quality_metaworld.json (BENCHMARKS.md §1)")
@@ -40,16 +42,16 @@ def run(args) -> int:
     from distcur.store import Store
 
     t0 = time.time()
-    overrides = {"target": args.target, "store": args.store, "run": args.run, "address": args.address,
-                 "methods": tuple(args.methods) if args.methods else None,
-                 "seeds": tuple(args.seeds) if args.seeds else None, "episodes": args.episodes}
-    if args.protocol_policy:
-        overrides.update(PROTOCOL_POLICY)
-    explicit = {"hidden": tuple(args.hidden) if args.hidden else None, "train_steps": args.train_steps,
-                "max_steps": args.max_steps}
-    overrides.update({k: v for k, v in explicit.items() if v is not None})
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    given = {"target": args.target, "store": args.store, "run": args.run, "address": args.address,
+             "methods": tuple(args.methods) if args.methods else None,
+             "seeds": tuple(args.seeds) if args.seeds else None, "episodes": args.episodes,
+             "hidden": tuple(args.hidden) if args.hidden else None, "train_steps": args.train_steps,
+             "max_steps": args.max_steps}
+    # Explicit options win over --protocol-policy's settings.
+    overrides = {**(PROTOCOL_POLICY if args.protocol_policy else {}), **{k: v for k, v in given.items() if v is not None}}
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
+    if args.datamodel_proxy:
+        cfg.datamodel = {**cfg.datamodel, "proxy": args.datamodel_proxy}
     table = run_demo(cfg)
     print()
     print(f"distcur demo: target {cfg.target}, {len(cfg.seeds)} seeds x {cfg.episodes} episodes, "

@@ -137,12 +137,11 @@ def metagrad_rebalance(
     def per_group_val(p: Params) -> torch.Tensor:
         return torch.stack([bc_loss(p, o, a, spec) for o, a in val_sets])
 
-    if cfg.objective_groups is not None:
-        bad = [g for g in cfg.objective_groups if not 0 <= int(g) < G]
-        if not cfg.objective_groups or bad:
-            raise ValueError(f"MetaGradConfig.objective_groups must be a non-empty subset of 0..{G - 1}, "
-                             f"got {cfg.objective_groups}")
-    judged = torch.as_tensor(sorted({int(g) for g in cfg.objective_groups} if cfg.objective_groups else range(G)))
+    judged = sorted({int(g) for g in cfg.objective_groups}) if cfg.objective_groups is not None else list(range(G))
+    if not judged or not 0 <= judged[0] <= judged[-1] < G:
+        raise ValueError(f"MetaGradConfig.objective_groups must be a non-empty subset of 0..{G - 1}, "
+                         f"got {cfg.objective_groups}")
+    judged = torch.as_tensor(judged)
 
     def balanced_objective(p: Params) -> torch.Tensor:
         return per_group_val(p)[judged].mean()
