@@ -8,7 +8,7 @@ import pytest
 from distcur.clusters import cluster_ids
 from distcur.data import StepArrays
 from distcur.datamodels.proxy import split_target
-from distcur.datamodels.regression import fit_linear_datamodel, linear_datamodeling_score
+from distcur.datamodels.regression import fit_linear_datamodel, linear_datamodeling_score, tau_reliability
 from distcur.datamodels.subsets import masks_from_table, masks_table, subset_mask, subset_masks
 
 
@@ -44,6 +44,26 @@ def test_lasso_is_sparse_and_lds_drops_on_noise():
     noise_fit = fit_linear_datamodel(masks, rng.normal(size=len(y)), penalty="ridge")
     fresh = subset_masks(range(500, 600), 40, 0.5, 0)
     assert abs(linear_datamodeling_score(noise_fit, fresh, 1.5 + fresh @ tau)) < 0.4
+
+
+def test_tau_reliability_grows_with_models_and_is_zero_on_noise():
+    rng = np.random.default_rng(3)
+    c = 60
+    tau = rng.normal(0, 0.05, c)  # many small effects, as episode clusters of a prior
+
+    def world(m):
+        masks = subset_masks(range(m), c, 0.5, 1)
+        return masks, masks @ tau + 0.2 * rng.normal(size=m)
+
+    few = tau_reliability(*world(48), penalty="ridge")
+    many = tau_reliability(*world(2000), penalty="ridge")
+    assert many["split_half_spearman"] > 0.8 and many["top_overlap"] >= 0.6
+    assert few["split_half_spearman"] < many["split_half_spearman"] - 0.3
+    masks, _ = world(400)
+    noise = tau_reliability(masks, rng.normal(size=400), penalty="ridge")
+    assert abs(noise["split_half_spearman"]) < 0.3
+    with pytest.raises(ValueError, match="at least 8 models"):
+        tau_reliability(masks[:6], np.zeros(6))
 
 
 def test_regression_input_errors():
