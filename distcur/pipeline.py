@@ -41,9 +41,15 @@ def heldout_source(task: str) -> str:
     return f"{target_source(task)}-heldout"
 
 
-# BENCHMARKS.md §1's policy and rollout horizon (DataMIL's MetaWorld setting); ``full()`` adds
-# the paper-size prior and datamodel, ``distcur demo --protocol-policy`` uses them on the demo prior.
-PROTOCOL_POLICY: dict[str, Any] = {"hidden": (400, 400, 400), "train_steps": 4000, "max_steps": 500}
+# The quick demo trains 256 subset models instead of the datamodel's default 1024 and runs 8
+# meta-gradient iterations instead of 32, so that ``make demo`` fits in 10 minutes; its scores are
+# noisier (the log gives the regression's split-half reliability).
+DEMO_DATAMODEL: dict[str, Any] = {"regression": {"num_models": 256, "heldout_models": 32}, "metagrad": {"iterations": 8}}
+# BENCHMARKS.md §1's policy and rollout horizon (DataMIL's MetaWorld setting), with the datamodel's
+# own defaults; ``full()`` adds the paper-size prior and datamodel, ``distcur demo --protocol-policy``
+# uses them on the demo prior.
+PROTOCOL_POLICY: dict[str, Any] = {"hidden": (400, 400, 400), "train_steps": 4000, "max_steps": 500,
+                                   "datamodel": {}}
 
 
 @dataclass
@@ -68,7 +74,7 @@ class DemoConfig:
     prior: dict[str, Any] = field(default_factory=lambda: {"success_per_task": 8, "failed_per_task": 8,
                                                            "failed_max_steps": 150, "max_steps": 300})
     vae: dict[str, Any] = field(default_factory=lambda: {"train_steps": 1500})  # VAEConfig options of the BR / STRAP / IWR embedding
-    datamodel: dict[str, Any] = field(default_factory=dict)  # DatamodelConfig options (see make_config)
+    datamodel: dict[str, Any] = field(default_factory=lambda: dict(DEMO_DATAMODEL))  # DatamodelConfig options
     address: str | None = None
 
     def __post_init__(self):
@@ -90,8 +96,8 @@ class DemoConfig:
         """The reference size of BENCHMARKS.md §1 (hours on 2 cores; meant for a cluster)."""
         from distcur.commands.datamodel import FULL_PRESET
 
-        base = dict(seeds=(0, 1, 2), episodes=50, **PROTOCOL_POLICY,
-                    prior={"success_per_task": 50, "failed_per_task": 50}, datamodel=dict(FULL_PRESET))
+        base = {"seeds": (0, 1, 2), "episodes": 50, **PROTOCOL_POLICY,
+                "prior": {"success_per_task": 50, "failed_per_task": 50}, "datamodel": dict(FULL_PRESET)}
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -320,6 +326,14 @@ def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str
     os.replace(tmp, path)
 
 
+def _datamodel_protocol(cfg: DemoConfig) -> dict:
+    """The DataMIL methods' resolved settings (defaults included), without the runtime fields."""
+    from distcur.commands.datamodel import make_config
+
+    d = to_dict(make_config(dict(cfg.datamodel)))
+    return {k: v for k, v in d.items() if k not in ("address", "max_retries", "estimator")}
+
+
 def protocol_of(cfg: DemoConfig) -> dict:
     prior = dataclasses.asdict(cfg.prior_config())
     return {"prior": {k: prior[k] for k in ("tasks", "success_per_task", "failed_per_task", "target_demos",
@@ -328,5 +342,5 @@ def protocol_of(cfg: DemoConfig) -> dict:
                        "alpha": cfg.alpha}, "selection": {"top_percent": cfg.top_percent, "level": cfg.select_level},
             "evaluation": {"episodes": cfg.episodes, "max_steps": cfg.max_steps, "seeds": list(cfg.seeds),
                            "proxy": f"BC NLL on {cfg.heldout_demos} held-out expert demos"},
-            "datamodel": dict(cfg.datamodel),  # DatamodelConfig options given (defaults otherwise)
+            "datamodel": _datamodel_protocol(cfg),
             "config_fingerprint": fingerprint(to_dict(cfg))}

@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--train-steps", type=int, default=None, help="policy training steps")
     p.add_argument("--max-steps", type=int, default=None, help="rollout horizon")
     p.add_argument("--datamodel-proxy", choices=("nll", "mse"), default=None,
-                   help="the DataMIL methods' proxy loss (distcur.datamodels.proxy; default nll)")
+                   help="the DataMIL methods' proxy loss (distcur.datamodels.proxy; default mse)")
     p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="merge the results into this quality_metaworld.json (BENCHMARKS.md §1)")
