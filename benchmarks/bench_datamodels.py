@@ -269,7 +269,10 @@ def lds_on_metaworld(store_uri: str | None, target: str) -> dict:
     m = run_datamodel(store, "regression", target, run, DatamodelConfig())
     return {"lds": m.metadata["lds"], "store": store_uri, "target": target, "clusters": m.metadata["clusters"],
             "penalty": m.metadata["penalty"], "wall_s": time.perf_counter() - t,
-            "proxy_std": m.metadata["proxy_std"]}
+            "proxy_std": m.metadata["proxy_std"], "proxy": DatamodelConfig().proxy,
+            "num_models": RegressionSettings().num_models,
+            "tau_split_half_spearman": m.metadata["tau_split_half_spearman"],
+            "tau_top10_overlap": m.metadata["tau_top10_overlap"]}
 
 
 def main() -> int:
