@@ -24,11 +24,16 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "quality_metaworld_dm_variants.json"
 
 
-def selection_makeup(store, run: str, method: str) -> dict:
-    """{"episodes": n, "successful": k, "by_task": {task: "successful/selected"}} of a selection."""
+def prior_episodes(store):
+    """Per prior episode: its task and whether it succeeded (the MetaWorld prior's steps, read once)."""
     steps = store.read_table("steps/source=metaworld", columns=["episode", "task", "success"]).to_pandas()
-    ep = steps.groupby("episode").agg(task=("task", "first"), succ=("success", "max"))
-    sel = store.read_table(f"selections/{run}-{method}").to_pandas()
+    return steps.groupby("episode").agg(task=("task", "first"), succ=("success", "max"))
+
+
+def selection_makeup(store, ep, run: str, method: str) -> dict:
+    """{"episodes": n, "successful": k, "by_task": {task: "successful/selected"}} of a selection;
+    ``ep`` from :func:`prior_episodes`."""
+    sel = store.read_table(f"selections/{run}-{method}", columns=["episode"]).to_pandas()
     e = ep.loc[sel.episode.unique()]
     by_task = e.groupby("task").succ.agg(lambda x: f"{int(x.sum())}/{len(x)}").to_dict()
     return {"episodes": int(len(e)), "successful": int(e.succ.sum()), "by_task": by_task}
@@ -70,7 +75,8 @@ def main() -> int:
                      episodes=50, **{**PROTOCOL_POLICY, "datamodel": datamodel})
     table = run_demo(cfg).to_pandas()
     store = Store(args.store)
-    makeup = {m: selection_makeup(store, run, m) for m in args.methods}
+    ep = prior_episodes(store)
+    makeup = {m: selection_makeup(store, ep, run, m) for m in args.methods}
     for m, info in makeup.items():
         print(m, info)
     print(table.groupby("method").success.agg(["mean", "sem"]))

@@ -52,7 +52,8 @@ METHOD_NAMES = {"regression": "datamodel-regression", "metagrad": "datamodel-met
 class RegressionSettings:
     # Subsets that fit tau. On the demo prior (184 episode clusters) 128 models gave an LDS of 0.63
     # yet tau that two disjoint halves of the models did not agree on (split-half Spearman 0.02, top-10%
-    # overlap at chance); with 1024 the halves of 512 agree at 0.48-0.53 (see tau_reliability).
+    # overlap at chance); with 1024 the halves of 512 agree at 0.46-0.62 on the three development
+    # targets (see tau_reliability).
     num_models: int = 1024
     heldout_models: int = 64  # fresh subsets for the LDS
     keep_prob: float = 0.5
@@ -208,14 +209,14 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, folds: list[Subset
     # Each fold's proxy is a different held-out half, on its own scale: standardise y per fold
     # with its training models' mean and std, so one tau explains both (the fold means are the
     # per-fold biases).
-    y = np.empty_like(y_raw)
-    fold_stats = []
-    for f in range(n_folds):
-        sel, train_sel = fold_of == f, (fold_of == f) & (models < m)
-        mu, sd = float(y_raw[train_sel].mean()), float(y_raw[train_sel].std())
-        sd = sd if sd > 0 else 1.0
-        y[sel] = (y_raw[sel] - mu) / sd if n_folds > 1 else y_raw[sel]
-        fold_stats.append({"proxy_mean": mu, "proxy_std": sd})
+    y, fold_stats = y_raw, []
+    if n_folds > 1:
+        y = np.empty_like(y_raw)
+        for f in range(n_folds):
+            train = y_raw[(fold_of == f) & (models < m)]
+            mu, sd = float(train.mean()), float(train.std()) or 1.0
+            y[fold_of == f] = (y_raw[fold_of == f] - mu) / sd
+            fold_stats.append({"proxy_mean": mu, "proxy_std": sd})
     store.write_table(f"datamodels/{run}/results", results, stage="datamodel-results",
                       config=settings.as_dict(), inputs=inputs, metadata=stats)
     fit = fit_linear_datamodel(masks[:m], y[:m], r.penalty, r.cv_folds, cfg.seed)
@@ -224,7 +225,7 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, folds: list[Subset
     meta = {"lds": lds, "tau_split_half_spearman": rel["split_half_spearman"], "tau_top10_overlap": rel["top_overlap"],
             "penalty": fit.penalty, "alpha": fit.alpha, "cv_mse": fit.cv_mse,
             "cv_mse_by_penalty": fit.cv_mse_by_penalty, "bias": fit.bias, "proxy_mean": float(y_raw.mean()),
-            "proxy_std": float(y_raw.std()), "folds": fold_stats, **stats}
+            "proxy_std": float(y_raw.std()), **({"folds": fold_stats} if fold_stats else {}), **stats}
     log.info("datamodel %s: LDS %.3f (%s, alpha %.3g); tau split-half Spearman %.2f, top-10%% overlap %.2f",
              run, lds, fit.penalty, fit.alpha, rel["split_half_spearman"], rel["top_overlap"])
     return fit.tau, meta
@@ -236,10 +237,10 @@ def _metagrad(cfg: DatamodelConfig, folds: list[SubsetTrainingData], spec: Polic
     # The iterations are shared among the folds (the same compute as one fold); each fold's mean
     # meta-gradients are in its own proxy's units, so they are divided by their spread over the
     # clusters before averaging.
-    iters = [mg.iterations // n_folds + (f < mg.iterations % n_folds) for f in range(n_folds)]
+    iters = [max(1, mg.iterations // n_folds + (f < mg.iterations % n_folds)) for f in range(n_folds)]
     scores, counts = [], []
     for f, data in enumerate(folds):
-        run_cfg = MetagradRunConfig(mg.total_steps, mg.meta_steps, max(iters[f], 1), mg.candidate_fraction,
+        run_cfg = MetagradRunConfig(mg.total_steps, mg.meta_steps, iters[f], mg.candidate_fraction,
                                     cfg.batch_size, cfg.target_fraction, mg.checkpoint_every, cfg.seed + 7919 * f)
         proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), cfg.proxy)
         grads, count = datamil_metagrad_scores(
@@ -252,7 +253,7 @@ def _metagrad(cfg: DatamodelConfig, folds: list[SubsetTrainingData], spec: Polic
         scores.append(grads)
         counts.append(count)
     grads, count = np.mean(scores, axis=0), np.sum(counts, axis=0)
-    return grads, {"iterations": int(sum(max(i, 1) for i in iters)), "folds": n_folds,
+    return grads, {"iterations": int(sum(iters)), "folds": n_folds,
                    "min_count": int(count.min()), "max_count": int(count.max())}
 
 
