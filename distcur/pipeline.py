@@ -1,9 +1,18 @@
 """``distcur demo``: the whole pipeline on the embedded MetaWorld default, end to end.
 
 ingest (MetaWorld prior + target + held-out target demos for the proxy) -> embed (state-action
-VAE) -> every scorer (SR, AR, BR, STRAP, IWR, random) and both DataMIL estimators -> select top
-x% -> co-train one policy per (method, seed) -> MetaWorld rollouts + proxy loss -> a comparison
-table (success mean and standard error over seeds) in ``evals/<run>`` and on stdout.
+VAE) -> every scorer (SR, AR, BR, STRAP, IWR, random) and both DataMIL estimators -> select one
+budget of prior steps per method -> co-train one policy per (method, seed) -> MetaWorld rollouts
++ proxy loss -> a comparison table (success mean and standard error over seeds, and each
+method's paired difference to random and to the best similarity method) in ``evals/<run>`` and
+on stdout.
+
+**One data budget.** Every method selects the same share of prior *steps* (``budget_percent``,
+default 10%), at its own granularity: SR / AR / BR / IWR per step (``retrieval_level``), STRAP its
+matched segments (every segment's best match, then every segment's second, ...), DataMIL its
+clusters (the datamodel's ``cluster``: episode or sub-trajectory), random at each of these
+(``random``, ``random-subtraj``, ``random-episode``), and the ``oracle`` reference row random among
+the prior's successful demos. Ties are broken by a seeded permutation; the last cluster is cut.
 
 Every stage is the same function its CLI calls, so each is skipped on a rerun whose config and
 inputs match (the store's manifests), and the demo resumes where it stopped.
@@ -19,19 +28,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from distcur.config import DEFAULT_STORE, to_dict
-from distcur.data import eval_key, selection_key, steps_key, target_source
-from distcur.sources.metaworld import MetaWorldPriorConfig
+from distcur.data import eval_key, scores_key, selection_key, steps_key, target_source
+from distcur.sources.metaworld import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.store import Store, fingerprint
 
 log = logging.getLogger(__name__)
 
 SCORERS = ("sr", "ar", "br", "strap", "iwr", "random")
+SIMILARITY = ("sr", "ar", "br", "strap", "iwr")
+RANDOM_LEVELS = {"random": "step", "random-subtraj": "subtraj", "random-episode": "episode"}
 DATAMODELS = ("datamodel-regression", "datamodel-metagrad")
 BASELINES = ("target_only", "all")
-ALL_METHODS = (*BASELINES, *SCORERS, *DATAMODELS)
+REFERENCES = ("oracle",)
+ALL_METHODS = (*BASELINES, *SCORERS, "random-subtraj", "random-episode", *DATAMODELS, *REFERENCES)
+# What ``distcur demo`` runs unless told: every method, random at the step and episode granularities.
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "random-subtraj")
 
 
 def heldout_source(task: str) -> str:
@@ -45,11 +60,17 @@ def heldout_source(task: str) -> str:
 # meta-gradient iterations instead of 32, so that ``make demo`` fits in 10 minutes; its scores are
 # noisier (the log gives the regression's split-half reliability).
 DEMO_DATAMODEL: dict[str, Any] = {"regression": {"num_models": 256, "heldout_models": 32}, "metagrad": {"iterations": 8}}
-# BENCHMARKS.md §1's policy and rollout horizon (DataMIL's MetaWorld setting), with the datamodel's
+# The benchmark protocol's policy and rollout horizon (DataMIL's MetaWorld setting), with the datamodel's
 # own defaults; ``full()`` adds the paper-size prior and datamodel, ``distcur demo --protocol-policy``
 # uses them on the demo prior.
 PROTOCOL_POLICY: dict[str, Any] = {"hidden": (400, 400, 400), "train_steps": 4000, "max_steps": 500,
                                    "datamodel": {}}
+# Per prior kind, the demo's prior size: the hard prior is 12 tasks x (8 + 8) episodes; the DataMIL-like
+# prior every usable v3 task x (10 + 10), about 980 trajectories.
+DEMO_PRIORS: dict[str, dict[str, Any]] = {
+    "hard": {"success_per_task": 8, "failed_per_task": 8, "failed_max_steps": 150, "max_steps": 300},
+    "datamil": {"success_per_task": 10, "failed_per_task": 10},
+}
 
 
 @dataclass
@@ -59,21 +80,25 @@ class DemoConfig:
     store: str = os.path.join(DEFAULT_STORE, "demo")
     run: str = "demo"
     target: str = "pick-place-wall-v3"
-    methods: tuple[str, ...] = ALL_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: tuple[int, ...] = (0, 1)
     episodes: int = 20  # rollouts per (method, seed)
     max_steps: int = 300  # rollout horizon
     heldout_demos: int = 5  # fresh expert demos of the target for the reported proxy
-    top_percent: float = 10.0  # DataMIL / IWR / similarity: keep the top x% of the prior
-    select_level: str = "episode"
+    budget_percent: float = 10.0  # share of the prior's steps every method selects
+    retrieval_level: str = "step"  # SR / AR / BR / IWR: step (the papers') or subtraj
+    horizon: int = 30  # sub-trajectory length of the subtraj granularity
+    tie_seed: int = 0  # the permutation that breaks score ties in every selection
     alpha: float = 0.5  # co-training: target probability
+    cotrain: bool = True  # False: train on the selection alone (DataMIL's final MetaWorld policy)
     train_steps: int = 1500
     batch_size: int = 256
     hidden: tuple[int, ...] = (256, 256)
     lr: float = 1e-3
-    prior: dict[str, Any] = field(default_factory=lambda: {"success_per_task": 8, "failed_per_task": 8,
-                                                           "failed_max_steps": 150, "max_steps": 300})
+    prior_kind: str = "hard"  # hard | datamil (distcur.sources.metaworld)
+    prior: dict[str, Any] | None = None  # MetaWorldPriorConfig options (default: DEMO_PRIORS[prior_kind])
     vae: dict[str, Any] = field(default_factory=lambda: {"train_steps": 1500})  # VAEConfig options of the BR / STRAP / IWR embedding
+    iwr: dict[str, Any] = field(default_factory=dict)  # options of the IWR scorer (bandwidth, kernel, ...)
     datamodel: dict[str, Any] = field(default_factory=lambda: dict(DEMO_DATAMODEL))  # DatamodelConfig options
     address: str | None = None
 
@@ -87,13 +112,19 @@ class DemoConfig:
         if not self.seeds or self.episodes < 1 or self.train_steps < 1:
             raise ValueError(f"DemoConfig: need seeds, episodes >= 1 and train_steps >= 1, got {self.seeds}, "
                              f"{self.episodes}, {self.train_steps}")
-        if not 0 < self.top_percent <= 100 or not 0 <= self.alpha <= 1:
-            raise ValueError(f"DemoConfig: top_percent in (0, 100] and alpha in [0, 1], got {self.top_percent}, "
+        if not 0 < self.budget_percent <= 100 or not 0 <= self.alpha <= 1:
+            raise ValueError(f"DemoConfig: budget_percent in (0, 100] and alpha in [0, 1], got {self.budget_percent}, "
                              f"{self.alpha}")
+        if self.retrieval_level not in ("step", "subtraj"):
+            raise ValueError(f"DemoConfig.retrieval_level must be 'step' or 'subtraj', got {self.retrieval_level!r}")
+        if self.prior_kind not in PRIOR_KINDS:
+            raise ValueError(f"DemoConfig.prior_kind must be one of {PRIOR_KINDS}, got {self.prior_kind!r}")
+        if self.prior is None:
+            self.prior = dict(DEMO_PRIORS[self.prior_kind])
 
     @classmethod
     def full(cls, **overrides) -> DemoConfig:
-        """The reference size of BENCHMARKS.md §1 (hours on 2 cores; meant for a cluster)."""
+        """The reference size (hours on 2 cores; meant for a cluster)."""
         from distcur.commands.datamodel import FULL_PRESET
 
         base = {"seeds": (0, 1, 2), "episodes": 50, **PROTOCOL_POLICY,
@@ -102,7 +133,21 @@ class DemoConfig:
         return cls(**base)
 
     def prior_config(self) -> MetaWorldPriorConfig:
+        if self.prior_kind == "datamil":
+            return MetaWorldPriorConfig.datamil(self.target, **self.prior)
         return MetaWorldPriorConfig(target=self.target, **self.prior)
+
+    def level_of(self, method: str) -> str:
+        """The granularity at which ``method`` fills the step budget."""
+        if method in RANDOM_LEVELS:
+            return RANDOM_LEVELS[method] if method != "random" else self.retrieval_level
+        if method in DATAMODELS:
+            from distcur.commands.datamodel import make_config
+
+            return make_config(dict(self.datamodel)).cluster
+        if method == "oracle":
+            return "episode"
+        return "step" if method == "strap" else self.retrieval_level
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -133,45 +178,99 @@ def write_heldout_target(store: Store, prior_cfg: MetaWorldPriorConfig, n: int) 
     store.write_table(key, table, "ingest-heldout", config)
 
 
-def score_all(cfg: DemoConfig, store: Store) -> dict[str, str]:
+def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
     """Score and select with every method in ``cfg.methods``; {method: selection run or None}."""
     from distcur.distributed.embed import EmbedConfig, run_embed
     from distcur.distributed.score import score
     from distcur.select import SelectConfig, run_select
 
     selections: dict[str, str | None] = {}
-    scorers = [m for m in cfg.methods if m in SCORERS]
-    if any(m in ("br", "strap", "iwr") for m in scorers):
+    if any(m in ("br", "strap", "iwr") for m in cfg.methods):
         run_embed(store, EmbedConfig(encoder="vae", encoder_options=dict(cfg.vae)), address=cfg.address)
-    select_cfg = SelectConfig(top_percent=cfg.top_percent, level=cfg.select_level)
     for method in cfg.methods:
         run = f"{cfg.run}-{method}"
         t0 = time.time()
-        if method in SCORERS:
-            opts = {"seed": 0} if method == "random" else {}
-            score(store, method, cfg.target, run, address=cfg.address, **opts)
+        if method in SCORERS or method in RANDOM_LEVELS:
+            score(store, "random" if method in RANDOM_LEVELS else method, cfg.target, run, address=cfg.address,
+                  **scorer_options(cfg, method))
         elif method in DATAMODELS:
             from distcur.commands.datamodel import make_config, run_datamodel
 
             dm_cfg = make_config(dict(cfg.datamodel), address=cfg.address)
             run_datamodel(store, method.split("-", 1)[1], cfg.target, run, dm_cfg)
+        elif method == "oracle":
+            oracle_scores(store, cfg.target, run)
         else:
             selections[method] = None if method == "target_only" else method
             continue
-        run_select(store, run, run, select_cfg)
+        select_cfg = SelectConfig(budget_percent=cfg.budget_percent, level=cfg.level_of(method), horizon=cfg.horizon,
+                                  tie_seed=cfg.tie_seed)
+        m = run_select(store, run, run, select_cfg)
         selections[method] = run
-        log.info("%s: scored and selected in %.1f s", method, time.time() - t0)
+        log.info("%s: scored and selected %.1f%% of the prior's steps (%s level) in %.1f s", method,
+                 100 * m.metadata["selected_fraction"], select_cfg.level, time.time() - t0)
     return selections
+
+
+def scorer_options(cfg: DemoConfig, method: str) -> dict[str, Any]:
+    """The scorer options a method runs with in the demo."""
+    if method in RANDOM_LEVELS:
+        level = cfg.level_of(method)
+        return {"seed": 0, **({"level": level, "horizon": cfg.horizon} if level != "step" else {})}
+    if method == "strap":  # every match, ranked within its segment: the budget decides how many are kept
+        return {"k": None, "scoring": "rank"}
+    if method == "iwr":
+        return dict(cfg.iwr)
+    return {}
+
+
+def oracle_scores(store: Store, target: str, run: str) -> None:
+    """``scores/<run>``: 1 for every step of a successful prior episode, 0 otherwise (the oracle
+    reference row: selected at episode level, its ties broken at random, it is a random subset of
+    the prior's successful demos)."""
+    from distcur.distributed.score import default_prior_sources
+    from distcur.schema import SCORE_SCHEMA
+
+    sources = default_prior_sources(store)
+    inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
+    config = {"method": "oracle", "target": target, "prior_sources": sources}
+    if store.is_done(scores_key(run), "score", config, inputs):
+        return
+    parts = []
+    for src in sources:
+        t = store.read_table(steps_key(src), columns=["source", "episode", "step", "success"])
+        parts.append(pa.Table.from_arrays(
+            [t.column("source"), t.column("episode"), t.column("step"),
+             pa.array(t.column("success").to_numpy(zero_copy_only=False).astype(np.float64)),
+             pa.array(["oracle"] * t.num_rows, pa.string())], schema=SCORE_SCHEMA))
+    store.write_table(scores_key(run), pa.concat_tables(parts), "score", config, inputs,
+                      metadata={"method": "oracle", "target": target})
 
 
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     """Commit the selection of a baseline (all data) under ``selections/<run>-<kind>``."""
     from distcur.policy.train import baseline_selection
+    from distcur.select import selection_metadata
 
     run = f"{cfg.run}-{kind}"
-    table = baseline_selection(store, kind)
-    store.write_table(selection_key(run), table, "select", {"baseline": kind}, {})
+    key = selection_key(run)
+    inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in prior_sources_of(store)}
+    if not store.is_done(key, "select", {"baseline": kind}, inputs):
+        table = baseline_selection(store, kind)
+        store.write_table(key, table, "select", {"baseline": kind}, inputs,
+                          metadata={"method": kind, "target": cfg.target,
+                                    **selection_metadata(store, table, prior_steps_of(store), cfg.target)})
     return run
+
+
+def prior_sources_of(store: Store) -> list[str]:
+    from distcur.distributed.score import default_prior_sources
+
+    return default_prior_sources(store)
+
+
+def prior_steps_of(store: Store) -> int:
+    return sum(store.manifest(steps_key(s)).rows for s in prior_sources_of(store))
 
 
 def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_run: str | None, seed: int) -> dict:
@@ -189,8 +288,9 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     store = Store(store_uri)
     selection = read_selection(store, selection_run) if selection_run else None
     data = load_training_data(store, target_source(cfg.target), selection)
+    alpha = 1.0 if selection is None else (cfg.alpha if cfg.cotrain else 0.0)
     tcfg = TrainConfig(hidden=cfg.hidden, lr=cfg.lr, batch_size=cfg.batch_size, steps=cfg.train_steps,
-                       alpha=1.0 if selection is None else cfg.alpha, seed=seed, checkpoint_every=0)
+                       alpha=alpha, seed=seed, checkpoint_every=0)
     t0 = time.time()
     params, normalizer, history = train_policy(data, tcfg)
     train_s = time.time() - t0
@@ -212,9 +312,10 @@ def _spec(data, tcfg):
 
 
 RESULT_SCHEMA = pa.schema([
-    ("method", pa.string()), ("task", pa.string()), ("seed", pa.int64()), ("episodes", pa.int64()),
-    ("success", pa.float64()), ("proxy_loss", pa.float64()), ("selected_steps", pa.int64()),
-    ("selected_fraction", pa.float64()), ("train_s", pa.float64()), ("eval_s", pa.float64()),
+    ("method", pa.string()), ("task", pa.string()), ("prior", pa.string()), ("seed", pa.int64()),
+    ("episodes", pa.int64()), ("success", pa.float64()), ("proxy_loss", pa.float64()),
+    ("selected_steps", pa.int64()), ("budget", pa.float64()), ("selected_fraction", pa.float64()),
+    ("level", pa.string()), ("train_s", pa.float64()), ("eval_s", pa.float64()),
 ])
 
 
@@ -275,6 +376,7 @@ def run_demo(cfg: DemoConfig) -> pa.Table:
         if kind in cfg.methods and kind != "target_only":
             selections[kind] = baseline_run(cfg, store, kind)
     timings["score_select"] = time.time() - t0
+    diagnostics = selection_diagnostics(store, selections)
 
     jobs = [(m, selections[m], s) for m in cfg.methods for s in cfg.seeds]
     key = eval_key(cfg.run)
@@ -288,18 +390,58 @@ def run_demo(cfg: DemoConfig) -> pa.Table:
         timings["train_evaluate"] = time.time() - t0
         for r in rows:
             r["selected_fraction"] = r["selected_steps"] / prior_steps if prior_steps else 0.0
+            r.update(prior=cfg.prior_kind, level=diagnostics.get(r["method"], {}).get("level"),
+                     budget=cfg.budget_percent / 100 if r["method"] not in BASELINES else None)
         table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in rows], schema=RESULT_SCHEMA)
         timings["total"] = time.time() - t_start
-        store.write_table(key, table, "demo", config, inputs, metadata={"timings_s": timings})
+        store.write_table(key, table, "demo", config, inputs, metadata={"timings_s": timings,
+                                                                       "selections": diagnostics})
     return table
 
 
-def quality_records(table: pa.Table, protocol: dict) -> dict:
-    """The demo's results in the ``quality_metaworld.json`` layout of BENCHMARKS.md §1."""
+def selection_diagnostics(store: Store, selections: dict[str, str | None]) -> dict[str, dict]:
+    """Per method: its selection's level, size and make-up (from the selection's manifest) and its
+    overlap (Jaccard of the step sets) with every other method's selection."""
+    from distcur.composition import pairwise_jaccard
+
+    out: dict[str, dict] = {}
+    tables = {}
+    for method, run in selections.items():
+        if not run:
+            continue
+        m = store.manifest(selection_key(run))
+        out[method] = {"level": m.config.get("level", "all" if method == "all" else None),
+                       "selected_fraction": m.metadata.get("selected_fraction"),
+                       "composition": m.metadata.get("composition")}
+        if method != "all":
+            tables[method] = store.read_table(selection_key(run), columns=["source", "episode", "step"])
+    for method, overlaps in pairwise_jaccard(tables).items():
+        out[method]["jaccard"] = overlaps
+    return out
+
+
+RECORD_FIELDS = ("task", "prior", "method", "seed", "episodes", "success", "proxy_loss", "budget",
+                 "selected_fraction", "level")
+
+
+def quality_records(table: pa.Table, protocol: dict, diagnostics: dict | None = None) -> dict:
+    """The demo's results in the ``quality_metaworld.json`` layout: one record per (task, prior,
+    method, seed), each with the make-up of its selection (share of steps from successful episodes
+    and from the target task's failed attempts); the full make-up and the overlaps between methods go
+    under ``selections/<prior>/<task>``."""
     rows = table.to_pylist()
-    return {"protocol": protocol,
-            "results": [{k: r[k] for k in ("task", "method", "seed", "episodes", "success", "proxy_loss",
-                                           "selected_fraction")} for r in rows]}
+    diagnostics = diagnostics or {}
+    records = []
+    for r in rows:
+        rec = {k: r.get(k) for k in RECORD_FIELDS}
+        comp = (diagnostics.get(r["method"]) or {}).get("composition") or {}
+        if comp:
+            rec.update(success_share=comp.get("success_share"), target_failure_share=comp.get("target_failure_share"))
+        records.append(rec)
+    out: dict[str, Any] = {"protocol": protocol, "results": records}
+    if diagnostics and rows:
+        out["selections"] = {f"{rows[0]['prior']}/{rows[0]['task']}": diagnostics}
+    return out
 
 
 def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str | None = None) -> None:
@@ -313,13 +455,17 @@ def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str
             current = json.load(f)
     except FileNotFoundError:
         current = {"protocol": {}, "results": []}
-    keys = {(r["task"], r["method"], r["seed"]) for r in new["results"]}
+    def ident(r: dict) -> tuple:
+        return r["task"], r.get("prior"), r["method"], r["seed"]
+
+    keys = {ident(r) for r in new["results"]}
     kept = [r for r in current.get("results", [])
-            if (r["task"], r["method"], r["seed"]) not in keys
-            and not (drop_task_prefix and str(r["task"]).startswith(drop_task_prefix))]
+            if ident(r) not in keys and not (drop_task_prefix and str(r["task"]).startswith(drop_task_prefix))]
     protocol = dict(current.get("protocol", {}))
     protocol.update(new.get("protocol", {}))
-    out = {**current, "protocol": protocol, "results": kept + new["results"]}
+    selections = {**current.get("selections", {}), **new.get("selections", {})}
+    out = {**current, "protocol": protocol, "results": kept + new["results"],
+           **({"selections": selections} if selections else {})}
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1, sort_keys=True)
@@ -336,10 +482,14 @@ def _datamodel_protocol(cfg: DemoConfig) -> dict:
 
 def protocol_of(cfg: DemoConfig) -> dict:
     prior = dataclasses.asdict(cfg.prior_config())
-    return {"prior": {k: prior[k] for k in ("tasks", "success_per_task", "failed_per_task", "target_demos",
-                                            "success_noise", "failed_noise", "max_steps")},
+    return {f"prior_{cfg.prior_kind}": {k: prior[k] for k in ("kind", "tasks", "success_per_task", "failed_per_task",
+                                                              "target_demos", "success_noise", "failed_noise",
+                                                              "failed_modes", "failed_max_steps", "max_steps")},
             "policy": {"hidden": list(cfg.hidden), "train_steps": cfg.train_steps, "batch_size": cfg.batch_size,
-                       "alpha": cfg.alpha}, "selection": {"top_percent": cfg.top_percent, "level": cfg.select_level},
+                       "alpha": cfg.alpha, "cotrain": cfg.cotrain},
+            "selection": {"budget_percent": cfg.budget_percent, "retrieval_level": cfg.retrieval_level,
+                          "levels": {m: cfg.level_of(m) for m in cfg.methods if m not in BASELINES},
+                          "tie_seed": cfg.tie_seed, "iwr": dict(cfg.iwr)},
             "evaluation": {"episodes": cfg.episodes, "max_steps": cfg.max_steps, "seeds": list(cfg.seeds),
                            "proxy": f"BC NLL on {cfg.heldout_demos} held-out expert demos"},
             "datamodel": _datamodel_protocol(cfg),

@@ -61,13 +61,59 @@ def success_summary(results: pa.Table) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """The comparison table as fixed-width text (what ``distcur demo`` prints)."""
-    lines = [f"{'method':<24}{'success':>10}{'± s.e.':>9}{'seeds':>7}{'proxy loss':>12}"]
+SIMILARITY_METHODS = ("sr", "ar", "br", "strap", "iwr")
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dict:
+    """Mean of ``a[s] - b[s]`` over the seeds both have, its standard error and the two-sided
+    ``level`` t-interval (n - 1 degrees of freedom): the comparison of two methods trained and
+    evaluated on the same seeds (same initial weights and batches' seed, same rollout states)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds], float)
+    if len(d) < 2:
+        return {"seeds": len(d), "mean": float(d.mean()) if len(d) else float("nan"), "se": float("nan"),
+                "ci": [float("nan"), float("nan")]}
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1)) * se
+    return {"seeds": len(d), "mean": float(d.mean()), "se": se, "ci": [float(d.mean() - half), float(d.mean() + half)]}
+
+
+def paired_comparisons(results: pa.Table) -> dict[str, dict[str, dict]]:
+    """Per method: :func:`paired_difference` to ``random`` and to the best similarity method (the
+    one of SR / AR / BR / STRAP / IWR with the highest mean success), where those ran."""
+    by_method: dict[str, dict[int, float]] = {}
+    for r in results.to_pylist():
+        by_method.setdefault(r["method"], {})[int(r["seed"])] = float(r["success"])
+    means = {m: float(np.mean(list(v.values()))) for m, v in by_method.items()}
+    refs = {}
+    if "random" in by_method:
+        refs["random"] = "random"
+    sims = [m for m in SIMILARITY_METHODS if m in by_method]
+    if sims:
+        refs["best_similarity"] = max(sims, key=lambda m: means[m])
+    return {m: {name: {"reference": ref, **paired_difference(v, by_method[ref])} for name, ref in refs.items()}
+            for m, v in by_method.items()}
+
+
+def format_table(rows: list[dict], paired: dict[str, dict[str, dict]] | None = None) -> str:
+    """The comparison table as fixed-width text (what ``distcur demo`` prints); with ``paired``
+    (:func:`paired_comparisons`), each method's difference to random and to the best similarity
+    method, with its 95% interval."""
+    paired = paired or {}
+    refs = next(iter(paired.values()), {})
+    head = f"{'method':<24}{'success':>10}{'± s.e.':>9}{'seeds':>7}{'proxy loss':>12}"
+    for name, d in refs.items():
+        head += f"{'vs ' + (d['reference'] if name == 'random' else 'best sim (' + d['reference'] + ')'):>30}"
+    lines = [head]
     for r in sorted(rows, key=lambda r: -r["success_mean"]):
-        lines.append(
-            f"{r['method']:<24}{r['success_mean']:>10.3f}{r['success_se']:>9.3f}{r['seeds']:>7d}{r['proxy_loss']:>12.3f}"
-        )
+        line = f"{r['method']:<24}{r['success_mean']:>10.3f}{r['success_se']:>9.3f}{r['seeds']:>7d}{r['proxy_loss']:>12.3f}"
+        for name in refs:
+            d = paired.get(r["method"], {}).get(name)
+            cell = f"{d['mean']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d and d["seeds"] >= 2 else "-"
+            line += f"{cell:>30}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -7,11 +7,18 @@ clusters at ``level``:
 * ``subtraj``  windows of ``horizon`` steps within an episode, ``(source, episode, step // H)``;
 * ``episode``  whole episodes, ``(source, episode)``.
 
-A cluster's score is the mean of its steps' scores. The rule keeps either the top
-``top_percent`` % of clusters (``ceil(C * x / 100)``, at least one; ties broken by cluster key
-order) or every cluster with score >= ``threshold``. Every step of a kept cluster enters the
-selection (:data:`distcur.schema.SELECTION_SCHEMA`) with weight 1 (``weighting="uniform"``)
-or the cluster score (``"score"``, scores must be >= 0).
+A cluster's score is the mean of its steps' scores. Clusters are ranked by score, ties broken by
+a permutation drawn from ``tie_seed`` (never by key order: a datamodel's LASSO zeros many clusters,
+and key order would fill the budget in the order the prior was generated). Three rules:
+
+* ``budget_percent`` (the default, 10): a share of the prior's *steps*. Clusters are taken in rank
+  order until ``round(N * b / 100)`` steps are selected; the last cluster is cut to its first steps,
+  so every method and granularity trains on the same amount of prior data;
+* ``top_percent``: the top x% of *clusters* (``ceil(C * x / 100)``, at least one), whatever their size;
+* ``threshold``: every cluster with score >= the threshold.
+
+Every kept step enters the selection (:data:`distcur.schema.SELECTION_SCHEMA`) with weight 1
+(``weighting="uniform"``) or the cluster score (``"score"``, scores must be >= 0).
 
 The LeRobot-style export is a table of ``index, weight``: ``index`` is the global frame index
 of the step when the prior's step tables are laid end to end, sources in the order recorded in
@@ -30,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distcur.composition import composition, selection_composition
 from distcur.data import scores_key, selection_key, steps_key
 from distcur.schema import SELECTION_SCHEMA
 from distcur.store import Manifest, Store
@@ -42,22 +50,32 @@ LEROBOT_SCHEMA = pa.schema([pa.field("index", pa.int64(), nullable=False),
                             pa.field("weight", pa.float32(), nullable=False)])
 
 
+DEFAULT_BUDGET_PERCENT = 10.0
+
+
 @dataclass
 class SelectConfig:
-    """Exactly one of ``top_percent`` (0 < x <= 100) and ``threshold``."""
+    """At most one of ``budget_percent`` (share of prior steps, 0 < b <= 100), ``top_percent``
+    (share of clusters) and ``threshold``; none given means a budget of 10% of the steps."""
 
-    top_percent: float | None = 10.0
+    budget_percent: float | None = None
+    top_percent: float | None = None
     threshold: float | None = None
     level: str = "step"
     horizon: int = DEFAULT_HORIZON
     weighting: str = "uniform"
+    tie_seed: int = 0
 
     def __post_init__(self) -> None:
-        if (self.top_percent is None) == (self.threshold is None):
-            raise ValueError("SelectConfig: give exactly one of top_percent and threshold "
-                             f"(got top_percent={self.top_percent}, threshold={self.threshold})")
-        if self.top_percent is not None and not 0 < self.top_percent <= 100:
-            raise ValueError(f"SelectConfig.top_percent must be in (0, 100], got {self.top_percent}")
+        given = [n for n in ("budget_percent", "top_percent", "threshold") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"SelectConfig: give at most one of budget_percent, top_percent and threshold, got {given}")
+        if not given:
+            self.budget_percent = DEFAULT_BUDGET_PERCENT
+        for name in ("budget_percent", "top_percent"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 100:
+                raise ValueError(f"SelectConfig.{name} must be in (0, 100], got {value}")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"SelectConfig.threshold must be finite, got {self.threshold}")
         if self.level not in SELECT_LEVELS:
@@ -100,17 +118,35 @@ def cluster_scores(source_code: np.ndarray, episode: np.ndarray, step: np.ndarra
     return cluster, sums / counts
 
 
-def select_clusters(cluster_score: np.ndarray, config: SelectConfig) -> np.ndarray:
-    """(C,) bool: clusters kept by the top-x% or threshold rule."""
+def rank_clusters(cluster_score: np.ndarray, tie_seed: int = 0) -> np.ndarray:
+    """Cluster ids, best score first; equal scores in the order of a permutation drawn from ``tie_seed``."""
+    tie = np.random.default_rng(tie_seed).permutation(len(cluster_score))
+    return np.lexsort((tie, -np.asarray(cluster_score, np.float64)))
+
+
+def select_clusters(cluster_score: np.ndarray, config: SelectConfig,
+                    cluster_size: np.ndarray | None = None) -> np.ndarray:
+    """(C,) int64 steps kept per cluster (0: dropped; below its size: the last, cut, cluster).
+
+    ``cluster_size`` (C,) steps per cluster, needed by the budget rule (default: 1 each).
+    """
     c = len(cluster_score)
     if not np.isfinite(cluster_score).all():
         raise ValueError(f"select: {int((~np.isfinite(cluster_score)).sum())} clusters have non-finite scores")
-    keep = np.zeros(c, bool)
+    size = np.ones(c, np.int64) if cluster_size is None else np.asarray(cluster_size, np.int64)
     if config.threshold is not None:
-        return cluster_score >= config.threshold
-    if c:
+        return np.where(cluster_score >= config.threshold, size, 0)
+    keep = np.zeros(c, np.int64)
+    if not c:
+        return keep
+    order = rank_clusters(cluster_score, config.tie_seed)
+    if config.top_percent is not None:
         n_keep = max(1, math.ceil(c * config.top_percent / 100.0 - 1e-9))
-        keep[np.argsort(-cluster_score, kind="stable")[:n_keep]] = True
+        keep[order[:n_keep]] = size[order[:n_keep]]
+        return keep
+    budget = max(1, int(round(size.sum() * config.budget_percent / 100.0)))
+    before = np.cumsum(size[order]) - size[order]  # steps selected before each ranked cluster
+    keep[order] = np.clip(budget - before, 0, size[order])
     return keep
 
 
@@ -132,8 +168,16 @@ def select_steps(scores: pa.Table, config: SelectConfig) -> pa.Table:
         raise ValueError(f"select: non-finite score at source={names[source.indices[row].as_py()]!r}, "
                          f"episode={episode[row]}, step={step[row]}")
     cluster, cscore = cluster_scores(code, episode, step, score, config.level, config.horizon)
-    kept = select_clusters(cscore, config)
-    rows = np.flatnonzero(kept[cluster])
+    size = np.bincount(cluster, minlength=len(cscore))
+    n_kept = select_clusters(cscore, config, size)
+    # a cut cluster keeps its first steps: rank each step within its cluster by step order
+    order = np.lexsort((step, cluster))
+    first = np.zeros(len(cscore) + 1, np.int64)
+    np.cumsum(size, out=first[1:])
+    rank_in_cluster = np.empty(len(step), np.int64)
+    rank_in_cluster[order] = np.arange(len(step)) - first[cluster[order]]
+    rows = np.flatnonzero(rank_in_cluster < n_kept[cluster])
+    kept = n_kept > 0
     if config.weighting == "score":
         if (cscore[kept] < 0).any():
             raise ValueError("select: weighting='score' needs non-negative scores; use weighting='uniform'")
@@ -163,16 +207,27 @@ def run_select(store: Store, scores_run: str, out_run: str, config: SelectConfig
         scores = store.read_table(in_key, columns=["source", "episode", "step", "score"])
         table = select_steps(scores, config)
         n_steps = scores.num_rows
-        score_meta = store.manifest(in_key).metadata
+        score_manifest = store.manifest(in_key)
+        target = score_manifest.metadata.get("target") or score_manifest.config.get("target")
         manifest = store.write_table(out_key, table, "select", stage_config, inputs, metadata={
-            "scores": scores_run, "method": score_meta.get("method"), "target": score_meta.get("target"),
+            "scores": scores_run, "method": score_manifest.metadata.get("method"), "target": target,
             "sources": sorted(set(scores.column("source").unique().to_pylist())),
-            "selected_steps": table.num_rows, "scored_steps": n_steps,
-            "selected_fraction": table.num_rows / n_steps if n_steps else 0.0,
+            **selection_metadata(store, table, n_steps, target),
         })
     if export_lerobot:
         export_lerobot_weights(store, out_run)
     return manifest
+
+
+def selection_metadata(store: Store, table: pa.Table, prior_steps: int, target: str | None) -> dict:
+    """Size and make-up of a selection, for its manifest (every selection, baselines too)."""
+    return {"selected_steps": table.num_rows, "scored_steps": prior_steps,
+            "selected_fraction": table.num_rows / prior_steps if prior_steps else 0.0,
+            "composition": selection_composition(store, table, target) if table.num_rows else composition_of_nothing()}
+
+
+def composition_of_nothing() -> dict:
+    return composition(np.zeros(0, str), np.zeros(0, bool), np.zeros(0, str), None)
 
 
 def lerobot_key(run: str) -> str:

@@ -37,8 +37,24 @@ def test_every_method_trained_and_evaluated(demo_run):
     rows = {r["method"]: r for r in table.to_pylist()}
     assert rows["target_only"]["selected_steps"] == 0
     assert rows["all"]["selected_fraction"] == pytest.approx(1.0)
-    for method in ("sr", "br", "iwr", "datamodel-regression", "datamodel-metagrad"):
-        assert 0 < rows[method]["selected_fraction"] < 0.5, method  # top 10% of episodes
+    # one budget of prior steps for every method and granularity, within one point
+    for method in set(cfg.methods) - {"all", "target_only"}:
+        assert abs(rows[method]["selected_fraction"] - cfg.budget_percent / 100) <= 0.01, method
+        assert rows[method]["budget"] == pytest.approx(0.1) and rows[method]["prior"] == "hard"
+    assert {rows[m]["level"] for m in ("sr", "br", "iwr", "strap", "random")} == {"step"}
+    assert {rows[m]["level"] for m in ("random-episode", "datamodel-regression", "oracle")} == {"episode"}
+
+
+def test_selection_diagnostics(demo_run):
+    """Every selection's manifest says what it is made of; the oracle takes successful demos only and
+    the hard prior's target-task steps are all failed attempts."""
+    cfg, _ = demo_run
+    diag = Store(cfg.store).manifest(f"evals/{cfg.run}").metadata["selections"]
+    assert diag["oracle"]["composition"]["success_share"] == 1.0
+    assert diag["all"]["composition"]["target_task_share"] == diag["all"]["composition"]["target_failure_share"] > 0
+    kinds = diag["all"]["composition"]["kinds"]
+    assert set(kinds) <= {"success", "noisy", "truncated", "other_expert"} and "success" in kinds
+    assert diag["br"]["jaccard"]["random"] < 1 and diag["br"]["jaccard"]["oracle"] == diag["oracle"]["jaccard"]["br"]
 
 
 def test_rerun_resumes_from_the_store(demo_run):

@@ -55,7 +55,7 @@ def test_subtraj_and_episode_levels_keep_whole_clusters():
     sub = select_steps(t, SelectConfig(top_percent=100 / 18, level="subtraj", horizon=4))
     assert keys(sub) == [("a", 0, s) for s in range(4, 8)]
     epi = select_steps(t, SelectConfig(top_percent=34, level="episode"))  # ceil(6 * 0.34) = 3 episodes
-    # a/0 (mean 2.0), then the two episode-2 (0.2) clusters, a before b
+    # a/0 (mean 2.0), then the two episode-2 (0.2) clusters
     assert sorted({(s, e) for s, e, _ in keys(epi)}) == [("a", 0), ("a", 2), ("b", 2)]
     assert epi.num_rows == 30
     thr = select_steps(t, SelectConfig(top_percent=None, threshold=0.15, level="episode"))
@@ -63,8 +63,11 @@ def test_subtraj_and_episode_levels_keep_whole_clusters():
 
 
 def test_bad_configs_and_scores_fail_clearly():
-    with pytest.raises(ValueError, match="exactly one of top_percent and threshold"):
+    with pytest.raises(ValueError, match="at most one of budget_percent, top_percent and threshold"):
         SelectConfig(top_percent=10, threshold=0.5)
+    with pytest.raises(ValueError, match=r"budget_percent must be in \(0, 100\]"):
+        SelectConfig(budget_percent=120)
+    assert SelectConfig().budget_percent == 10.0
     with pytest.raises(ValueError, match=r"top_percent must be in \(0, 100\]"):
         SelectConfig(top_percent=0)
     with pytest.raises(ValueError, match="level must be one of"):
@@ -76,6 +79,47 @@ def test_bad_configs_and_scores_fail_clearly():
     with pytest.raises(ValueError, match="non-negative"):
         select_steps(neg, SelectConfig(top_percent=50, weighting="score"))
     assert select_steps(score_table([], [], [], []), SelectConfig()).num_rows == 0
+
+
+def ragged_prior(seed: int = 0):
+    """40 episodes of 5-200 steps with random scores (ties included): one budget must fit them all."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, 200, 40)
+    ep = np.repeat(np.arange(40), lengths)
+    st = np.concatenate([np.arange(n) for n in lengths])
+    score = np.round(rng.random(len(ep)), 1)  # ten distinct values: many ties
+    return score_table(["p"] * len(ep), ep, st, score), len(ep)
+
+
+@pytest.mark.parametrize("level", ["step", "subtraj", "episode"])
+@pytest.mark.parametrize("budget", [1.0, 10.0, 37.5])
+def test_budget_is_a_share_of_steps_at_every_level(level, budget):
+    t, n = ragged_prior()
+    sel = select_steps(t, SelectConfig(budget_percent=budget, level=level, horizon=30))
+    assert sel.num_rows == round(n * budget / 100)  # exact: the last cluster is cut
+    assert len(set(keys(sel))) == sel.num_rows
+    if level == "episode":  # whole episodes in score order, one cut at the end to its first steps
+        per_ep = {}
+        for _, e, st in keys(sel):
+            per_ep.setdefault(e, []).append(st)
+        full = {e: len(v) for e, v in per_ep.items()}
+        lengths = dict(zip(*np.unique(t.column("episode").to_numpy(), return_counts=True)))
+        cut = [e for e in full if full[e] < lengths[e]]
+        assert len(cut) <= 1 and all(per_ep[e] == list(range(full[e])) for e in cut)
+
+
+def test_ties_break_by_a_seeded_permutation_not_key_order():
+    # 100 one-step clusters, all tied: the top 10 are a seeded draw, not clusters 0..9
+    t = score_table(["a"] * 100, np.arange(100), np.zeros(100), np.zeros(100))
+    picks = {seed: sorted(e for _, e, _ in keys(select_steps(t, SelectConfig(budget_percent=10, tie_seed=seed))))
+             for seed in (0, 1, 2)}
+    assert all(len(p) == 10 for p in picks.values())
+    assert picks[0] != list(range(10)) and picks[0] != picks[1] != picks[2]
+    again = sorted(e for _, e, _ in keys(select_steps(t, SelectConfig(budget_percent=10, tie_seed=0))))
+    assert again == picks[0]
+    # a strictly better cluster always comes before the tied ones
+    better = score_table(["a"] * 100, np.arange(100), np.zeros(100), np.where(np.arange(100) == 57, 1.0, 0.0))
+    assert 57 in {e for _, e, _ in keys(select_steps(better, SelectConfig(budget_percent=1, tie_seed=3)))}
 
 
 @pytest.fixture

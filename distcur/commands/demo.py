@@ -15,21 +15,34 @@ def register(sub) -> None:
     p.add_argument("--episodes", type=int, default=None, help="rollouts per (method, seed)")
     p.add_argument("--full", action="store_true", help="paper-size run (hours on 2 cores)")
     p.add_argument("--protocol-policy", action="store_true",
-                   help="train and evaluate with BENCHMARKS.md §1's policy (MLP 3 x 400, 4000 steps, 500-step "
-                        "rollouts) on the demo's prior")
+                   help="train and evaluate with the benchmark protocol's policy (MLP 3 x 400, 4000 steps, "
+                        "500-step rollouts) on the demo's prior")
     p.add_argument("--hidden", nargs="+", type=int, default=None, help="policy MLP widths")
     p.add_argument("--train-steps", type=int, default=None, help="policy training steps")
     p.add_argument("--max-steps", type=int, default=None, help="rollout horizon")
+    p.add_argument("--prior", choices=("hard", "datamil"), default=None,
+                   help="hard (default: the target's successes left out of the prior) or datamil (every usable "
+                        "v3 task, 10 demos + 10 failures each, the target's own demos in the prior)")
+    p.add_argument("--budget", type=float, default=None, metavar="PERCENT",
+                   help="share of the prior's steps every method selects (default 10)")
+    p.add_argument("--retrieval-level", choices=("step", "subtraj"), default=None,
+                   help="granularity of SR / AR / BR / IWR and of random (default step, as their papers)")
+    p.add_argument("--no-cotrain", action="store_true",
+                   help="train on the selection alone (DataMIL's final MetaWorld policy) instead of co-training")
     p.add_argument("--datamodel-proxy", choices=("nll", "mse"), default=None,
                    help="the DataMIL methods' proxy loss (distcur.datamodels.proxy; default mse)")
     p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
     p.add_argument("--record", default=None, metavar="JSON",
-                   help="merge the results into this quality_metaworld.json (BENCHMARKS.md §1)")
+                   help="merge the results into this quality_metaworld.json (docs/benchmarks.md)")
     p.add_argument("--report", action="store_true", help="also write the HTML report into the store")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import os
+
+    from distcur.config import DEFAULT_STORE
+    from distcur.data import eval_key
     from distcur.pipeline import (
         PROTOCOL_POLICY,
         DemoConfig,
@@ -38,15 +51,17 @@ def run(args) -> int:
         quality_records,
         run_demo,
     )
-    from distcur.report import format_table, success_summary, write_report
+    from distcur.report import format_table, paired_comparisons, success_summary, write_report
     from distcur.store import Store
 
     t0 = time.time()
-    given = {"target": args.target, "store": args.store, "run": args.run, "address": args.address,
+    store = args.store or (os.path.join(DEFAULT_STORE, "demo-datamil") if args.prior == "datamil" else None)
+    given = {"target": args.target, "store": store, "run": args.run, "address": args.address,
              "methods": tuple(args.methods) if args.methods else None,
              "seeds": tuple(args.seeds) if args.seeds else None, "episodes": args.episodes,
              "hidden": tuple(args.hidden) if args.hidden else None, "train_steps": args.train_steps,
-             "max_steps": args.max_steps}
+             "max_steps": args.max_steps, "prior_kind": args.prior, "budget_percent": args.budget,
+             "retrieval_level": args.retrieval_level, "cotrain": False if args.no_cotrain else None}
     # Explicit options win over --protocol-policy's settings.
     overrides = {**(PROTOCOL_POLICY if args.protocol_policy else {}), **{k: v for k, v in given.items() if v is not None}}
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
@@ -54,13 +69,15 @@ def run(args) -> int:
         cfg.datamodel = {**cfg.datamodel, "proxy": args.datamodel_proxy}
     table = run_demo(cfg)
     print()
-    print(f"distcur demo: target {cfg.target}, {len(cfg.seeds)} seeds x {cfg.episodes} episodes, "
-          f"top {cfg.top_percent:g}% at {cfg.select_level} level, alpha {cfg.alpha}")
-    print(format_table(success_summary(table)))
+    print(f"distcur demo: target {cfg.target}, {cfg.prior_kind} prior, {len(cfg.seeds)} seeds x {cfg.episodes} "
+          f"episodes, budget {cfg.budget_percent:g}% of prior steps, "
+          + (f"alpha {cfg.alpha}" if cfg.cotrain else "selection alone"))
+    print(format_table(success_summary(table), paired_comparisons(table)))
+    diagnostics = Store(cfg.store).manifest(eval_key(cfg.run)).metadata.get("selections", {})
     if args.report:
         print("report:", write_report(Store(cfg.store), cfg.run))
     if args.record:
-        merge_quality_json(args.record, quality_records(table, protocol_of(cfg)))
+        merge_quality_json(args.record, quality_records(table, protocol_of(cfg), diagnostics))
         print("recorded:", args.record)
     print(f"wall {time.time() - t0:.0f} s")
     return 0

@@ -47,6 +47,9 @@ def register(sub) -> None:
     m.add_argument("--out", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
     m.add_argument("--config", default=None, help="YAML with MetaWorldPriorConfig options")
     m.add_argument("--seed", type=int, default=None)
+    m.add_argument("--prior", choices=("hard", "datamil"), default="hard",
+                   help="hard (the target's successes left out) or datamil (every usable v3 task, 10 demos + 10 "
+                        "failures of at least 200 steps each, the target's own demos in the prior)")
     m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
     m.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     m.set_defaults(func=run_metaworld)
@@ -96,7 +99,18 @@ def run_metaworld(args) -> int:
     from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
     from distcur.store import Store
 
-    config = load_config(MetaWorldPriorConfig, args.config, target=args.target, seed=args.seed,
+    source = args.config
+    if args.prior == "datamil":  # the DataMIL-like defaults, under the YAML's own options
+        import yaml
+
+        from distcur.sources.metaworld import datamil_options
+
+        given = {}
+        if args.config:
+            with open(args.config) as f:
+                given = yaml.safe_load(f) or {}
+        source = {**datamil_options(), **given}
+    config = load_config(MetaWorldPriorConfig, source, target=args.target, seed=args.seed,
                          tasks=tuple(args.tasks) if args.tasks else None)
     info = generate_metaworld(config, Store(args.out), address=args.address, progress=True)
     print(json.dumps(info, indent=2, default=str))

@@ -190,14 +190,16 @@ def run_nearest(store: Store, method: str, target_task: str, out_key: str, prior
 
 
 # -- random -----------------------------------------------------------------------------------------
-def _random_part(store: Store, path: str, rel: str, seed: int):
+def _random_part(store: Store, path: str, rel: str, seed: int, level: str, horizon: int):
     tables = []
     for rb in _iter_part(store, path, ["source", "episode", "step"]):
         source, episode, step = _keys(rb)
+        # one draw per cluster of the level, so a cluster's mean score is uniform whatever its size
+        window = step if level == "step" else (step // horizon if level == "subtraj" else np.zeros_like(step))
         scores = np.empty(len(episode))
         for src in np.unique(source) if len(source) else []:
             rows = source == src
-            scores[rows] = random_scores(str(src), episode[rows], step[rows], seed)
+            scores[rows] = random_scores(str(src), episode[rows], window[rows], seed)
         tables.append(_score_table(source, episode, step, scores, "random"))
     if not tables:
         return rel, 0
@@ -206,24 +208,35 @@ def _random_part(store: Store, path: str, rel: str, seed: int):
     return rel, table.num_rows
 
 
+RANDOM_LEVELS = ("step", "subtraj", "episode")
+
+
 def run_random(store: Store, target_task: str, out_key: str, prior_sources: list[str] | None = None,
-               seed: int = 0, address: str | None = None) -> Manifest:
-    """Uniform random scores for every prior step (the target only names the run)."""
+               seed: int = 0, level: str = "step", horizon: int = 30, address: str | None = None) -> Manifest:
+    """Uniform random scores for every prior step (the target only names the run).
+
+    ``level``: one draw per step, per sub-trajectory of ``horizon`` steps, or per episode (every
+    step of the cluster gets it), so a selection at that level is a uniform draw of its clusters
+    (per-step draws averaged over an episode would favour short episodes at both ends)."""
     import ray
 
     from distcur.distributed.session import ensure_ray
 
+    if level not in RANDOM_LEVELS or horizon < 1:
+        raise ValueError(f"random: level must be one of {RANDOM_LEVELS} and horizon >= 1, got {level!r}, {horizon}")
     sources = default_prior_sources(store, prior_sources)
     prior_keys = {s: steps_key(s) for s in sources}
     inputs = {k: store.input_fingerprint(k) for k in prior_keys.values()}
     config = {"method": "random", "target": target_task, "prior_sources": sources, "seed": seed}
+    if level != "step":
+        config.update(level=level, horizon=horizon)
     if store.is_done(out_key, STAGE, config, inputs):
         return store.manifest(out_key)
     ensure_ray(address)
     writer = store.writer(out_key, STAGE, config, inputs)
     try:
         fn = _remote(_random_part)
-        results = ray.get([fn.remote(store, path, f"{writer.data_dir}/part-{i:05d}.parquet", seed)
+        results = ray.get([fn.remote(store, path, f"{writer.data_dir}/part-{i:05d}.parquet", seed, level, horizon)
                            for i, (_, path) in enumerate(_parts(store, prior_keys))])
         return _commit(store, writer, results, {"method": "random", "target": target_task})
     except BaseException:
@@ -261,12 +274,12 @@ def _strap_match_part(store: Store, path: str, source: str, segments: list[np.nd
     return matches, (episode[is_split], step[is_split], z[is_split])
 
 
-def _strap_write_part(store: Store, path: str, source: str, rel: str, kept: list):
+def _strap_write_part(store: Store, path: str, source: str, rel: str, kept: list, match_scores: list[float]):
     tables = []
     for rb in _iter_part(store, path, ["source", "episode", "step"]):
         src, episode, step = _keys(rb)
-        tables.append(_score_table(src, episode, step, strap_lib.step_scores_from_matches(source, episode, step, kept),
-                                   "strap"))
+        scores = strap_lib.step_scores_from_matches(source, episode, step, kept, match_scores)
+        tables.append(_score_table(src, episode, step, scores, "strap"))
     if not tables:
         return rel, 0
     table = pa.concat_tables(tables)
@@ -275,13 +288,15 @@ def _strap_write_part(store: Store, path: str, source: str, rel: str, kept: list
 
 
 def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[str] | None = None,
-              encoder: str = "vae", k: int = strap_lib.DEFAULT_TOP_K, threshold: float = strap_lib.DEFAULT_THRESHOLD,
-              min_length: int = strap_lib.DEFAULT_MIN_LENGTH, position_dims: tuple[int, ...] = (0, 1, 2),
+              encoder: str = "vae", k: int | None = strap_lib.DEFAULT_TOP_K,
+              threshold: float = strap_lib.DEFAULT_THRESHOLD, min_length: int = strap_lib.DEFAULT_MIN_LENGTH,
+              position_dims: tuple[int, ...] = (0, 1, 2), scoring: str = "cost",
               address: str | None = None) -> Manifest:
     """STRAP scores: segments of the target demos matched by subsequence DTW in every prior episode.
 
     Segmentation uses ``state[:, position_dims]`` of the target steps (MetaWorld: the hand
     position); matching uses the ``encoder``'s per-step embeddings of prior and target.
+    ``k=None, scoring="rank"`` keeps every match ranked within its segment, for a step budget.
     """
     import ray
 
@@ -294,10 +309,14 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
     inputs = {kk: store.input_fingerprint(kk) for kk in [*prior_keys.values(), target_key, steps_key(tsrc)]}
     config = {"method": "strap", "target": target_task, "prior_sources": sources, "encoder": encoder, "k": k,
               "threshold": threshold, "min_length": min_length, "position_dims": list(position_dims)}
+    if scoring != "cost":  # absent from older manifests: they stay current
+        config["scoring"] = scoring
     if store.is_done(out_key, STAGE, config, inputs):
         return store.manifest(out_key)
-    if k < 1:
-        raise ValueError(f"STRAP: k must be >= 1, got {k}")
+    if k is not None and k < 1:
+        raise ValueError(f"STRAP: k must be >= 1 (or None: every match), got {k}")
+    if scoring not in strap_lib.SCORINGS:
+        raise ValueError(f"STRAP: scoring must be one of {strap_lib.SCORINGS}, got {scoring!r}")
 
     steps = load_steps(store, [tsrc])
     emb = store.read_table(target_key, columns=["episode", "step", "z"])
@@ -339,13 +358,14 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
                 ep, st, z = (np.concatenate([p[i] for p in pieces]) for i in range(3))
                 matches.extend(strap_lib.match_episodes(segments, src, ep, st, z))
         kept = strap_lib.top_k_matches(matches, len(segments), k)
+        kept_ref, scores_ref = ray.put(kept), ray.put(strap_lib.match_step_scores(kept, scoring))
         write_fn = _remote(_strap_write_part)
-        written = ray.get([write_fn.remote(store, path, src, f"{writer.data_dir}/part-{i:05d}.parquet", kept)
-                           for i, (src, path) in enumerate(parts)])
+        written = ray.get([write_fn.remote(store, path, src, f"{writer.data_dir}/part-{i:05d}.parquet", kept_ref,
+                                           scores_ref) for i, (src, path) in enumerate(parts)])
         return _commit(store, writer, written, {
             "method": "strap", "target": target_task, "segments": len(segments),
             "segment_lengths": [len(s) for s in segments], "candidate_matches": len(matches),
-            "kept": [asdict(m) for m in kept]})
+            "kept_matches": len(kept), "kept": [asdict(m) for m in kept[:1000]]})
     except BaseException:
         writer.abort()
         raise
@@ -357,7 +377,8 @@ def score(store: Store, method: str, target_task: str, out_run: str, **opts) -> 
 
     Options by method (all optional): ``prior_sources`` (default: every non-target source),
     ``address`` (Ray); sr/ar/br: ``block``, br: ``encoder``; strap: ``encoder``, ``k``,
-    ``threshold``, ``min_length``, ``position_dims``; random: ``seed``; iwr: ``encoder``,
+    ``threshold``, ``min_length``, ``position_dims``, ``scoring``; random: ``seed``, ``level``,
+    ``horizon``; iwr: ``encoder``,
     ``bandwidth``, ``mode``, ``num_shards``, ``subsample``.
     """
     out_key = scores_key(out_run)

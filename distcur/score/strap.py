@@ -10,9 +10,14 @@
    ``C[i, j] = ||q_i - x_j||``; the match ends at ``b = argmin_j D[n-1, j]`` with cost
    ``D[n-1, b]`` and starts where its optimal path enters row 0. A match therefore spans
    between n and 2n - 1 prior steps, and an episode shorter than n has no match.
-3. Per segment keep the ``max(1, k // n_segments)`` lowest-cost matches (k = 100 by default).
-4. Step score: ``1 / (1 + cost / n)`` (inverse of the mean per-step DTW distance) of the best kept
-   match covering the step, 0 for steps that no kept match covers. Scores lie in [0, 1].
+3. Per segment keep the ``max(1, k // n_segments)`` lowest-cost matches (k = 100 by default), or
+   with ``k=None`` every match, ranked within its segment.
+4. Step score, ``scoring="cost"``: ``1 / (1 + cost / n)`` (inverse of the mean per-step DTW
+   distance) of the best kept match covering the step; ``scoring="rank"``: the match's rank within
+   its segment (best first) mapped to (0, 1], ties between segments broken by cost, so that a
+   selection that fills a step budget takes every segment's best match, then every segment's
+   second, ...: the reference's "top k split evenly across the target's segments", with k set by
+   the budget. Steps that no kept match covers score 0. Scores lie in [0, 1].
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 DEFAULT_THRESHOLD = 5e-3
 DEFAULT_MIN_LENGTH = 20
 DEFAULT_TOP_K = 100
+SCORINGS = ("cost", "rank")
 _CELLS_PER_BLOCK = 4_000_000  # bound on query-length x episodes x episode-length per DTW block
 
 
@@ -175,11 +181,12 @@ def match_episodes(segments: list[np.ndarray], source: str, episode: np.ndarray,
     return out
 
 
-def top_k_matches(matches: list[Match], n_segments: int, k: int = DEFAULT_TOP_K) -> list[Match]:
-    """Per segment, the ``max(1, k // n_segments)`` lowest-cost matches (ties by source, episode)."""
+def top_k_matches(matches: list[Match], n_segments: int, k: int | None = DEFAULT_TOP_K) -> list[Match]:
+    """Per segment, the ``max(1, k // n_segments)`` lowest-cost matches (all with ``k=None``), best
+    first within each segment (ties by source, episode)."""
     if n_segments < 1:
         raise ValueError("STRAP: no query segments")
-    per_segment = max(1, k // n_segments)
+    per_segment = None if k is None else max(1, k // n_segments)
     kept: list[Match] = []
     for q in range(n_segments):
         mine = sorted((m for m in matches if m.segment == q), key=lambda m: (m.cost, m.source, m.episode))
@@ -187,16 +194,42 @@ def top_k_matches(matches: list[Match], n_segments: int, k: int = DEFAULT_TOP_K)
     return kept
 
 
-def step_scores_from_matches(source: str, episode: np.ndarray, step: np.ndarray, kept: list[Match]) -> np.ndarray:
-    """(N,) score of each (source, episode[i], step[i]): best kept match covering it, else 0."""
+def match_step_scores(kept: list[Match], scoring: str = "cost") -> list[float]:
+    """The score each kept match gives the steps it covers (``kept`` as :func:`top_k_matches` orders it)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"STRAP: scoring must be one of {SCORINGS}, got {scoring!r}")
+    if scoring == "cost":
+        return [m.score for m in kept]
+    rank: dict[int, int] = {}
+    ranks = []
+    for m in kept:
+        ranks.append(rank.get(m.segment, 0))
+        rank[m.segment] = ranks[-1] + 1
+    depth = max(ranks, default=0) + 1
+    # rank r -> (depth - r) / depth, plus a tie-break in (0, 1 / depth) from the match's cost score
+    return [(depth - r - 1 + m.score) / depth for r, m in zip(ranks, kept)]
+
+
+def step_scores_from_matches(source: str, episode: np.ndarray, step: np.ndarray, kept: list[Match],
+                             match_scores: list[float] | None = None) -> np.ndarray:
+    """(N,) score of each (source, episode[i], step[i]): the best kept match covering it, else 0.
+
+    ``match_scores``: each kept match's score (default: :attr:`Match.score`)."""
     episode = np.asarray(episode)
     step = np.asarray(step)
     out = np.zeros(len(episode), np.float64)
-    for m in kept:
-        if m.source != source:
-            continue
-        hit = (episode == m.episode) & (step >= m.start_step) & (step <= m.end_step)
-        np.maximum(out, np.where(hit, m.score, 0.0), out=out)
+    scores = match_scores if match_scores is not None else [m.score for m in kept]
+    by_episode: dict[int, list[tuple[Match, float]]] = {}
+    for m, v in zip(kept, scores):
+        if m.source == source:
+            by_episode.setdefault(m.episode, []).append((m, v))
+    if not by_episode:
+        return out
+    for e in np.intersect1d(np.unique(episode), np.fromiter(by_episode, np.int64)).tolist():
+        rows = np.flatnonzero(episode == e)
+        for m, v in by_episode[e]:
+            hit = rows[(step[rows] >= m.start_step) & (step[rows] <= m.end_step)]
+            np.maximum.at(out, hit, v)
     return out
 
 
@@ -217,8 +250,9 @@ def target_segments(z: np.ndarray, positions: np.ndarray, episode: np.ndarray, s
 
 def strap_scores(prior_z: np.ndarray, prior_episode: np.ndarray, prior_step: np.ndarray,
                  target_z: np.ndarray, target_positions: np.ndarray, target_episode: np.ndarray,
-                 target_step: np.ndarray, k: int = DEFAULT_TOP_K, threshold: float = DEFAULT_THRESHOLD,
-                 min_length: int = DEFAULT_MIN_LENGTH, source: str = "prior") -> tuple[np.ndarray, list[Match]]:
+                 target_step: np.ndarray, k: int | None = DEFAULT_TOP_K, threshold: float = DEFAULT_THRESHOLD,
+                 min_length: int = DEFAULT_MIN_LENGTH, source: str = "prior",
+                 scoring: str = "cost") -> tuple[np.ndarray, list[Match]]:
     """STRAP in one process: (N,) prior step scores in [0, 1] and the kept matches.
 
     Args:
@@ -233,4 +267,4 @@ def strap_scores(prior_z: np.ndarray, prior_episode: np.ndarray, prior_step: np.
     segments = target_segments(target_z, target_positions, target_episode, target_step, threshold, min_length)
     matches = match_episodes(segments, source, prior_episode, prior_step, prior_z)
     kept = top_k_matches(matches, len(segments), k)
-    return step_scores_from_matches(source, prior_episode, prior_step, kept), kept
+    return step_scores_from_matches(source, prior_episode, prior_step, kept, match_step_scores(kept, scoring)), kept

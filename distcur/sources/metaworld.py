@@ -1,9 +1,19 @@
-"""The embedded default prior and target sets: MetaWorld v3 scripted experts (BENCHMARKS.md §1).
+"""The embedded default prior and target sets: MetaWorld v3 scripted experts.
 
-Per prior task: ``success_per_task`` successful demos of the task's scripted expert with small
-Gaussian action noise, and ``failed_per_task`` failed or off-task rollouts. For the target task
-the prior holds *no* successful demo, only its failed attempts; the target set is
-``target_demos`` successful expert demos of the target task (source ``target-<task>``).
+Two kinds of prior (``MetaWorldPriorConfig.kind``):
+
+* ``hard`` (the default): per prior task ``success_per_task`` successful demos of the task's
+  scripted expert with small Gaussian action noise, and ``failed_per_task`` failed or off-task
+  rollouts. For the target task the prior holds *no* successful demo, only its failed attempts:
+  data that looks like the target but teaches the wrong thing (where similarity is not utility).
+* ``datamil``: modelled on the public DataMIL MetaWorld data (:meth:`MetaWorldPriorConfig.datamil`):
+  every v3 task whose expert succeeds, demos with Gaussian action noise of 0.1 x the action range
+  (std 0.2 on [-1, 1]) ending at their first success, failed attempts kept only once they reach
+  ``failed_max_steps`` (200) steps without success (a failed attempt that succeeds earlier is
+  redrawn), and the target task's own demos *in* the prior.
+
+The target set is ``target_demos`` successful expert demos of the target task (source
+``target-<task>``), never in the prior.
 
 Every environment is built as ``metaworld.MT1`` builds its own (the goal is part of the 39-d
 state; a test checks the two agree step for step). An episode's initial state (object and goal positions) is drawn by the environment's own sampler
@@ -17,8 +27,9 @@ Failed modes, cycled over a task's failed episodes:
 * ``truncated``: the expert with small noise, cut at 30-70 % of the steps it needed to succeed;
 * ``other_expert``: another prior task's expert driving this task's environment.
 
-A failed rollout that happens to succeed is cut at 30-70 % of the steps before its first
-success, so every failed episode is a failure by construction.
+A failed rollout of the hard prior that happens to succeed is cut at 30-70 % of the steps before
+its first success, so every failed episode is a failure by construction. The step table's manifest
+records each episode's kind (``episode_modes``: ``success`` or the failed mode).
 
 Only the per-episode maths lives here; the Ray fan-out over (task x chunk) is in
 :mod:`distcur.distributed.metaworld`.
@@ -67,6 +78,10 @@ DEFAULT_TASKS = (
 
 # Seed streams: initial states of different roles never share a seed.
 STREAM_SUCCESS, STREAM_FAILED, STREAM_TARGET, STREAM_EVAL = 0, 1, 2, 3
+PRIOR_KINDS = ("hard", "datamil")
+# DataMIL's data: noise 0.1 x the action range (2 on [-1, 1]); failures kept once they pass 200 steps.
+DATAMIL_NOISE = 0.2
+DATAMIL_FAILED_STEPS = 200
 
 
 @functools.cache
@@ -251,11 +266,13 @@ class MetaWorldPriorConfig:
 
     ``tasks`` are the prior tasks; the target is appended when missing (its failed attempts
     belong to the prior). ``task_counts`` overrides ``success_per_task`` for the named tasks
-    (the target must stay at 0). ``append_task_onehot`` appends a one-hot of the task's index
-    in ``tasks`` to every state (state dim 39 + len(tasks)).
+    (for the hard prior the target must stay at 0). ``append_task_onehot`` appends a one-hot of
+    the task's index in ``tasks`` to every state (state dim 39 + len(tasks)). ``kind``: see the
+    module docstring; :meth:`datamil` gives the DataMIL-like prior's settings.
     """
 
     target: str = "pick-place-wall-v3"
+    kind: str = "hard"
     tasks: tuple[str, ...] = DEFAULT_TASKS
     success_per_task: int = 10
     failed_per_task: int = 10
@@ -270,7 +287,15 @@ class MetaWorldPriorConfig:
     append_task_onehot: bool = False
     chunk_episodes: int = 10
 
+    @classmethod
+    def datamil(cls, target: str = "pick-place-wall-v3", per_task: int = 10, **overrides: Any) -> MetaWorldPriorConfig:
+        """The DataMIL-like prior: every usable v3 task, ``per_task`` demos + ``per_task`` failures each
+        (10 + 10: about 980 trajectories, 150k steps), the target's own demos included."""
+        return cls(target=target, **{**datamil_options(per_task), **overrides})
+
     def __post_init__(self):
+        if self.kind not in PRIOR_KINDS:
+            raise ValueError(f"MetaWorldPriorConfig.kind must be one of {PRIOR_KINDS}, got {self.kind!r}")
         check_task(self.target, "target")
         tasks = tuple(self.tasks)
         if not tasks:
@@ -310,7 +335,7 @@ class MetaWorldPriorConfig:
             for t, c in self.task_counts.items():
                 if not isinstance(c, int) or c < 0:
                     raise ValueError(f"MetaWorldPriorConfig.task_counts[{t!r}] must be a non-negative int, got {c!r}")
-            if self.task_counts.get(self.target, 0) != 0:
+            if self.kind == "hard" and self.task_counts.get(self.target, 0) != 0:
                 raise ValueError(
                     f"MetaWorldPriorConfig.task_counts[{self.target!r}] must be 0: the prior holds no successful "
                     "demo of the target task"
@@ -321,8 +346,8 @@ class MetaWorldPriorConfig:
             raise ValueError("MetaWorldPriorConfig: the prior would be empty (no successful or failed episodes)")
 
     def successes(self, task: str) -> int:
-        """Successful demos of ``task`` in the prior (0 for the target)."""
-        if task == self.target:
+        """Successful demos of ``task`` in the prior (0 for the target of the hard prior)."""
+        if task == self.target and self.kind == "hard":
             return 0
         if self.task_counts is not None and task in self.task_counts:
             return self.task_counts[task]
@@ -344,6 +369,13 @@ class MetaWorldPriorConfig:
         if self.append_task_onehot:
             d["onehot_over"] = list(self.tasks)
         return d
+
+
+def datamil_options(per_task: int = 10) -> dict[str, Any]:
+    """The :class:`MetaWorldPriorConfig` options of the DataMIL-like prior (see the module docstring)."""
+    return {"kind": "datamil", "tasks": tuple(valid_tasks()), "success_per_task": per_task,
+            "failed_per_task": per_task, "success_noise": DATAMIL_NOISE, "failed_max_steps": DATAMIL_FAILED_STEPS,
+            "failed_modes": ("noisy", "other_expert")}
 
 
 # -- the plan: which episodes, in which order, with which ids -------------------------------------
@@ -409,22 +441,46 @@ def generate_episode(cfg: MetaWorldPriorConfig, spec: EpisodeSpec) -> tuple[Roll
             f"metaworld: the scripted expert of {spec.task!r} failed {MAX_ATTEMPTS} times in a row "
             f"(episode {spec.episode} of source {spec.source!r}, noise {cfg.success_noise}); lower success_noise"
         )
+    if cfg.kind == "datamil":
+        return _datamil_failure(cfg, spec, stats)
     seed = derive_seed(cfg.seed, STREAM_FAILED, spec.task, spec.index)
     stats["seed"] = seed
-    if spec.mode == "noisy":
-        ro = rollout_episode(spec.task, "expert", cfg.failed_noise, seed, cfg.failed_max_steps, bias=cfg.failed_noise / 2)
-    elif spec.mode == "truncated":
-        ro = rollout_episode(spec.task, "expert", cfg.success_noise, seed, cfg.max_steps)
+    if spec.mode == "truncated":
+        ro = _failed_rollout(cfg, spec, seed, cfg.max_steps)
         if not ro.succeeded:
             ro = ro.cut(cfg.failed_max_steps)
     else:
-        others = [t for t in cfg.tasks if t != spec.task] or [t for t in valid_tasks() if t != spec.task]
-        driver = others[np.random.default_rng(derive_seed(seed, "driver")).integers(len(others))]
-        ro = rollout_episode(spec.task, "expert", cfg.success_noise, seed, cfg.failed_max_steps, policy_task=driver)
+        ro = _failed_rollout(cfg, spec, seed, cfg.failed_max_steps)
     if ro.succeeded:
         stats["cut_after_success"] = 1
         ro = ro.cut(max(1, int(ro.success_step * _cut_fraction(seed))))
     return ro, stats
+
+
+def _failed_rollout(cfg: MetaWorldPriorConfig, spec: EpisodeSpec, seed: int, max_steps: int) -> Rollout:
+    """One attempt of a failed mode: the noisy expert, or another prior task's expert."""
+    if spec.mode == "noisy":
+        return rollout_episode(spec.task, "expert", cfg.failed_noise, seed, max_steps, bias=cfg.failed_noise / 2)
+    if spec.mode == "truncated":
+        return rollout_episode(spec.task, "expert", cfg.success_noise, seed, max_steps)
+    others = [t for t in cfg.tasks if t != spec.task] or [t for t in valid_tasks() if t != spec.task]
+    driver = others[np.random.default_rng(derive_seed(seed, "driver")).integers(len(others))]
+    return rollout_episode(spec.task, "expert", cfg.success_noise, seed, max_steps, policy_task=driver)
+
+
+def _datamil_failure(cfg: MetaWorldPriorConfig, spec: EpisodeSpec, stats: dict) -> tuple[Rollout, dict]:
+    """A failed attempt kept, as DataMIL's data keeps them, only once it ran ``failed_max_steps``
+    steps without success; one that succeeds earlier is redrawn (cut as a last resort)."""
+    ro = None
+    for attempt in range(MAX_ATTEMPTS):
+        seed = derive_seed(cfg.seed, STREAM_FAILED, spec.task, spec.index, attempt)
+        ro = _failed_rollout(cfg, spec, seed, cfg.failed_max_steps)
+        stats["attempts"] += 1
+        stats["seed"] = seed
+        if not ro.succeeded:
+            return ro, stats
+    stats["cut_after_success"] = 1
+    return ro.cut(max(1, int(ro.success_step * _cut_fraction(stats["seed"])))), stats
 
 
 def episode_columns(cfg: MetaWorldPriorConfig, spec: EpisodeSpec, ro: Rollout) -> dict[str, np.ndarray]:
@@ -520,6 +576,8 @@ def _write_source(
         "tasks": summarize(stats),
         # initial-state seed of each episode (index = episode id): reset_env(env, seed) replays it
         "episode_seeds": [s["seed"] for s in stats],
+        # what each episode is (index = episode id): "success" or its failed mode
+        "episode_modes": [s["mode"] if s["role"] == "failed" else "success" for s in stats],
         # CPU seconds spent rolling out episodes, summed over workers (wall time on n idle cores ~ this / n)
         "cpu_s": round(sum(s["cpu_s"] for s in stats), 3),
         **extra_metadata,

@@ -179,3 +179,28 @@ def test_envs_match_metaworld_mt1():
         a, b = theirs.step(act), ours.step(act)
         np.testing.assert_array_equal(a[0], b[0])
         assert a[1] == b[1] and a[4]["success"] == b[4]["success"]
+
+
+def test_datamil_prior_holds_the_targets_demos_and_long_failures(tmp_path):
+    """The DataMIL-like prior: the target task's own successful demos are in the prior (the hard prior
+    has none, test_counts_and_target_rule), every failure ran 200 steps without success, and the
+    manifest records each episode's kind."""
+    cfg = MetaWorldPriorConfig.datamil(TARGET, per_task=2, tasks=TASKS, target_demos=2, chunk_episodes=4)
+    assert cfg.kind == "datamil" and cfg.success_noise == pytest.approx(0.2) and cfg.successes(TARGET) == 2
+    store = Store(tmp_path)
+    generate_metaworld(cfg, store, runner=run_chunks_locally)
+    prior = StepArrays.from_table(store.read_table(steps_key(PRIOR_SOURCE)))
+    first = prior.is_first
+    outcome = {(t, bool(ok)) for t, ok in zip(prior.task[first], prior.success[first])}
+    assert (TARGET, True) in outcome and (TARGET, False) in outcome
+    lengths = np.bincount(prior.episode)
+    ok = prior.success[first]
+    assert (lengths[prior.episode[first][~ok]] == 200).all()  # failures kept only at 200 steps
+    assert (lengths[prior.episode[first][ok]] < 200).all()  # demos end at their first success
+    modes = store.manifest(steps_key(PRIOR_SOURCE)).metadata["episode_modes"]
+    assert len(modes) == len(lengths) and set(modes) == {"success", "noisy", "other_expert"}
+    assert [m == "success" for m in modes] == ok[np.argsort(prior.episode[first])].tolist()
+    # the target set stays apart from the prior's demos of the same task
+    target = StepArrays.from_table(store.read_table(steps_key(target_source(TARGET))))
+    starts = {tuple(x) for x in prior.state[first].round(5).tolist()}
+    assert target.success.all() and not starts & {tuple(x) for x in target.state[target.is_first].round(5).tolist()}
