@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from distcur.config import DEFAULT_STORE, to_dict
 from distcur.data import eval_key, scores_key, selection_key, steps_key, target_source
+from distcur.policy.sampler import MIXINGS
 from distcur.sources.metaworld import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.store import Store, fingerprint
 
@@ -91,6 +92,9 @@ class DemoConfig:
     tie_seed: int = 0  # the permutation that breaks score ties in every selection
     alpha: float = 0.5  # co-training: target probability
     cotrain: bool = True  # False: train on the selection alone (DataMIL's final MetaWorld policy)
+    # bernoulli: each batch element from the target with probability alpha; split: exactly
+    # round(alpha * B) target rows per batch (BehaviorRetrieval's concatenated half-and-half batches)
+    mixing: str = "bernoulli"
     train_steps: int = 1500
     batch_size: int = 256
     hidden: tuple[int, ...] = (256, 256)
@@ -117,6 +121,8 @@ class DemoConfig:
                              f"{self.alpha}")
         if self.retrieval_level not in ("step", "subtraj"):
             raise ValueError(f"DemoConfig.retrieval_level must be 'step' or 'subtraj', got {self.retrieval_level!r}")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"DemoConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.prior_kind not in PRIOR_KINDS:
             raise ValueError(f"DemoConfig.prior_kind must be one of {PRIOR_KINDS}, got {self.prior_kind!r}")
         if self.prior is None:
@@ -290,7 +296,7 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     data = load_training_data(store, target_source(cfg.target), selection)
     alpha = 1.0 if selection is None else (cfg.alpha if cfg.cotrain else 0.0)
     tcfg = TrainConfig(hidden=cfg.hidden, lr=cfg.lr, batch_size=cfg.batch_size, steps=cfg.train_steps,
-                       alpha=alpha, seed=seed, checkpoint_every=0)
+                       alpha=alpha, seed=seed, checkpoint_every=0, mixing=cfg.mixing)
     t0 = time.time()
     params, normalizer, history = train_policy(data, tcfg)
     train_s = time.time() - t0
@@ -319,6 +325,10 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
+JOB_FIELDS = ("target", "episodes", "max_steps", "heldout_demos", "alpha", "cotrain", "train_steps", "batch_size",
+              "hidden", "lr")
+
+
 def job_key(run: str, method: str, seed: int) -> str:
     """Where one (method, seed) policy's result row is committed as soon as it is evaluated."""
     return f"{eval_key(run)}/jobs/{method}/seed={seed}"
@@ -330,7 +340,12 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
     adding seeds or methods trains only those."""
     from distcur.distributed.pipeline import run_policy_jobs
 
-    shared = {k: v for k, v in to_dict(cfg).items() if k not in ("store", "address", "methods", "seeds")}
+    # What a policy row depends on besides its inputs (target, held-out and selection fingerprints, which
+    # capture the prior and every scoring choice): the training and evaluation settings only, so that
+    # scorer options or methods added to the config do not invalidate rows already committed.
+    shared = {k: v for k, v in to_dict(cfg).items() if k in JOB_FIELDS}
+    if cfg.mixing != "bernoulli":
+        shared["mixing"] = cfg.mixing
     data_inputs = {"target": store.input_fingerprint(steps_key(target_source(cfg.target))),
                    "heldout": store.input_fingerprint(steps_key(heldout_source(cfg.target)))}
     selection_inputs = {run: store.input_fingerprint(selection_key(run)) for _, run, _ in jobs if run}
@@ -486,7 +501,7 @@ def protocol_of(cfg: DemoConfig) -> dict:
                                                               "target_demos", "success_noise", "failed_noise",
                                                               "failed_modes", "failed_max_steps", "max_steps")},
             "policy": {"hidden": list(cfg.hidden), "train_steps": cfg.train_steps, "batch_size": cfg.batch_size,
-                       "alpha": cfg.alpha, "cotrain": cfg.cotrain},
+                       "alpha": cfg.alpha, "cotrain": cfg.cotrain, "mixing": cfg.mixing},
             "selection": {"budget_percent": cfg.budget_percent, "retrieval_level": cfg.retrieval_level,
                           "levels": {m: cfg.level_of(m) for m in cfg.methods if m not in BASELINES},
                           "tie_seed": cfg.tie_seed, "iwr": dict(cfg.iwr)},

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="granularity of SR / AR / BR / IWR and of random (default step, as their papers)")
     p.add_argument("--no-cotrain", action="store_true",
                    help="train on the selection alone (DataMIL's final MetaWorld policy) instead of co-training")
+    p.add_argument("--mixing", choices=("bernoulli", "split"), default=None,
+                   help="co-training batches: each element from the target with probability alpha (default), or "
+                        "exactly alpha x batch target rows (BehaviorRetrieval's half-and-half batches)")
     p.add_argument("--datamodel-proxy", choices=("nll", "mse"), default=None,
                    help="the DataMIL methods' proxy loss (distcur.datamodels.proxy; default mse)")
     p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
@@ -61,7 +64,8 @@ def run(args) -> int:
              "seeds": tuple(args.seeds) if args.seeds else None, "episodes": args.episodes,
              "hidden": tuple(args.hidden) if args.hidden else None, "train_steps": args.train_steps,
              "max_steps": args.max_steps, "prior_kind": args.prior, "budget_percent": args.budget,
-             "retrieval_level": args.retrieval_level, "cotrain": False if args.no_cotrain else None}
+             "retrieval_level": args.retrieval_level, "cotrain": False if args.no_cotrain else None,
+             "mixing": args.mixing}
     # Explicit options win over --protocol-policy's settings.
     overrides = {**(PROTOCOL_POLICY if args.protocol_policy else {}), **{k: v for k, v in given.items() if v is not None}}
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)

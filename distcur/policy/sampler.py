@@ -1,9 +1,11 @@
 """The co-training mixture sampler: target with probability alpha, else the weighted prior selection.
 
 Rows are indexed in one space: ``0 .. n_target - 1`` are target steps, ``n_target ..
-n_target + n_prior - 1`` are the selected prior steps (in selection order). Each batch element is
-drawn independently: from the target (uniformly) with probability ``alpha``, otherwise from the
-prior selection.
+n_target + n_prior - 1`` are the selected prior steps (in selection order). With ``mixing="bernoulli"``
+each batch element is drawn independently: from the target (uniformly) with probability ``alpha``,
+otherwise from the prior selection; with ``"split"`` the first ``round(alpha * B)`` elements of every
+batch are target rows and the rest prior rows (BehaviorRetrieval concatenates equal-size target and
+prior batches): the same mixture in expectation, without its batch-to-batch variance.
 
 How a selection's per-step weights act (``weighting``), one scheme per run:
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 WEIGHTINGS = ("sample", "loss")
+MIXINGS = ("bernoulli", "split")
 
 
 class MixtureSampler:
@@ -41,10 +44,13 @@ class MixtureSampler:
         batch_size: int,
         seed: int,
         weighting: str = "sample",
+        mixing: str = "bernoulli",
     ):
         w = np.asarray(prior_weights, np.float64).reshape(-1)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if batch_size <= 0:
@@ -60,6 +66,7 @@ class MixtureSampler:
             alpha = 1.0  # target-only: an empty or all-zero selection leaves nothing else to draw
         self.n_target, self.n_prior = int(n_target), int(w.size)
         self.alpha, self.batch_size, self.seed, self.weighting = float(alpha), int(batch_size), int(seed), weighting
+        self.mixing = mixing
         self._cdf = np.cumsum(w) / w.sum() if has_prior else np.zeros(0)
         self._loss_w = (w / w.mean()).astype(np.float32) if has_prior else np.zeros(0, np.float32)
 
@@ -68,6 +75,8 @@ class MixtureSampler:
         rng = np.random.default_rng([self.seed, int(step)])
         b = self.batch_size
         from_target = rng.random(b) < self.alpha
+        if self.mixing == "split":
+            from_target = np.arange(b) < int(round(self.alpha * b))
         target_rows = rng.integers(0, max(self.n_target, 1), size=b)
         weights = np.ones(b, np.float32)
         if self.n_prior and self.alpha < 1.0:
@@ -83,4 +92,5 @@ class MixtureSampler:
 
     def state(self) -> dict:
         """What determines the batch sequence (for checkpoint metadata)."""
-        return {"seed": self.seed, "alpha": self.alpha, "batch_size": self.batch_size, "weighting": self.weighting}
+        state = {"seed": self.seed, "alpha": self.alpha, "batch_size": self.batch_size, "weighting": self.weighting}
+        return {**state, "mixing": self.mixing} if self.mixing != "bernoulli" else state

@@ -42,7 +42,7 @@ from distcur.policy.functional import (
     policy_forward,
     tanh_gaussian_nll,
 )
-from distcur.policy.sampler import WEIGHTINGS, MixtureSampler
+from distcur.policy.sampler import MIXINGS, WEIGHTINGS, MixtureSampler
 from distcur.schema import SELECTION_SCHEMA, list_column_to_numpy
 from distcur.store import Manifest, Store
 
@@ -74,6 +74,7 @@ class TrainConfig:
     alpha: float = 0.5
     seed: int = 0
     weighting: str = "sample"
+    mixing: str = "bernoulli"  # or "split": exactly round(alpha * B) target rows per batch
     weight_decay: float = 0.0
     checkpoint_every: int = 1000
     log_every: int = 100
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"TrainConfig.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"TrainConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
         if self.action_bounds is not None:
@@ -404,7 +407,8 @@ def train_policy(
         start, history, acc_sum, acc_n = 0, [], 0.0, 0
     obs = torch.from_numpy(normalizer.state(data.obs))
     act = torch.from_numpy(normalizer.action(data.act))
-    sampler = MixtureSampler(data.n_target, data.prior_weight, cfg.alpha, cfg.batch_size, cfg.seed, cfg.weighting)
+    sampler = MixtureSampler(data.n_target, data.prior_weight, cfg.alpha, cfg.batch_size, cfg.seed, cfg.weighting,
+                             cfg.mixing)
     adam = AdamConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if world_size > 1:
         if all_reduce is None:

@@ -162,6 +162,16 @@ def test_sampler_proportions_hit_alpha_and_weights():
     assert target.min() > 0
 
 
+def test_split_mixing_puts_exactly_alpha_target_rows_in_every_batch():
+    sampler = MixtureSampler(7, np.array([1.0, 0.0, 3.0]), alpha=0.5, batch_size=33, seed=2, mixing="split")
+    for step in range(5):
+        idx, w = sampler.batch(step)
+        assert (idx[:16] < 7).all() and (idx[16:] >= 7).all() and not (idx == 8).any() and (w == 1).all()
+    assert sampler.state()["mixing"] == "split"
+    with pytest.raises(ValueError, match="mixing must be one of"):
+        MixtureSampler(7, np.ones(3), 0.5, 8, 0, mixing="halves")
+
+
 def test_sampler_is_pure_function_of_seed_and_step_and_loss_weighting():
     a = MixtureSampler(5, np.ones(8), 0.5, 64, seed=1)
     b = MixtureSampler(5, np.ones(8), 0.5, 64, seed=1)
