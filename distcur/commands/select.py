@@ -1,4 +1,4 @@
-"""``distcur select``: keep the top x% (or the clusters above a threshold) of a score run."""
+"""``distcur select``: a budget of prior steps (or the top x% of clusters, or those above a threshold) of a score run."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ from distcur.config import DEFAULT_STORE
 
 
 def register(sub) -> None:
-    p = sub.add_parser("select", help="scores -> selection (top x%% or threshold, per step / sub-trajectory / episode)")
+    p = sub.add_parser("select", help="scores -> selection (a share of prior steps, top x%% of clusters or a threshold; "
+                                      "per step / sub-trajectory / episode)")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
     p.add_argument("--scores", required=True, help="score run to select from (scores/<run>)")
     p.add_argument("--run", required=True, help="output run name: writes selections/<run>")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--top", type=float, default=None, help="keep the top X percent of clusters (default 10)")
+    rule.add_argument("--budget", type=float, default=None, metavar="PERCENT",
+                      help="select this share of the prior's steps, clusters in score order, the last cut (default 10)")
+    rule.add_argument("--top", type=float, default=None, help="keep the top X percent of clusters, whatever their size")
     rule.add_argument("--threshold", type=float, default=None, help="keep clusters with mean score >= T")
-    p.add_argument("--level", default="step", choices=("step", "subtraj", "episode"))
+    p.add_argument("--level", default="step", choices=("step", "subtraj", "episode"),
+                   help="cluster granularity (default: step)")
+    p.add_argument("--tie-seed", type=int, default=0, help="seed of the permutation that breaks score ties")
     p.add_argument("--horizon", type=int, default=30, help="sub-trajectory length H for --level subtraj")
     p.add_argument("--weighting", default="uniform", choices=("uniform", "score"))
     p.add_argument("--export-lerobot", action="store_true", help="also write selections/<run>/lerobot (index, weight)")
@@ -26,9 +31,8 @@ def run(args) -> int:
     from distcur.select import SelectConfig, lerobot_key, run_select
     from distcur.store import Store
 
-    top = args.top if args.top is not None or args.threshold is not None else 10.0
-    config = SelectConfig(top_percent=top, threshold=args.threshold, level=args.level, horizon=args.horizon,
-                          weighting=args.weighting)
+    config = SelectConfig(budget_percent=args.budget, top_percent=args.top, threshold=args.threshold, level=args.level,
+                          horizon=args.horizon, weighting=args.weighting, tie_seed=args.tie_seed)
     m = run_select(Store(args.store), args.scores, args.run, config, export_lerobot=args.export_lerobot)
     out = {"selection": f"selections/{args.run}", "rows": m.rows,
            "selected_fraction": m.metadata.get("selected_fraction")}

@@ -274,11 +274,12 @@ def _strap_match_part(store: Store, path: str, source: str, segments: list[np.nd
     return matches, (episode[is_split], step[is_split], z[is_split])
 
 
-def _strap_write_part(store: Store, path: str, source: str, rel: str, kept: list, match_scores: list[float]):
+def _strap_write_part(store: Store, path: str, source: str, rel: str, kept: list, match_scores: list[float],
+                      padding: int):
     tables = []
     for rb in _iter_part(store, path, ["source", "episode", "step"]):
         src, episode, step = _keys(rb)
-        scores = strap_lib.step_scores_from_matches(source, episode, step, kept, match_scores)
+        scores = strap_lib.step_scores_from_matches(source, episode, step, kept, match_scores, padding)
         tables.append(_score_table(src, episode, step, scores, "strap"))
     if not tables:
         return rel, 0
@@ -290,13 +291,14 @@ def _strap_write_part(store: Store, path: str, source: str, rel: str, kept: list
 def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[str] | None = None,
               encoder: str = "vae", k: int | None = strap_lib.DEFAULT_TOP_K,
               threshold: float = strap_lib.DEFAULT_THRESHOLD, min_length: int = strap_lib.DEFAULT_MIN_LENGTH,
-              position_dims: tuple[int, ...] = (0, 1, 2), scoring: str = "cost",
+              position_dims: tuple[int, ...] = (0, 1, 2), scoring: str = "cost", padding: int = 0,
               address: str | None = None) -> Manifest:
     """STRAP scores: segments of the target demos matched by subsequence DTW in every prior episode.
 
     Segmentation uses ``state[:, position_dims]`` of the target steps (MetaWorld: the hand
     position); matching uses the ``encoder``'s per-step embeddings of prior and target.
-    ``k=None, scoring="rank"`` keeps every match ranked within its segment, for a step budget.
+    ``k=None, scoring="rank"`` keeps every match ranked within its segment, for a step budget;
+    ``padding`` extends every match by that many steps on both sides.
     """
     import ray
 
@@ -309,8 +311,10 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
     inputs = {kk: store.input_fingerprint(kk) for kk in [*prior_keys.values(), target_key, steps_key(tsrc)]}
     config = {"method": "strap", "target": target_task, "prior_sources": sources, "encoder": encoder, "k": k,
               "threshold": threshold, "min_length": min_length, "position_dims": list(position_dims)}
-    if scoring != "cost":  # absent from older manifests: they stay current
-        config["scoring"] = scoring
+    if scoring != "cost" or padding:  # absent from older manifests: they stay current
+        config.update(scoring=scoring, padding=padding)
+    if padding < 0:
+        raise ValueError(f"STRAP: padding must be >= 0 steps, got {padding}")
     if store.is_done(out_key, STAGE, config, inputs):
         return store.manifest(out_key)
     if k is not None and k < 1:
@@ -361,7 +365,7 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
         kept_ref, scores_ref = ray.put(kept), ray.put(strap_lib.match_step_scores(kept, scoring))
         write_fn = _remote(_strap_write_part)
         written = ray.get([write_fn.remote(store, path, src, f"{writer.data_dir}/part-{i:05d}.parquet", kept_ref,
-                                           scores_ref) for i, (src, path) in enumerate(parts)])
+                                           scores_ref, padding) for i, (src, path) in enumerate(parts)])
         return _commit(store, writer, written, {
             "method": "strap", "target": target_task, "segments": len(segments),
             "segment_lengths": [len(s) for s in segments], "candidate_matches": len(matches),

@@ -211,10 +211,11 @@ def match_step_scores(kept: list[Match], scoring: str = "cost") -> list[float]:
 
 
 def step_scores_from_matches(source: str, episode: np.ndarray, step: np.ndarray, kept: list[Match],
-                             match_scores: list[float] | None = None) -> np.ndarray:
+                             match_scores: list[float] | None = None, padding: int = 0) -> np.ndarray:
     """(N,) score of each (source, episode[i], step[i]): the best kept match covering it, else 0.
 
-    ``match_scores``: each kept match's score (default: :attr:`Match.score`)."""
+    ``match_scores``: each kept match's score (default: :attr:`Match.score`); ``padding``: steps
+    added on both sides of every match (STRAP's reference retrieves 5 frames of context)."""
     episode = np.asarray(episode)
     step = np.asarray(step)
     out = np.zeros(len(episode), np.float64)
@@ -228,7 +229,7 @@ def step_scores_from_matches(source: str, episode: np.ndarray, step: np.ndarray,
     for e in np.intersect1d(np.unique(episode), np.fromiter(by_episode, np.int64)).tolist():
         rows = np.flatnonzero(episode == e)
         for m, v in by_episode[e]:
-            hit = rows[(step[rows] >= m.start_step) & (step[rows] <= m.end_step)]
+            hit = rows[(step[rows] >= m.start_step - padding) & (step[rows] <= m.end_step + padding)]
             np.maximum.at(out, hit, v)
     return out
 
@@ -252,7 +253,7 @@ def strap_scores(prior_z: np.ndarray, prior_episode: np.ndarray, prior_step: np.
                  target_z: np.ndarray, target_positions: np.ndarray, target_episode: np.ndarray,
                  target_step: np.ndarray, k: int | None = DEFAULT_TOP_K, threshold: float = DEFAULT_THRESHOLD,
                  min_length: int = DEFAULT_MIN_LENGTH, source: str = "prior",
-                 scoring: str = "cost") -> tuple[np.ndarray, list[Match]]:
+                 scoring: str = "cost", padding: int = 0) -> tuple[np.ndarray, list[Match]]:
     """STRAP in one process: (N,) prior step scores in [0, 1] and the kept matches.
 
     Args:
@@ -267,4 +268,5 @@ def strap_scores(prior_z: np.ndarray, prior_episode: np.ndarray, prior_step: np.
     segments = target_segments(target_z, target_positions, target_episode, target_step, threshold, min_length)
     matches = match_episodes(segments, source, prior_episode, prior_step, prior_z)
     kept = top_k_matches(matches, len(segments), k)
-    return step_scores_from_matches(source, prior_episode, prior_step, kept, match_step_scores(kept, scoring)), kept
+    scores = step_scores_from_matches(source, prior_episode, prior_step, kept, match_step_scores(kept, scoring), padding)
+    return scores, kept

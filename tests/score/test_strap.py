@@ -9,6 +9,7 @@ import pytest
 
 from distcur.score.strap import (
     Match,
+    match_step_scores,
     segment_by_speed,
     step_scores_from_matches,
     strap_scores,
@@ -101,6 +102,25 @@ def test_top_k_split_across_segments_and_step_scores():
     assert s[(ep == 0) & (st <= 4)].tolist() == [1.0] * 5  # best covering match: cost 0
     assert np.all(s[st > 4] == 0.0) and s.max() <= 1.0 and s.min() >= 0.0
     assert s[(ep == 2) & (st == 0)][0] == pytest.approx(1 / (1 + 2 / 5))
+
+
+def test_rank_scoring_fills_a_budget_round_robin_over_segments_and_padding():
+    """With every match kept and ranked within its segment, a budget takes each segment's best match
+    before any segment's second best (the reference's top k split evenly across segments), even when
+    one segment's matches are all cheaper."""
+    matches = [Match(0, "p", ep, 0, 9, cost=0.1 * ep, query_length=5) for ep in range(4)]
+    matches += [Match(1, "p", 4 + ep, 0, 9, cost=10 + ep, query_length=5) for ep in range(4)]
+    kept = top_k_matches(matches, n_segments=2, k=None)
+    assert len(kept) == 8
+    ranked = sorted(zip(match_step_scores(kept, "rank"), [(m.segment, m.episode) for m in kept]), reverse=True)
+    assert [x[1] for x in ranked[:4]] == [(0, 0), (1, 4), (0, 1), (1, 5)]
+    by_cost = sorted(zip(match_step_scores(kept, "cost"), [m.episode for m in kept]), reverse=True)
+    assert [e for _, e in by_cost[:4]] == [0, 1, 2, 3]  # cost alone takes segment 0's four first
+    ep, st = np.zeros(20, np.int64), np.arange(20)
+    padded = step_scores_from_matches("p", ep, st, [Match(0, "p", 0, 8, 10, 0.0, 3)], padding=5)
+    assert np.flatnonzero(padded).tolist() == list(range(3, 16))
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        match_step_scores(kept, "best")
 
 
 def test_strap_scores_retrieve_the_matching_episode():
