@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--mixing", choices=("bernoulli", "split"), default=None,
                    help="co-training batches: each element from the target with probability alpha (default), or "
                         "exactly alpha x batch target rows (BehaviorRetrieval's half-and-half batches)")
+    p.add_argument("--iwr-kernel", choices=("shared-prior", "per-set"), default=None,
+                   help="IWR's KDEs: one whitening by the prior's covariance (default), or each set its own "
+                        "covariance and Scott factor (two scipy gaussian_kde)")
     p.add_argument("--datamodel-proxy", choices=("nll", "mse"), default=None,
                    help="the DataMIL methods' proxy loss (distcur.datamodels.proxy; default mse)")
     p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
@@ -69,6 +72,8 @@ def run(args) -> int:
     # Explicit options win over --protocol-policy's settings.
     overrides = {**(PROTOCOL_POLICY if args.protocol_policy else {}), **{k: v for k, v in given.items() if v is not None}}
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
+    if args.iwr_kernel:
+        cfg.iwr = {**cfg.iwr, "kernel": args.iwr_kernel}
     if args.datamodel_proxy:
         cfg.datamodel = {**cfg.datamodel, "proxy": args.datamodel_proxy}
     table = run_demo(cfg)

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="random: seed (default 0)")
     p.add_argument("--bandwidth", default=None, help="iwr: scott (default), silverman, likelihood (max held-out likelihood), or a number")
     p.add_argument("--mode", default=None, choices=("exact", "subsample"), help="iwr: KDE mode (default exact)")
+    p.add_argument("--iwr-kernel", default=None, choices=("shared-prior", "per-set"),
+                   help="iwr: kernel shapes, the prior's covariance for both KDEs (shared-prior, default) "
+                        "or each set's own (per-set, as two scipy gaussian_kde)")
     p.add_argument("--num-shards", type=int, default=None, help="iwr: prior shards for the KDE partial sums")
     p.add_argument("--subsample", type=int, default=None, help="iwr: reference subsample size in subsample mode")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
@@ -35,7 +38,7 @@ _OPTIONS = {
     "sr": ("block",), "ar": ("block",), "br": ("block", "encoder"),
     "strap": ("encoder", "k", "threshold", "min_length"),
     "random": ("seed",),
-    "iwr": ("encoder", "bandwidth", "mode", "num_shards", "subsample"),
+    "iwr": ("encoder", "bandwidth", "iwr_kernel", "mode", "num_shards", "subsample"),
 }
 _ALL = sorted({o for opts in _OPTIONS.values() for o in opts})
 
@@ -53,6 +56,8 @@ def run(args) -> int:
             given["bandwidth"] = float(given["bandwidth"])
         except ValueError:
             pass
+    if "iwr_kernel" in given:
+        given["kernel"] = given.pop("iwr_kernel")
     opts = {**given, "prior_sources": args.prior_sources, "address": args.address}
     m = score(Store(args.store), args.method, args.target, args.run, **opts)
     print(json.dumps({"scores": f"scores/{args.run}", "rows": m.rows, "method": args.method,

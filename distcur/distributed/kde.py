@@ -2,12 +2,14 @@
 
 The prior's embedding tables are cut into ``K`` row ranges (shards) from Parquet metadata alone.
 Pass 1 (K tasks): streamed moments of each shard -> the prior's whitening (merged on the driver,
-O(d^2)). Pass 2 (K tasks): each task reads its own shard and puts its whitened block in the
-object store (plus its rows of the subsample / probe sets). Pass 3: task (i, k) computes the
-partial log-sums of query block i against reference shard k; a combine task per block reduces
-its K partials by logsumexp, and a write task turns block i into a Parquet part of the scores
-table. No task ever holds more than two shards; the driver holds only object references, the
-whitening and the (small) target set.
+O(d^2)). Pass 2 (K tasks): each task reads its own shard, puts its prior-whitened block in the
+object store (plus its rows of the subsample / probe sets) and computes the shard's target-KDE
+log-sums against the (small) target set; with ``kernel="per-set"`` it whitens its shard a second
+time, by the target's covariance, for that sum only, so no second whitened copy of the prior
+exists anywhere. Pass 3: task (i, k) computes the partial log-sums of query block i against
+reference shard k; a combine task per block reduces its K partials by logsumexp, and a write
+task turns block i into a Parquet part of the scores table. No task ever holds more than two
+shards; the driver holds only object references, the whitenings and the target set.
 
 Subsample mode replaces the prior references by a uniform random subsample of ``s`` prior points
 (without replacement: the KDE mean is unbiased for the exact one). Its error is reported two ways:
@@ -114,12 +116,18 @@ def _shard_moments(store: Store, ranges: list[RowRange]):
     return moments(z) + (sorted({r.key for r in ranges}),)
 
 
-def _load_shard(store: Store, ranges: list[RowRange], white: Whitening, sub_local: np.ndarray,
-                probe_local: np.ndarray):
-    """(whitened z, ids table, whitened subsample rows, whitened probe rows) of one shard."""
+def _load_shard(store: Store, ranges: list[RowRange], white: Whitening, target_white: Whitening | None,
+                target_y: np.ndarray, h_t: float, sub_local: np.ndarray, probe_local: np.ndarray):
+    """(whitened z, ids table, whitened subsample rows, whitened probe rows, target-KDE log-sums) of one shard.
+
+    ``white``: the prior's whitening; ``target_white``: the target KDE's own (None: the prior's);
+    ``target_y`` [n_t, d]: the target points whitened by it; the log-sums are [rows of the shard].
+    """
     table = read_ranges(store, ranges, list(ID_COLUMNS) + ["z"])
-    y = white.apply(_z(table, ranges))
-    return y, table.select(list(ID_COLUMNS)), y[sub_local], y[probe_local]
+    z = _z(table, ranges)
+    y = white.apply(z)
+    lse_t = log_kde_partial_sums(y if target_white is None else target_white.apply(z), target_y, h_t)
+    return y, table.select(list(ID_COLUMNS)), y[sub_local], y[probe_local], lse_t
 
 
 def _partial(queries: np.ndarray, refs: np.ndarray, h: float) -> np.ndarray:
@@ -166,20 +174,26 @@ def relative_std(lse: np.ndarray, lse_sq: np.ndarray, s: int, n: int) -> np.ndar
 
 
 def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_key: str, bandwidth: str | float,
-                    mode: str, num_shards: int | None, subsample: int | None, address: str | None) -> Manifest:
+                    mode: str, kernel: str, num_shards: int | None, subsample: int | None,
+                    address: str | None) -> Manifest:
     """See :func:`distcur.score.iwr.run_iwr` (the public entry point, which validates arguments)."""
     import ray
 
-    from distcur.score.iwr import log_weight_constant, resolve_bandwidths
+    from distcur.score.iwr import log_weight_constant, resolve_bandwidths, target_whitening
 
     config = {"method": "iwr", "prior_keys": prior_keys, "target_key": target_key, "bandwidth": bandwidth,
               "mode": mode, "num_shards": num_shards, "subsample": subsample, "seed": SEED}
+    # Keys absent from older manifests only where they change the numbers, so those stay current.
+    if kernel != "shared-prior":
+        config["kernel"] = kernel
+    if bandwidth == "likelihood":
+        config["heldout_folds"] = "episode"
     inputs = {k: store.input_fingerprint(k) for k in prior_keys}
     inputs[target_key] = store.input_fingerprint(target_key)
     if store.is_done(out_key, "score", config, inputs):
         return store.manifest(out_key)
     t0 = time.time()
-    target_tab = store.read_table(target_key, columns=["z"])
+    target_tab = store.read_table(target_key, columns=["source", "episode", "z"])
     if target_tab.num_rows == 0:
         raise ValueError(f"target embeddings {store.uri_of(target_key)} are empty: nothing to retrieve for")
     target_z = list_column_to_numpy(target_tab.column("z"), f"column 'z' of {target_key}")
@@ -201,8 +215,11 @@ def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_ke
                          f"embeddings {prior_keys} have dim {d}")
     white = whitening_from_moments(n, sum(st[1] for st in stats), sum(st[2] for st in stats),
                                    name=f"prior embeddings {prior_keys}")
-    target_y = white.apply(target_z)
-    h_t, h_p, bw_info = resolve_bandwidths(bandwidth, target_y, n, white)
+    t_white = target_whitening(kernel, target_z, white, f"target embeddings {target_key}")
+    target_y = t_white.apply(target_z)
+    episodes = [f"{src}/{ep}" for src, ep in zip(target_tab.column("source").to_pylist(),
+                                                target_tab.column("episode").to_pylist(), strict=True)]
+    h_t, h_p, bw_info = resolve_bandwidths(bandwidth, target_y, n, np.asarray(episodes))
 
     rng = np.random.default_rng(SEED)
     s = min(int(subsample), n) if mode == "subsample" else 0
@@ -213,19 +230,20 @@ def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_ke
     def local(idx: np.ndarray, i: int) -> np.ndarray:
         return idx[(idx >= starts[i]) & (idx < starts[i + 1])] - starts[i]
 
-    load = ray.remote(num_returns=4)(_load_shard)
-    blocks = [load.remote(store, sh, white, local(sub_idx, i), local(probe_idx, i)) for i, sh in enumerate(shards)]
+    load = ray.remote(num_returns=5)(_load_shard)
+    target_ref = ray.put(target_y)
+    own = None if t_white is white else t_white
+    blocks = [load.remote(store, sh, white, own, target_ref, h_t, local(sub_idx, i), local(probe_idx, i))
+              for i, sh in enumerate(shards)]
     y_refs = [b[0] for b in blocks]
     partial, combine = ray.remote(_partial), ray.remote(_combine)
-    target_ref = ray.put(target_y)
     ref_blocks = [b[2] for b in blocks] if s else y_refs
     num_refs = s if s else n
     writer = store.writer(out_key, stage="score", config=config, inputs=inputs)
     write = ray.remote(_write_scores)
-    const = log_weight_constant(h_t, h_p, len(target_y), num_refs, d, white)
+    const = log_weight_constant(h_t, h_p, len(target_y), num_refs, d, t_white, white)
     pending = []
-    for i, (y_i, ids_i, _, _) in enumerate(blocks):
-        lse_t = partial.remote(y_i, target_ref, h_t)
+    for i, (y_i, ids_i, _, _, lse_t) in enumerate(blocks):
         lse_p = combine.remote(*[partial.remote(y_i, r, h_p) for r in ref_blocks])
         lse_sq = combine.remote(*[partial.remote(y_i, r, h_p / math.sqrt(2)) for r in ref_blocks]) if s else None
         rel = f"{writer.data_dir}/part-{i:05d}.parquet"
@@ -238,13 +256,17 @@ def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_ke
     writer.add_files([r[0] for r in results], sum(r[1] for r in results), schema=SCORE_SCHEMA)
     metadata = {
         "method": "iwr",
-        "whitening": "prior sample covariance (ddof=1), shared by both KDEs",
+        "kernel": kernel,
+        "whitening": ("prior sample covariance (ddof=1), shared by both KDEs" if kernel == "shared-prior"
+                      else "each KDE its own set's sample covariance (ddof=1)"),
         "bandwidth": bw_info,
+        "bandwidth_at_grid_edge": bw_info.get("at_grid_edge"),
         "dim": d,
         "num_prior": n,
         "num_target": len(target_y),
         "num_shards": k,
-        "tasks": {"partial_sums": k * (len(ref_blocks) * (2 if s else 1) + 1), "combine": k * (2 if s else 1)},
+        "tasks": {"load_and_target_sums": k, "partial_sums": k * len(ref_blocks) * (2 if s else 1),
+                  "combine": k * (2 if s else 1)},
         "log_w": {"min": min(r[2][0] for r in results), "max": max(r[2][1] for r in results),
                   "mean": sum(r[2][2] for r in results) / n},
     }

@@ -381,9 +381,9 @@ def score(store: Store, method: str, target_task: str, out_run: str, **opts) -> 
 
     Options by method (all optional): ``prior_sources`` (default: every non-target source),
     ``address`` (Ray); sr/ar/br: ``block``, br: ``encoder``; strap: ``encoder``, ``k``,
-    ``threshold``, ``min_length``, ``position_dims``, ``scoring``; random: ``seed``, ``level``,
-    ``horizon``; iwr: ``encoder``,
-    ``bandwidth``, ``mode``, ``num_shards``, ``subsample``.
+    ``threshold``, ``min_length``, ``position_dims``, ``scoring``, ``padding``; random: ``seed``,
+    ``level``, ``horizon``; iwr: ``encoder``, ``bandwidth``, ``kernel`` ("shared-prior" or "per-set"),
+    ``mode``, ``num_shards``, ``subsample``.
     """
     out_key = scores_key(out_run)
     if method in NEAREST_FEATURES:

@@ -20,6 +20,7 @@ N x M matrix never exists.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ _MAX_LOG_ERROR = 1e-4
 # Below this many query x reference pairs, threads cost more than they save.
 _PARALLEL_PAIRS = 1 << 22
 _BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -285,26 +287,53 @@ def silverman_factor(n: int, d: int) -> float:
     return float((n * (d + 2) / 4.0) ** (-1.0 / (d + 4)))
 
 
+def fold_assignment(n: int, folds: int, groups: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Fold index [n] in 0..folds-1 of each of ``n`` points, whole groups to a fold.
+
+    groups: the group (e.g. episode id) of each point [n], any labels ``np.unique`` orders; points of
+    one group always share a fold, groups go to folds in a seeded random order, round robin. None:
+    every point its own group (step-level folds).
+    """
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return rng.permutation(n) % folds
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups: expected one group id per point, shape ({n},), got {groups.shape}")
+    _, group_of = np.unique(groups, return_inverse=True)
+    num_groups = int(group_of.max()) + 1
+    return (rng.permutation(num_groups) % folds)[group_of]
+
+
 def heldout_bandwidth(
     points: np.ndarray,
     white: Whitening | None = None,
     grid: Sequence[float] | None = None,
     folds: int = 5,
     seed: int = 0,
-) -> tuple[float, dict[str, list[float]]]:
-    """The bandwidth of the grid with the largest k-fold held-out mean log-likelihood of ``points``.
+    groups: np.ndarray | None = None,
+) -> tuple[float, dict]:
+    """The bandwidth of the grid with the largest k-fold held-out mean log-likelihood of ``points`` [n, d].
 
-    Returns (h, {"grid": [...], "heldout_loglik": [...]}). The default grid spans 0.25x..2x Scott's
-    factor for ``points`` (log-spaced, 12 values).
+    groups: the episode (or other group) id of each point [n]; whole groups are held out together
+    (:func:`fold_assignment`), so that neighbouring, autocorrelated steps of one episode never sit on
+    both sides of a fold. None: folds split by point. Returns (h, info) with info ``grid``,
+    ``heldout_loglik`` (one per grid value), ``folds`` (``"group"`` or ``"point"``), ``num_folds``
+    and ``at_grid_edge`` (the choice is the grid's first or last value: the optimum may lie outside
+    it; logged as a warning). The default grid spans 0.25x..2x Scott's factor for ``points``
+    (log-spaced, 12 values).
     """
     points = check_points(points, "points", min_rows=2)
     n, d = points.shape
-    folds = max(2, min(int(folds), n))
+    units = n if groups is None else len(np.unique(np.asarray(groups)))
+    if units < 2:
+        raise ValueError(f"held-out bandwidth: need at least 2 groups (episodes) to hold out, got {units}")
+    folds = max(2, min(int(folds), units))
     white = white if white is not None else whitening(points, "points")
     y = white.apply(points)
     if grid is None:
         grid = (scott_factor(n, d) * np.geomspace(0.25, 2.0, 12)).tolist()
-    fold_of = np.random.default_rng(seed).permutation(n) % folds
+    fold_of = fold_assignment(n, folds, groups, seed)
     scores = []
     for h in grid:
         total = 0.0
@@ -314,7 +343,14 @@ def heldout_bandwidth(
             total += float(np.sum(lse + log_normaliser(len(train), d, float(h), white.log_det)))
         scores.append(total / n)
     best = int(np.argmax(scores))
-    return float(grid[best]), {"grid": [float(g) for g in grid], "heldout_loglik": scores}
+    at_edge = len(grid) > 1 and best in (0, len(grid) - 1)
+    if at_edge:
+        log.warning("held-out-likelihood bandwidth h=%.4g is at the %s edge of the grid [%.4g, %.4g]: the "
+                     "optimum may lie outside it (widen the grid)", grid[best], "lower" if best == 0 else "upper",
+                     grid[0], grid[-1])
+    return float(grid[best]), {"grid": [float(g) for g in grid], "heldout_loglik": scores,
+                               "folds": "point" if groups is None else "group", "num_folds": folds,
+                               "at_grid_edge": at_edge}
 
 
 def bandwidth_factor(rule: str | float, n: int, d: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import scipy.stats as st
 
 from distcur.data import embeddings_key
 from distcur.schema import EMBEDDING_SCHEMA, SCORE_SCHEMA
@@ -97,6 +98,70 @@ def test_subsample_mode_reports_its_error(ray_session, store_with_embeddings, pr
     assert np.corrcoef(got, exact)[0, 1] > 0.95
 
 
+def two_scipy_kdes(prior: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The reference per-set log-ratio: two independent scipy KDEs (own covariance, Scott's rule)."""
+    return st.gaussian_kde(target.T).logpdf(prior.T) - st.gaussian_kde(prior.T).logpdf(prior.T)
+
+
+def test_per_set_kernel_equals_two_scipy_gaussian_kdes(prior_and_target):
+    prior, target = np.concatenate(prior_and_target[:2]), prior_and_target[2]
+    expected = two_scipy_kdes(prior, target)
+    # Measured: max |error| 3e-5 on log-ratios spanning -366..4 (float32 kernel sums).
+    np.testing.assert_allclose(iwr_log_weights(prior, target, "scott", kernel="per-set"), expected,
+                               rtol=1e-6, atol=1e-4)
+    # The shared prior whitening is a different estimator here (the target is 0.4x the prior's scale).
+    assert np.abs(iwr_log_weights(prior, target, "scott") - expected).max() > 10
+
+
+def test_per_set_kernel_on_ray_equals_two_scipy_gaussian_kdes(ray_session, store_with_embeddings,
+                                                              prior_and_target, capsys):
+    from distcur.cli import main
+
+    store, keys, _ = store_with_embeddings
+    prior, target = np.concatenate(prior_and_target[:2]), prior_and_target[2]
+    expected = two_scipy_kdes(prior, target)
+    write_embeddings(store, "target-reach", target)
+    # The CLI -> score() -> run_iwr path, exact mode over 3 shards.
+    assert main(["score", "--store", store.uri, "--method", "iwr", "--target", "reach", "--run", "iwr-per-set",
+                 "--encoder", "test", "--prior-sources", "a", "b", "--iwr-kernel", "per-set",
+                 "--num-shards", "3"]) == 0
+    manifest = store.manifest("scores/iwr-per-set")
+    assert manifest.config["kernel"] == manifest.metadata["kernel"] == "per-set"
+    assert manifest.metadata["tasks"] == {"load_and_target_sums": 3, "partial_sums": 9, "combine": 3}
+    got = read_scores(store, "scores/iwr-per-set").column("score").to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
+    # Subsample mode keeps the per-set target KDE; with every prior point as a reference it is exact.
+    sub = run_iwr(store, keys, embeddings_key("test", "target-reach"), "scores/iwr-per-set-sub", kernel="per-set",
+                  mode="subsample", subsample=len(prior), num_shards=2)
+    assert sub.metadata["subsample"]["size"] == len(prior)
+    got = read_scores(store, "scores/iwr-per-set-sub").column("score").to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
+    assert main(["score", "--store", store.uri, "--method", "sr", "--target", "reach", "--run", "r",
+                 "--iwr-kernel", "per-set"]) == 2
+    assert "--iwr-kernel" in capsys.readouterr().err
+
+
+def test_likelihood_bandwidth_holds_out_target_episodes_and_flags_the_grid_edge(
+        ray_session, store_with_embeddings, caplog):
+    # Target points drawn i.i.d. from 5 tight clusters, 4 episodes of 50: the held-out optimum
+    # (~ the clusters' width) is far below the default grid's 0.25x Scott lower edge.
+    store, keys, _ = store_with_embeddings
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(5, 4)) * 3.0
+    target = centres[rng.integers(0, 5, 200)] + rng.normal(size=(200, 4)) * 0.01
+    target_key = write_embeddings(store, "clusters", target)
+    with caplog.at_level("WARNING", logger="distcur.score.kde"):
+        manifest = run_iwr(store, keys, target_key, "scores/iwr-lik", bandwidth="likelihood", kernel="per-set",
+                           num_shards=2)
+    bw = manifest.metadata["bandwidth"]
+    assert bw["folds"] == "group" and bw["num_folds"] == 4  # 4 episodes: one per fold
+    assert manifest.metadata["bandwidth_at_grid_edge"] is True and bw["h_target"] == bw["grid"][0]
+    assert "at the lower edge of the grid" in caplog.text
+    assert manifest.config["heldout_folds"] == "episode"
+    scott = run_iwr(store, keys, target_key, "scores/iwr-lik-scott", kernel="per-set", num_shards=2)
+    assert scott.metadata["bandwidth_at_grid_edge"] is None
+
+
 def test_nearest_neighbour_limit_of_target_density():
     rng = np.random.default_rng(1)
     prior, target = rng.normal(size=(400, 3)), rng.normal(size=(30, 3))
@@ -140,6 +205,13 @@ def test_bad_input_is_a_clear_error(ray_session, tmp_path):
     constant[:, 1] = 0.25
     with pytest.raises(ValueError, match="dimension 1 is constant"):
         iwr_log_weights(constant, rng.normal(size=(10, 4)))
+    with pytest.raises(ValueError, match=r"target embeddings \(4 points in 4 dims\): .* singular .*shared-prior"):
+        iwr_log_weights(rng.normal(size=(100, 4)), rng.normal(size=(4, 4)), kernel="per-set")
+    with pytest.raises(ValueError, match=r"target embeddings \(10 points in 4 dims\): embedding dimension 1 is "
+                                         r"constant.*kernel='per-set' needs the target's own covariance"):
+        iwr_log_weights(rng.normal(size=(100, 4)), constant[:10], kernel="per-set")
+    with pytest.raises(ValueError, match="unknown IWR kernel 'own'"):
+        iwr_log_weights(rng.normal(size=(100, 4)), rng.normal(size=(10, 4)), kernel="own")
 
     store = Store(tmp_path)
     prior_key = write_embeddings(store, "p", rng.normal(size=(200, 4)))
@@ -156,6 +228,11 @@ def test_bad_input_is_a_clear_error(ray_session, tmp_path):
         run_iwr(store, [prior_key, other_key], wrong_key, "scores/x", num_shards=2)
     with pytest.raises(ValueError, match="dimension 1 is constant"):
         run_iwr(store, [const_key], prior_key, "scores/x")
+    few_key = write_embeddings(store, "few", rng.normal(size=(3, 4)))
+    with pytest.raises(ValueError, match=r"target embeddings .*source=few \(3 points in 4 dims\): .*singular"):
+        run_iwr(store, [prior_key], few_key, "scores/x", kernel="per-set")
+    with pytest.raises(ValueError, match="unknown IWR kernel 'own'"):
+        run_iwr(store, [prior_key], prior_key, "scores/x", kernel="own")
     with pytest.raises(ValueError, match="mode='subsample' needs subsample"):
         run_iwr(store, [prior_key], prior_key, "scores/x", mode="subsample")
     with pytest.raises(ValueError, match="unknown bandwidth 'wide'"):
