@@ -51,7 +51,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 RECIPES = ("distcur", "datamil")
 
 
-def _step_fns(spec: PolicySpec, adam: AdamConfig, normalize: str, lrs: Sequence[float] | None, n: int) -> list:
+def _step_fns(spec: PolicySpec, adam: AdamConfig, normalize: str, lrs: Sequence[float] | None,
+              n: int) -> list:
     """n train steps, step i at learning rate ``lrs[i]`` (None: ``adam.lr`` throughout)."""
     if lrs is None:
         return [make_train_step(spec, adam, normalize)] * n
@@ -257,14 +258,16 @@ def datamil_metagrad_scores(
         batches = [(obs[torch.as_tensor(b)], act[torch.as_tensor(b)], group_t[torch.as_tensor(b)]) for b in idx]
         w = torch.ones(n_clusters, dtype=obs.dtype)
         w[torch.as_tensor(candidates)] = 0.0
-        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, batches, w, proxy_fn, ckpt, "batch", lrs[n_fwd:])
+        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, batches, w, proxy_fn, ckpt, "batch",
+                                        lrs[n_fwd:])
         total[candidates] += dw.numpy()[candidates]
         count[candidates] += 1
     mean = np.divide(total, np.maximum(count, 1))
     return mean, count
 
 
-def update_pool(pool: np.ndarray, scores: np.ndarray, percentiles: tuple[float, float] = (20.0, 80.0)) -> np.ndarray:
+def update_pool(pool: np.ndarray, scores: np.ndarray,
+                percentiles: tuple[float, float] = (20.0, 80.0)) -> np.ndarray:
     """The reference's pool update after one iteration, a new (C,) bool array.
 
     ``pool`` (C,) bool, ``scores`` (C,) that iteration's meta-gradients (0: not a candidate).

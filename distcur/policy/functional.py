@@ -152,7 +152,8 @@ def lr_schedule(lr: float, steps: int, kind: str = "constant", warmup_steps: int
         raise ValueError(f"warmup_steps must be in [0, steps={steps}), got {warmup_steps}")
     t = np.arange(steps, dtype=np.float64)
     frac = np.clip((t - warmup_steps) / max(1, steps - warmup_steps), 0.0, 1.0)
-    decay = {"constant": np.ones_like(frac), "linear": 1 - frac, "cosine": 0.5 * (1 + np.cos(np.pi * frac))}[kind]
+    decay = {"constant": np.ones_like(frac), "linear": 1 - frac,
+             "cosine": 0.5 * (1 + np.cos(np.pi * frac))}[kind]
     warm = np.minimum(1.0, (t + 1) / warmup_steps) if warmup_steps else np.ones_like(t)
     return lr * warm * decay
 
