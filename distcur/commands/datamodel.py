@@ -178,7 +178,7 @@ METAGRAD_PRESETS: dict[str, dict[str, Any]] = {
                      "lr": 5e-3, "lr_schedule": "linear", "warmup_steps": 44, "batch_size": 16364},
     },
     "datamil": {
-        "metagrad": {"recipe": "datamil", "total_steps": 500, "meta_steps": 50, "iterations": 16, "lr": 5e-3,
+        "metagrad": {"recipe": "datamil", "total_steps": 500, "meta_steps": 50, "iterations": 32, "lr": 5e-3,
                      "lr_schedule": "linear", "warmup_steps": 20},
     },
 }
