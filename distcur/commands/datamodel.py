@@ -105,6 +105,7 @@ class MetagradSettings:
     warmup_steps: int = 0
     batch_size: int | None = None  # None: DatamodelConfig.batch_size
     pool_percentiles: tuple[float, float] = (20.0, 80.0)  # datamil recipe: join / leave the training pool
+    chunk_rows: int | None = None  # datamil recipe: the special batch computed this many rows at a time
 
     def __post_init__(self):
         self.run_config(self.iterations, 1, 0.0, 0)  # validates
@@ -114,7 +115,7 @@ class MetagradSettings:
         return MetagradRunConfig(
             self.total_steps, self.meta_steps, iterations, self.candidate_fraction,
             self.batch_size or batch_size, target_fraction, self.checkpoint_every, seed, self.recipe,
-            self.lr_schedule, self.warmup_steps, tuple(self.pool_percentiles),
+            self.lr_schedule, self.warmup_steps, tuple(self.pool_percentiles), self.chunk_rows,
         )
 
 
@@ -169,13 +170,15 @@ FULL_PRESET: dict[str, Any] = {
 
 # The reference meta-gradient recipe (UT-Austin-RobIn/datamil, scripts/configs/dm_metaworld_config.py
 # and the optimiser it builds): 1100 steps of batch 16364, the special batch at step 1000, 50
-# iterations, peak lr 5e-3 with warmup 44 and a linear decay, 3 x 400 policy. ``datamil`` is the
+# iterations, peak lr 5e-3 with warmup 44 and a linear decay, 3 x 400 policy; the special batch (half
+# the prior, ~10^6 rows) in chunks of a batch, as the reference streams it. ``datamil`` is the
 # same recipe at a size for 2 cores (the demo's 128 x 128 policy, batch 256).
 METAGRAD_PRESETS: dict[str, dict[str, Any]] = {
     "datamil-paper": {
         "hidden": (400, 400, 400),
         "metagrad": {"recipe": "datamil", "total_steps": 1100, "meta_steps": 100, "iterations": 50,
-                     "lr": 5e-3, "lr_schedule": "linear", "warmup_steps": 44, "batch_size": 16364},
+                     "lr": 5e-3, "lr_schedule": "linear", "warmup_steps": 44, "batch_size": 16364,
+                     "chunk_rows": 16364},
     },
     "datamil": {
         "metagrad": {"recipe": "datamil", "total_steps": 500, "meta_steps": 50, "iterations": 32, "lr": 5e-3,

@@ -42,6 +42,8 @@ from distcur.policy.functional import (
     Params,
     PolicySpec,
     adam_init,
+    adam_update,
+    bc_loss,
     init_params,
     lr_schedule,
     make_train_step,
@@ -51,14 +53,66 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 RECIPES = ("distcur", "datamil")
 
 
+def _adams(adam: AdamConfig, lrs: Sequence[float] | None, n: int) -> list[AdamConfig]:
+    """The Adam config of each of n steps: ``adam`` at learning rate ``lrs[i]`` (None: ``adam.lr``)."""
+    if lrs is None:
+        return [adam] * n
+    if len(lrs) != n:
+        raise ValueError(f"lrs has {len(lrs)} entries for {n} steps")
+    return [dataclasses.replace(adam, lr=float(lr)) for lr in lrs]
+
+
 def _step_fns(spec: PolicySpec, adam: AdamConfig, normalize: str, lrs: Sequence[float] | None,
               n: int) -> list:
     """n train steps, step i at learning rate ``lrs[i]`` (None: ``adam.lr`` throughout)."""
-    if lrs is None:
-        return [make_train_step(spec, adam, normalize)] * n
-    if len(lrs) != n:
-        raise ValueError(f"lrs has {len(lrs)} entries for {n} steps")
-    return [make_train_step(spec, dataclasses.replace(adam, lr=float(lr)), normalize) for lr in lrs]
+    return [make_train_step(spec, a, normalize) for a in _adams(adam, lrs, n)]
+
+
+def _summed_grad(spec: PolicySpec, params: Params, obs: torch.Tensor, act: torch.Tensor, weights: torch.Tensor,
+                 chunk_rows: int) -> Params:
+    """d/dparams of the summed weighted NLL over (B, .) rows, accumulated ``chunk_rows`` at a time
+    (the summed loss is additive over rows; differentiable with respect to params and weights)."""
+    grad = torch.func.grad(lambda p, o, a, wt: bc_loss(p, o, a, spec, wt, "sum"))
+    total: Params | None = None
+    for lo in range(0, len(obs), chunk_rows):
+        g = grad(params, obs[lo : lo + chunk_rows], act[lo : lo + chunk_rows], weights[lo : lo + chunk_rows])
+        total = g if total is None else {k: total[k] + g[k] for k in g}
+    return total
+
+
+def _chunked_step_vjp(state: list[torch.Tensor], t: torch.Tensor, keys: list[str], spec: PolicySpec,
+                      adam: AdamConfig, batch: Batch, w: torch.Tensor, adjoint: list[torch.Tensor],
+                      chunk_rows: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pull ``adjoint`` (of the state after one summed-loss Adam step on ``batch``) back to the
+    state before it and to w, holding one chunk's double-backward graph at a time: first through
+    the Adam update (to the state and the step's gradient), then through each chunk's gradient."""
+    obs, act, group = batch
+    leaves = [x.detach().requires_grad_(True) for x in state]
+    p, o = _from_leaves(leaves, keys, t)
+    with torch.no_grad():
+        g = _summed_grad(spec, {k: v.detach() for k, v in p.items()}, obs, act, _sample_weights(w, group), chunk_rows)
+    g_leaf = {k: v.detach().requires_grad_(True) for k, v in g.items()}
+    with torch.enable_grad():
+        new_p, new_o = adam_update(p, g_leaf, o, adam)
+        grads = torch.autograd.grad(_state_leaves(new_p, new_o), [*leaves, *g_leaf.values()], grad_outputs=adjoint,
+                                    allow_unused=True)
+    out = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads[: len(leaves)])]
+    adj_g = [torch.zeros_like(v) if d is None else d for v, d in zip(g_leaf.values(), grads[len(leaves) :])]
+    dw = torch.zeros_like(w)
+    for lo in range(0, len(obs), chunk_rows):
+        p_leaf = {k: p[k].detach().requires_grad_(True) for k in keys}
+        w_leaf = w.clone().requires_grad_(True)
+        sl = slice(lo, lo + chunk_rows)
+        with torch.enable_grad():
+            gc = _summed_grad(spec, p_leaf, obs[sl], act[sl], _sample_weights(w_leaf, group[sl]), chunk_rows)
+            d = torch.autograd.grad([gc[k] for k in keys], [*p_leaf.values(), w_leaf], grad_outputs=adj_g,
+                                    allow_unused=True)
+        for i, di in enumerate(d[: len(keys)]):
+            if di is not None:
+                out[i] = out[i] + di
+        if d[-1] is not None:
+            dw = dw + d[-1]
+    return out, dw
 
 
 def _state_leaves(params: Params, opt_state: dict) -> list[torch.Tensor]:
@@ -89,6 +143,7 @@ def weight_meta_gradient(
     checkpoint_every: int | None = None,
     normalize: str = "batch",
     lrs: Sequence[float] | None = None,
+    chunk_rows: int | None = None,
 ) -> tuple[float, torch.Tensor, Params]:
     """(proxy after the K = len(batches) Adam steps, d proxy / d w (G,), final params).
 
@@ -99,6 +154,9 @@ def weight_meta_gradient(
     ``"sqrt"``-like behaviour is obtained with ``checkpoint_every=ceil(sqrt(K))``.
     ``normalize="batch"`` or ``"sum"`` keeps the loss linear in each weight (see ``bc_loss``).
     ``lrs``: the learning rate of each step, (K,) (None: ``adam.lr``). Batches may differ in size.
+    ``chunk_rows`` (with ``normalize="sum"``): a batch of more rows is its own segment, its gradient
+    and its vector-Jacobian product computed ``chunk_rows`` rows at a time (same values, memory of
+    one chunk: the reference recipe's special batch holds half the prior).
     The inputs are not modified; gradients flow in the dtype of ``params``.
     """
     if len(batches) == 0:
@@ -108,20 +166,31 @@ def weight_meta_gradient(
     for i, (_, _, g) in enumerate(batches):
         if g.numel() and int(g.max()) >= w.shape[0]:
             raise ValueError(f"weight_meta_gradient: batch {i} has group {int(g.max())} but w has {w.shape[0]} entries")
+    if chunk_rows is not None and (normalize != "sum" or chunk_rows < 1):
+        raise ValueError(f"weight_meta_gradient: chunk_rows={chunk_rows} needs normalize='sum' (got {normalize!r}) "
+                         "and a positive row count")
     K = len(batches)
     seg = K if checkpoint_every is None else max(1, int(checkpoint_every))
     keys = list(params)
-    steps = _step_fns(spec, adam, normalize, lrs, K)
+    adams = _adams(adam, lrs, K)
+    steps = [make_train_step(spec, a, normalize) for a in adams]
+    chunked = [chunk_rows is not None and len(b[0]) > chunk_rows for b in batches]
     w = w.detach()
 
     def run(state: list[torch.Tensor], t: torch.Tensor, w_: torch.Tensor, lo: int, hi: int):
         p, o = _from_leaves(state, keys, t)
-        for step, (obs, act, group) in zip(steps[lo:hi], batches[lo:hi]):
-            p, o, _ = step(p, o, obs, act, _sample_weights(w_, group))
+        for i in range(lo, hi):
+            obs, act, group = batches[i]
+            if chunked[i]:
+                g = _summed_grad(spec, p, obs, act, _sample_weights(w_, group), chunk_rows)
+                p, o = adam_update(p, g, o, adams[i])
+            else:
+                p, o, _ = steps[i](p, o, obs, act, _sample_weights(w_, group))
         return _state_leaves(p, o), o["t"]
 
-    # Forward, no graph: keep the state at each segment start.
-    bounds = list(range(0, K, seg)) + [K]
+    # Forward, no graph: keep the state at each segment start (a chunked step is a segment alone).
+    cuts = set(range(0, K, seg)) | {i for i in range(K) if chunked[i]} | {i + 1 for i in range(K) if chunked[i]}
+    bounds = sorted(cuts | {K})
     checkpoints = []
     state = [x.detach() for x in _state_leaves(params, opt_state)]
     t = opt_state["t"].detach()
@@ -143,6 +212,11 @@ def weight_meta_gradient(
     dw = torch.zeros_like(w)
     for s in range(len(checkpoints) - 1, -1, -1):
         start, t0 = checkpoints[s]
+        if chunked[bounds[s]]:
+            adjoint, dw_s = _chunked_step_vjp(start, t0, keys, spec, adams[bounds[s]], batches[bounds[s]], w, adjoint,
+                                              chunk_rows)
+            dw = dw + dw_s
+            continue
         leaves = [x.detach().requires_grad_(True) for x in start]
         w_leaf = w.clone().requires_grad_(True)
         with torch.enable_grad():
@@ -178,6 +252,7 @@ class MetagradRunConfig:
     lr_schedule: str = "constant"  # over the T steps, see distcur.policy.functional.lr_schedule
     warmup_steps: int = 0
     pool_percentiles: tuple[float, float] = (20.0, 80.0)  # datamil recipe: join / leave the pool
+    chunk_rows: int | None = None  # datamil recipe: the special batch's rows per chunk (None: all at once)
 
     def __post_init__(self):
         if not 0 < self.meta_steps <= self.total_steps:
@@ -331,7 +406,8 @@ def datamil_reference_scores(
     ``obs``/``act`` (N, .) with ``cluster`` (N,) in 0..C-1, -1 for injected target rows (always in
     the pool). Each iteration starts from the same initialisation (``cfg.seed``), as the
     reference's, and draws ``candidate_fraction`` of all clusters (in the pool or not) as its
-    candidates. Memory: the special batch's graph holds every candidate row at once.
+    candidates. Memory: the special batch's graph holds ``cfg.chunk_rows`` rows at a time (None:
+    every candidate row at once).
     """
     cluster_np = cluster.numpy()
     total = np.zeros(n_clusters)
@@ -357,7 +433,8 @@ def datamil_reference_scores(
                 rows = torch.as_tensor(b)
                 params, opt, _ = step(params, opt, obs[rows], act[rows], ones)
         w = torch.zeros(n_clusters, dtype=obs.dtype)
-        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, meta, w, proxy_fn, ckpt, "sum", lrs[n_fwd:])
+        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, meta, w, proxy_fn, ckpt, "sum", lrs[n_fwd:],
+                                        cfg.chunk_rows)
         scores = dw.numpy().astype(np.float64)
         nz = scores != 0
         total[nz] += scores[nz]

@@ -213,7 +213,8 @@ def test_metagrad_presets():
     paper = make_config(metagrad_preset="datamil-paper")
     mg = paper.metagrad
     assert (mg.recipe, mg.total_steps, mg.meta_steps, mg.iterations) == ("datamil", 1100, 100, 50)
-    assert (mg.lr, mg.warmup_steps, mg.batch_size, paper.hidden) == (5e-3, 44, 16364, (400, 400, 400))
+    assert (mg.lr, mg.warmup_steps, mg.batch_size, mg.chunk_rows, paper.hidden) == (5e-3, 44, 16364, 16364,
+                                                                                  (400, 400, 400))
     small = make_config({"metagrad": {"iterations": 3}}, metagrad_preset="datamil")
     assert small.metagrad.recipe == "datamil" and small.metagrad.iterations == 3
     assert small.metagrad.total_steps == METAGRAD_PRESETS["datamil"]["metagrad"]["total_steps"]

@@ -179,10 +179,12 @@ def test_lr_schedule_warms_up_then_decays():
         lr_schedule(1.0, 4, "step")
 
 
-def test_reference_special_batch_meta_gradient_matches_finite_differences():
+@pytest.mark.parametrize("chunk_rows", [None, 16])
+def test_reference_special_batch_meta_gradient_matches_finite_differences(chunk_rows):
     """The reference recipe's differentiated steps (the special batch of all candidate rows at
     weight 0, then normal pool batches, summed losses, a decaying learning rate) from a warm
-    Adam state: d proxy / d w agrees with central differences of the proxy."""
+    Adam state: d proxy / d w agrees with central differences of the proxy, and computing the
+    special batch in chunks of 16 rows changes nothing."""
     g = torch.Generator().manual_seed(3)
     n = 60
     obs, act = torch.randn(n, 5, generator=g, dtype=DT), torch.tanh(torch.randn(n, 2, generator=g, dtype=DT))
@@ -205,11 +207,16 @@ def test_reference_special_batch_meta_gradient_matches_finite_differences():
     proxy_obs, proxy_act = torch.randn(16, 5, generator=g, dtype=DT), torch.tanh(torch.randn(16, 2, generator=g, dtype=DT))
     proxy = make_proxy_fn(SPEC, proxy_obs, proxy_act, "mse")
 
-    def f(w):
-        return weight_meta_gradient(params, opt, SPEC, ADAM, meta, w, proxy, 2, "sum", lrs[5:])
+    def f(w, rows=chunk_rows):
+        return weight_meta_gradient(params, opt, SPEC, ADAM, meta, w, proxy, 2, "sum", lrs[5:], rows)
 
     w0 = torch.zeros(G, dtype=DT)
-    _, dw, _ = f(w0)
+    value, dw, final = f(w0)
+    whole = f(w0, None)
+    assert value == pytest.approx(whole[0], rel=1e-12)
+    torch.testing.assert_close(dw, whole[1], rtol=1e-9, atol=1e-12)
+    for k in final:
+        torch.testing.assert_close(final[k], whole[2][k], rtol=1e-12, atol=1e-14)
     eps = 1e-6
     fd = torch.tensor([(f(w0 + eps * e)[0] - f(w0 - eps * e)[0]) / (2 * eps) for e in torch.eye(G, dtype=DT)], dtype=DT)
     assert dw[1] == 0 and torch.all(dw[candidates] != 0)
@@ -226,13 +233,14 @@ def test_update_pool_moves_only_scored_clusters_by_percentile():
     np.testing.assert_array_equal(update_pool(pool, np.zeros(6)), pool)
 
 
-@pytest.mark.parametrize("inject", [60, 0])
-def test_reference_recipe_ranks_helpful_clusters_and_shapes_the_pool(inject):
-    """With and without injected target rows: helpful clusters get negative mean scores, and the
-    pool loses clusters that demonstrate the opposite behaviour."""
+@pytest.mark.parametrize(("inject", "chunk_rows"), [(60, None), (0, 100)])
+def test_reference_recipe_ranks_helpful_clusters_and_shapes_the_pool(inject, chunk_rows):
+    """With and without injected target rows (and with the special batch in chunks): helpful
+    clusters get negative mean scores, and the pool loses clusters that demonstrate the opposite
+    behaviour."""
     spec, obs, act, cluster, proxy, good = _opposed_clusters(inject=inject)
     cfg = MetagradRunConfig(total_steps=60, meta_steps=8, iterations=6, batch_size=64, seed=1, recipe="datamil",
-                            lr_schedule="linear", warmup_steps=3)
+                            lr_schedule="linear", warmup_steps=3, chunk_rows=chunk_rows)
     score, count, pool_sizes = datamil_reference_scores(spec, AdamConfig(lr=5e-3), obs, act, cluster, len(good),
                                                         proxy, cfg)
     assert len(pool_sizes) == 6 and count.sum() == 6 * 8 and np.all(score[count == 0] == 0)
