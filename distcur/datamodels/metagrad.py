@@ -10,13 +10,25 @@ segment at a time with autograd on, pulls the adjoint of the state back through 
 per segment the memory is O(K / c) states + one segment's graph (c steps), minimal at
 c ~ sqrt(K); the cost is one extra forward pass.
 
-The DataMIL estimator on top (:func:`datamil_metagrad_scores`): train T - K steps forward only,
-then insert a random half of the candidate clusters at weight 0 for the last K steps, take
-d proxy / d w of the inserted clusters, repeat with fresh candidates, average per cluster.
+Two DataMIL estimators on top, the ``recipe`` of :class:`MetagradRunConfig`:
+
+* ``distcur`` (:func:`datamil_metagrad_scores`): train T - K steps forward only on the
+  non-candidate clusters, then let a random half of the clusters (the candidates) join every
+  batch of the last K steps at weight 0, take d proxy / d w of the candidates, repeat with fresh
+  candidates (independent iterations), average per cluster;
+* ``datamil`` (:func:`datamil_reference_scores`), the public reference code's recipe: T steps
+  on a training pool of clusters (all of them at first), of which step T - K is one special
+  batch holding every row of the candidates at weight 0; the loss is a sum over rows (not a
+  mean), so a candidate row weighs in the special batch what a row weighs in a normal batch;
+  after each iteration the candidates at or below the 20th percentile of its non-zero scores
+  join the pool and those at or above the 80th leave it, so iteration i trains on a pool that
+  iterations 0..i-1 decided: the iterations run in sequence. The score is the mean of a
+  cluster's non-zero meta-gradients.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,9 +37,82 @@ import numpy as np
 import torch
 
 from distcur.policy.ensemble import sample_batches
-from distcur.policy.functional import AdamConfig, Params, PolicySpec, adam_init, init_params, make_train_step
+from distcur.policy.functional import (
+    AdamConfig,
+    Params,
+    PolicySpec,
+    adam_init,
+    adam_update,
+    bc_loss,
+    init_params,
+    lr_schedule,
+    make_train_step,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+RECIPES = ("distcur", "datamil")
+
+
+def _adams(adam: AdamConfig, lrs: Sequence[float] | None, n: int) -> list[AdamConfig]:
+    """The Adam config of each of n steps: ``adam`` at learning rate ``lrs[i]`` (None: ``adam.lr``)."""
+    if lrs is None:
+        return [adam] * n
+    if len(lrs) != n:
+        raise ValueError(f"lrs has {len(lrs)} entries for {n} steps")
+    return [dataclasses.replace(adam, lr=float(lr)) for lr in lrs]
+
+
+def _step_fns(spec: PolicySpec, adam: AdamConfig, normalize: str, lrs: Sequence[float] | None,
+              n: int) -> list:
+    """n train steps, step i at learning rate ``lrs[i]`` (None: ``adam.lr`` throughout)."""
+    return [make_train_step(spec, a, normalize) for a in _adams(adam, lrs, n)]
+
+
+def _summed_grad(spec: PolicySpec, params: Params, obs: torch.Tensor, act: torch.Tensor, weights: torch.Tensor,
+                 chunk_rows: int) -> Params:
+    """d/dparams of the summed weighted NLL over (B, .) rows, accumulated ``chunk_rows`` at a time
+    (the summed loss is additive over rows; differentiable with respect to params and weights)."""
+    grad = torch.func.grad(lambda p, o, a, wt: bc_loss(p, o, a, spec, wt, "sum"))
+    total: Params | None = None
+    for lo in range(0, len(obs), chunk_rows):
+        g = grad(params, obs[lo : lo + chunk_rows], act[lo : lo + chunk_rows], weights[lo : lo + chunk_rows])
+        total = g if total is None else {k: total[k] + g[k] for k in g}
+    return total
+
+
+def _chunked_step_vjp(state: list[torch.Tensor], t: torch.Tensor, keys: list[str], spec: PolicySpec,
+                      adam: AdamConfig, batch: Batch, w: torch.Tensor, adjoint: list[torch.Tensor],
+                      chunk_rows: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pull ``adjoint`` (of the state after one summed-loss Adam step on ``batch``) back to the
+    state before it and to w, holding one chunk's double-backward graph at a time: first through
+    the Adam update (to the state and the step's gradient), then through each chunk's gradient."""
+    obs, act, group = batch
+    leaves = [x.detach().requires_grad_(True) for x in state]
+    p, o = _from_leaves(leaves, keys, t)
+    with torch.no_grad():
+        g = _summed_grad(spec, {k: v.detach() for k, v in p.items()}, obs, act, _sample_weights(w, group), chunk_rows)
+    g_leaf = {k: v.detach().requires_grad_(True) for k, v in g.items()}
+    with torch.enable_grad():
+        new_p, new_o = adam_update(p, g_leaf, o, adam)
+        grads = torch.autograd.grad(_state_leaves(new_p, new_o), [*leaves, *g_leaf.values()], grad_outputs=adjoint,
+                                    allow_unused=True)
+    out = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads[: len(leaves)])]
+    adj_g = [torch.zeros_like(v) if d is None else d for v, d in zip(g_leaf.values(), grads[len(leaves) :])]
+    dw = torch.zeros_like(w)
+    for lo in range(0, len(obs), chunk_rows):
+        p_leaf = {k: p[k].detach().requires_grad_(True) for k in keys}
+        w_leaf = w.clone().requires_grad_(True)
+        sl = slice(lo, lo + chunk_rows)
+        with torch.enable_grad():
+            gc = _summed_grad(spec, p_leaf, obs[sl], act[sl], _sample_weights(w_leaf, group[sl]), chunk_rows)
+            d = torch.autograd.grad([gc[k] for k in keys], [*p_leaf.values(), w_leaf], grad_outputs=adj_g,
+                                    allow_unused=True)
+        for i, di in enumerate(d[: len(keys)]):
+            if di is not None:
+                out[i] = out[i] + di
+        if d[-1] is not None:
+            dw = dw + d[-1]
+    return out, dw
 
 
 def _state_leaves(params: Params, opt_state: dict) -> list[torch.Tensor]:
@@ -57,6 +142,8 @@ def weight_meta_gradient(
     proxy_fn: Callable[[Params], torch.Tensor],
     checkpoint_every: int | None = None,
     normalize: str = "batch",
+    lrs: Sequence[float] | None = None,
+    chunk_rows: int | None = None,
 ) -> tuple[float, torch.Tensor, Params]:
     """(proxy after the K = len(batches) Adam steps, d proxy / d w (G,), final params).
 
@@ -65,7 +152,11 @@ def weight_meta_gradient(
     params to a scalar tensor (differentiable). ``checkpoint_every``: steps per recomputed
     segment; None stores no checkpoints inside the run (one segment, whole graph in memory),
     ``"sqrt"``-like behaviour is obtained with ``checkpoint_every=ceil(sqrt(K))``.
-    ``normalize="batch"`` keeps the loss linear in each weight (see ``bc_loss``).
+    ``normalize="batch"`` or ``"sum"`` keeps the loss linear in each weight (see ``bc_loss``).
+    ``lrs``: the learning rate of each step, (K,) (None: ``adam.lr``). Batches may differ in size.
+    ``chunk_rows`` (with ``normalize="sum"``): a batch of more rows is its own segment, its gradient
+    and its vector-Jacobian product computed ``chunk_rows`` rows at a time (same values, memory of
+    one chunk: the reference recipe's special batch holds half the prior).
     The inputs are not modified; gradients flow in the dtype of ``params``.
     """
     if len(batches) == 0:
@@ -75,20 +166,31 @@ def weight_meta_gradient(
     for i, (_, _, g) in enumerate(batches):
         if g.numel() and int(g.max()) >= w.shape[0]:
             raise ValueError(f"weight_meta_gradient: batch {i} has group {int(g.max())} but w has {w.shape[0]} entries")
+    if chunk_rows is not None and (normalize != "sum" or chunk_rows < 1):
+        raise ValueError(f"weight_meta_gradient: chunk_rows={chunk_rows} needs normalize='sum' (got {normalize!r}) "
+                         "and a positive row count")
     K = len(batches)
     seg = K if checkpoint_every is None else max(1, int(checkpoint_every))
     keys = list(params)
-    step = make_train_step(spec, adam, normalize)
+    adams = _adams(adam, lrs, K)
+    steps = [make_train_step(spec, a, normalize) for a in adams]
+    chunked = [chunk_rows is not None and len(b[0]) > chunk_rows for b in batches]
     w = w.detach()
 
     def run(state: list[torch.Tensor], t: torch.Tensor, w_: torch.Tensor, lo: int, hi: int):
         p, o = _from_leaves(state, keys, t)
-        for obs, act, group in batches[lo:hi]:
-            p, o, _ = step(p, o, obs, act, _sample_weights(w_, group))
+        for i in range(lo, hi):
+            obs, act, group = batches[i]
+            if chunked[i]:
+                g = _summed_grad(spec, p, obs, act, _sample_weights(w_, group), chunk_rows)
+                p, o = adam_update(p, g, o, adams[i])
+            else:
+                p, o, _ = steps[i](p, o, obs, act, _sample_weights(w_, group))
         return _state_leaves(p, o), o["t"]
 
-    # Forward, no graph: keep the state at each segment start.
-    bounds = list(range(0, K, seg)) + [K]
+    # Forward, no graph: keep the state at each segment start (a chunked step is a segment alone).
+    cuts = set(range(0, K, seg)) | {i for i in range(K) if chunked[i]} | {i + 1 for i in range(K) if chunked[i]}
+    bounds = sorted(cuts | {K})
     checkpoints = []
     state = [x.detach() for x in _state_leaves(params, opt_state)]
     t = opt_state["t"].detach()
@@ -110,6 +212,11 @@ def weight_meta_gradient(
     dw = torch.zeros_like(w)
     for s in range(len(checkpoints) - 1, -1, -1):
         start, t0 = checkpoints[s]
+        if chunked[bounds[s]]:
+            adjoint, dw_s = _chunked_step_vjp(start, t0, keys, spec, adams[bounds[s]], batches[bounds[s]], w, adjoint,
+                                              chunk_rows)
+            dw = dw + dw_s
+            continue
         leaves = [x.detach().requires_grad_(True) for x in start]
         w_leaf = w.clone().requires_grad_(True)
         with torch.enable_grad():
@@ -141,12 +248,27 @@ class MetagradRunConfig:
     target_fraction: float = 0.25  # share of each batch from the injected target half
     checkpoint_every: int | None = None  # None: ceil(sqrt(K))
     seed: int = 0
+    recipe: str = "distcur"  # RECIPES
+    lr_schedule: str = "constant"  # over the T steps, see distcur.policy.functional.lr_schedule
+    warmup_steps: int = 0
+    pool_percentiles: tuple[float, float] = (20.0, 80.0)  # datamil recipe: join / leave the pool
+    chunk_rows: int | None = None  # datamil recipe: the special batch's rows per chunk (None: all at once)
 
     def __post_init__(self):
         if not 0 < self.meta_steps <= self.total_steps:
             raise ValueError(f"need 0 < meta_steps <= total_steps, got K={self.meta_steps}, T={self.total_steps}")
         if self.iterations <= 0 or not 0 < self.candidate_fraction < 1:
             raise ValueError(f"need iterations > 0 and 0 < candidate_fraction < 1, got {self}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        lo, hi = self.pool_percentiles
+        if not 0 <= lo <= hi <= 100:
+            raise ValueError(f"pool_percentiles must be 0 <= low <= high <= 100, got {self.pool_percentiles}")
+        lr_schedule(1.0, self.total_steps, self.lr_schedule, self.warmup_steps)  # validates both
+
+    def lrs(self, lr: float) -> np.ndarray:
+        """The learning rate of each of the T steps, (T,)."""
+        return lr_schedule(lr, self.total_steps, self.lr_schedule, self.warmup_steps)
 
 
 def _candidate_halves(n_clusters: int, cfg: MetagradRunConfig) -> list[np.ndarray]:
@@ -186,7 +308,9 @@ def datamil_metagrad_scores(
     total = np.zeros(n_clusters)
     count = np.zeros(n_clusters, np.int64)
     ckpt = cfg.checkpoint_every or sqrt_checkpoint_every(cfg.meta_steps)
-    step = make_train_step(spec, adam, "batch")
+    n_fwd = cfg.total_steps - cfg.meta_steps
+    lrs = cfg.lrs(adam.lr)
+    fwd_steps = _step_fns(spec, adam, "batch", lrs[:n_fwd], n_fwd)
     for it, candidates in enumerate(_candidate_halves(n_clusters, cfg)):
         params = init_params(spec, cfg.seed + it, obs.dtype)
         opt = adam_init(params)
@@ -194,13 +318,12 @@ def datamil_metagrad_scores(
         is_candidate = (cluster_np >= 0) & candidates[np.maximum(cluster_np, 0)]
         # Forward phase: the target rows and the non-candidate clusters, all at weight 1.
         fwd_rows = np.flatnonzero(~is_candidate)
-        if cfg.total_steps > cfg.meta_steps and len(fwd_rows):
+        if n_fwd and len(fwd_rows):
             fwd_group = np.where(cluster_np[fwd_rows] < 0, -1, 0)
-            idx = fwd_rows[sample_batches(fwd_group, cfg.total_steps - cfg.meta_steps, cfg.batch_size,
-                                          cfg.target_fraction, seed)]
+            idx = fwd_rows[sample_batches(fwd_group, n_fwd, cfg.batch_size, cfg.target_fraction, seed)]
             ones = torch.ones(cfg.batch_size, dtype=obs.dtype)
             with torch.no_grad():
-                for b in idx:
+                for step, b in zip(fwd_steps, idx):
                     rows = torch.as_tensor(b)
                     params, opt, _ = step(params, opt, obs[rows], act[rows], ones)
         # Meta phase: candidates enter at weight 0 with their own cluster ids; the rest weigh 1.
@@ -210,8 +333,112 @@ def datamil_metagrad_scores(
         batches = [(obs[torch.as_tensor(b)], act[torch.as_tensor(b)], group_t[torch.as_tensor(b)]) for b in idx]
         w = torch.ones(n_clusters, dtype=obs.dtype)
         w[torch.as_tensor(candidates)] = 0.0
-        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, batches, w, proxy_fn, ckpt, "batch")
+        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, batches, w, proxy_fn, ckpt, "batch",
+                                        lrs[n_fwd:])
         total[candidates] += dw.numpy()[candidates]
         count[candidates] += 1
     mean = np.divide(total, np.maximum(count, 1))
     return mean, count
+
+
+def update_pool(pool: np.ndarray, scores: np.ndarray,
+                percentiles: tuple[float, float] = (20.0, 80.0)) -> np.ndarray:
+    """The reference's pool update after one iteration, a new (C,) bool array.
+
+    ``pool`` (C,) bool, ``scores`` (C,) that iteration's meta-gradients (0: not a candidate).
+    Of the clusters with a non-zero score, those at or below the low percentile of the non-zero
+    scores join the pool, those at or above the high one leave it (joining wins a tie). The
+    reference also compares the unscored clusters' 0 with the percentiles, which moves all of them
+    when every score has one sign; here a cluster moves only on its own score."""
+    if pool.shape != scores.shape or pool.ndim != 1:
+        raise ValueError(f"update_pool: pool {pool.shape} and scores {scores.shape} must be the same (C,)")
+    scored = scores != 0
+    out = pool.copy()
+    if not scored.any():
+        return out
+    lo, hi = np.percentile(scores[scored], percentiles)
+    out[scored & (scores >= hi)] = False
+    out[scored & (scores <= lo)] = True
+    return out
+
+
+def reference_iteration_batches(
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    cluster: np.ndarray,
+    pool: np.ndarray,
+    candidates: np.ndarray,
+    cfg: MetagradRunConfig,
+    seed: int,
+) -> tuple[list[np.ndarray], list[Batch]]:
+    """One iteration of the reference recipe as batches: (the T - K forward batches' row indices,
+    each (B,), and the K differentiated batches). The first differentiated batch (step T - K) is
+    the special batch, every row of the ``candidates`` (C,) bool with its cluster id as group;
+    the other K - 1 and all forward batches draw B rows from the ``pool`` (C,) bool clusters and
+    the injected target rows (cluster -1, ``target_fraction`` of each batch), group -1."""
+    in_pool = (cluster < 0) | pool[np.maximum(cluster, 0)]
+    rows = np.flatnonzero(in_pool)
+    if len(rows) == 0:
+        raise ValueError("datamil recipe: the training pool holds no rows")
+    group = np.where(cluster[rows] < 0, -1, 0)
+    idx = rows[sample_batches(group, cfg.total_steps - 1, cfg.batch_size, cfg.target_fraction, seed)]
+    n_fwd = cfg.total_steps - cfg.meta_steps
+    special = torch.as_tensor(np.flatnonzero((cluster >= 0) & candidates[np.maximum(cluster, 0)]))
+    fixed = torch.full((cfg.batch_size,), -1, dtype=torch.int64)
+    meta = [(obs[special], act[special], torch.as_tensor(cluster)[special])]
+    meta += [(obs[torch.as_tensor(b)], act[torch.as_tensor(b)], fixed) for b in idx[n_fwd:]]
+    return list(idx[:n_fwd]), meta
+
+
+def datamil_reference_scores(
+    spec: PolicySpec,
+    adam: AdamConfig,
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    cluster: torch.Tensor,
+    n_clusters: int,
+    proxy_fn: Callable[[Params], torch.Tensor],
+    cfg: MetagradRunConfig,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The reference recipe (module docstring): (score (C,), the mean of each cluster's non-zero
+    meta-gradients, 0 if none; count (C,), how many there were; the pool size after each iteration).
+
+    ``obs``/``act`` (N, .) with ``cluster`` (N,) in 0..C-1, -1 for injected target rows (always in
+    the pool). Each iteration starts from the same initialisation (``cfg.seed``), as the
+    reference's, and draws ``candidate_fraction`` of all clusters (in the pool or not) as its
+    candidates. Memory: the special batch's graph holds ``cfg.chunk_rows`` rows at a time (None:
+    every candidate row at once).
+    """
+    cluster_np = cluster.numpy()
+    total = np.zeros(n_clusters)
+    count = np.zeros(n_clusters, np.int64)
+    pool = np.ones(n_clusters, bool)
+    pool_sizes: list[int] = []
+    n_fwd = cfg.total_steps - cfg.meta_steps
+    lrs = cfg.lrs(adam.lr)
+    fwd_steps = _step_fns(spec, adam, "sum", lrs[:n_fwd], n_fwd)
+    ckpt = cfg.checkpoint_every or sqrt_checkpoint_every(cfg.meta_steps)
+    init = init_params(spec, cfg.seed, obs.dtype)
+    rng = np.random.default_rng([cfg.seed, 13])
+    n_cand = max(1, int(round(cfg.candidate_fraction * n_clusters)))
+    ones = torch.ones(cfg.batch_size, dtype=obs.dtype)
+    for it in range(cfg.iterations):
+        candidates = np.zeros(n_clusters, bool)
+        candidates[rng.permutation(n_clusters)[:n_cand]] = True
+        fwd, meta = reference_iteration_batches(obs, act, cluster_np, pool, candidates, cfg,
+                                                cfg.seed * 1_000_003 + it)
+        params, opt = init, adam_init(init)
+        with torch.no_grad():
+            for step, b in zip(fwd_steps, fwd):
+                rows = torch.as_tensor(b)
+                params, opt, _ = step(params, opt, obs[rows], act[rows], ones)
+        w = torch.zeros(n_clusters, dtype=obs.dtype)
+        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, meta, w, proxy_fn, ckpt, "sum", lrs[n_fwd:],
+                                        cfg.chunk_rows)
+        scores = dw.numpy().astype(np.float64)
+        nz = scores != 0
+        total[nz] += scores[nz]
+        count[nz] += 1
+        pool = update_pool(pool, scores, cfg.pool_percentiles)
+        pool_sizes.append(int(pool.sum()))
+    return np.divide(total, np.maximum(count, 1)), count, pool_sizes

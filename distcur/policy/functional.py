@@ -112,7 +112,9 @@ def bc_loss(
 
     ``normalize="weights"`` divides by the sum of the weights, so samples of weight 0 are
     exactly dropped; ``"batch"`` divides by the batch size (the loss is then linear in each
-    weight, which is what a meta-gradient d loss / d w_i at w = 1 differentiates).
+    weight, which is what a meta-gradient d loss / d w_i at w = 1 differentiates); ``"sum"``
+    does not divide (DataMIL's reference training loss: each sample weighs the same in a normal
+    batch and in its special batch of all candidate rows, whatever the batch sizes).
     """
     mean, log_std = policy_forward(params, obs, spec)
     nll = tanh_gaussian_nll(mean, log_std, act)
@@ -122,7 +124,9 @@ def bc_loss(
         return (weights * nll).sum() / weights.sum().clamp_min(1e-12)
     if normalize == "batch":
         return (weights * nll).mean()
-    raise ValueError(f"normalize must be 'weights' or 'batch', got {normalize!r}")
+    if normalize == "sum":
+        return (weights * nll).sum()
+    raise ValueError(f"normalize must be 'weights', 'batch' or 'sum', got {normalize!r}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,26 @@ class AdamConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_schedule(lr: float, steps: int, kind: str = "constant", warmup_steps: int = 0) -> np.ndarray:
+    """Learning rate of each of ``steps`` Adam steps, (steps,): linear warmup from lr / warmup to
+    ``lr`` over the first ``warmup_steps``, then constant, or a linear or cosine decay to 0 at
+    ``steps``. DataMIL's reference (optax's linear one-cycle) warms up over T / 25 steps and
+    decays linearly."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {kind!r}")
+    if not 0 <= warmup_steps < max(steps, 1):
+        raise ValueError(f"warmup_steps must be in [0, steps={steps}), got {warmup_steps}")
+    t = np.arange(steps, dtype=np.float64)
+    frac = np.clip((t - warmup_steps) / max(1, steps - warmup_steps), 0.0, 1.0)
+    decay = {"constant": np.ones_like(frac), "linear": 1 - frac,
+             "cosine": 0.5 * (1 + np.cos(np.pi * frac))}[kind]
+    warm = np.minimum(1.0, (t + 1) / warmup_steps) if warmup_steps else np.ones_like(t)
+    return lr * warm * decay
 
 
 def adam_init(params: Params) -> dict[str, Params | torch.Tensor]:

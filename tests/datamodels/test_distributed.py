@@ -8,7 +8,13 @@ import pytest
 from scipy.stats import spearmanr
 
 from distcur.cli import main
-from distcur.commands.datamodel import make_config, run_datamodel
+from distcur.commands.datamodel import (
+    METAGRAD_PRESETS,
+    _prepare,
+    make_config,
+    resolve_inject_target,
+    run_datamodel,
+)
 from distcur.data import steps_key, target_source
 from distcur.distributed.datamodels import (
     BatchesFailed,
@@ -127,11 +133,9 @@ def test_cross_fit_swaps_the_target_halves_and_still_ranks(ray_session, tmp_path
     """With ``cross_fit`` the two folds inject and score on opposite target halves; half the
     models train in each fold (batches under ``fold=<f>``), tau explains both folds, and the
     good episodes still rank first for both estimators."""
-    from distcur.commands.datamodel import _prepare
-
     store, good = make_synthetic_store(tmp_path)
-    cfg = make_config(RANKING, cross_fit=True)
-    _, _, folds, _ = _prepare(store, cfg, TASK)
+    cfg = make_config(RANKING, cross_fit=True, inject_target=True)
+    _, _, folds, _ = _prepare(store, cfg, TASK, True)
     assert len(folds) == 2
     inject = [f.obs[f.group < 0] for f in folds]
     np.testing.assert_array_equal(inject[0], folds[1].proxy_obs)
@@ -148,3 +152,73 @@ def test_cross_fit_swaps_the_target_halves_and_still_ranks(ray_session, tmp_path
     assert store.exists(batch_key("cf-regression/fold=1", 0))
     assert len(store.manifest("datamodels/cf-regression/tau").metadata["folds"]) == 2
     assert m.metadata["folds"] == 2 and m.metadata["iterations"] == SMALL["metagrad"]["iterations"]
+
+
+def test_inject_target_auto_follows_the_paper_per_setting(tmp_path):
+    """auto: no injection for simulated MetaWorld priors (by name or by the ingest stage), half the
+    target demos otherwise; without injection one fold trains on the prior alone and the proxy is
+    every target demo."""
+    store, _ = make_synthetic_store(tmp_path)
+    rng = np.random.default_rng(1)
+    store.write_table(steps_key("sim-copy"), _episodes("sim-copy", np.ones(2), rng), stage="ingest-metaworld")
+    store.write_table(steps_key("robot"), _episodes("robot", np.ones(2), rng), stage="ingest-rlds")
+    for sources, want in [(("metaworld",), False), (("metaworld", "sim-copy"), False), (("metaworld", "robot"), True)]:
+        assert resolve_inject_target(store, make_config(prior_sources=sources)) is want, sources
+    assert resolve_inject_target(store, make_config(inject_target=True)) is True
+    assert resolve_inject_target(store, make_config(prior_sources=("robot",), inject_target=False)) is False
+
+    _, _, folds, _ = _prepare(store, make_config(), TASK, False)
+    assert len(folds) == 1 and (folds[0].group >= 0).all() and len(folds[0].proxy_obs) == 4 * LENGTH
+    _, _, folds, _ = _prepare(store, make_config(), TASK, True)
+    assert (folds[0].group == -1).sum() == 2 * LENGTH and len(folds[0].proxy_obs) == 2 * LENGTH
+    with pytest.raises(ValueError, match="cross_fit needs target injection"):
+        _prepare(store, make_config(cross_fit=True), TASK, False)
+    with pytest.raises(ValueError, match="inject_target must be"):
+        make_config(inject_target="yes")
+
+
+def test_independent_seed_lds_and_resolved_injection_in_the_manifest(ray_session, tmp_path):
+    """The held-out subsets are trained a second time, one model per task with its own seeds; both
+    LDS are recorded, with the resolved injection (none: the prior is simulated MetaWorld)."""
+    store, _ = make_synthetic_store(tmp_path)
+    run_datamodel(store, "regression", TASK, "dm", make_config(RANKING))
+    meta = store.manifest("datamodels/dm/tau").metadata
+    assert meta["inject_target"] is False and meta["target_fraction"] == 0.0
+    assert meta["lds"] > 0.3 and -1 <= meta["lds_independent_seeds"] <= 1
+    assert meta["lds_independent_seeds"] != meta["lds"]
+    held = RANKING["regression"]["heldout_models"]
+    assert all(store.exists(batch_key("dm/independent", i)) for i in range(held))
+    assert store.manifest("scores/dm").metadata["inject_target"] is False
+    off = make_config(RANKING, regression={**RANKING["regression"], "lds_independent_seeds": False})
+    assert run_datamodel(store, "regression", TASK, "dm-off", off).metadata["lds_independent_seeds"] is None
+
+
+def test_reference_recipe_through_the_cli_ranks_and_records_the_pool(ray_session, tmp_path, capsys):
+    store, good = make_synthetic_store(tmp_path)
+    import yaml
+
+    cfg_path = tmp_path / "dm.yaml"
+    cfg_path.write_text(yaml.safe_dump({**SMALL, "metagrad": {"total_steps": 100, "meta_steps": 12, "iterations": 6}}))
+    rc = main(["datamodel", "--estimator", "metagrad", "--store", str(tmp_path), "--target", TASK, "--run", "ref",
+               "--config", str(cfg_path), "--metagrad-preset", "datamil", "--inject-target", "true"])
+    assert rc == 0 and "target injected: True" in capsys.readouterr().out
+    m = store.manifest("scores/ref")
+    assert m.metadata["recipe"] == "datamil" and len(m.metadata["pool_sizes"][0]) == 6
+    assert m.config["metagrad"]["lr_schedule"] == "linear" and m.config["metagrad"]["total_steps"] == 100
+    per_episode = store.read_table("scores/ref").group_by("episode").aggregate([("score", "mean")]).sort_by("episode")
+    assert spearmanr(per_episode.column("score_mean").to_numpy(), good).statistic > 0.5
+
+
+def test_metagrad_presets():
+    paper = make_config(metagrad_preset="datamil-paper")
+    mg = paper.metagrad
+    assert (mg.recipe, mg.total_steps, mg.meta_steps, mg.iterations) == ("datamil", 1100, 100, 50)
+    assert (mg.lr, mg.warmup_steps, mg.batch_size, mg.chunk_rows, paper.hidden) == (5e-3, 44, 16364, 16364,
+                                                                                  (400, 400, 400))
+    small = make_config({"metagrad": {"iterations": 3}}, metagrad_preset="datamil")
+    assert small.metagrad.recipe == "datamil" and small.metagrad.iterations == 3
+    assert small.metagrad.total_steps == METAGRAD_PRESETS["datamil"]["metagrad"]["total_steps"]
+    with pytest.raises(ValueError, match="metagrad_preset"):
+        make_config(metagrad_preset="paper")
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        make_config({"metagrad": {"recipe": "jax"}})

@@ -10,7 +10,10 @@ from distcur.datamodels.metagrad import (
     MetagradRunConfig,
     _candidate_halves,
     datamil_metagrad_scores,
+    datamil_reference_scores,
+    reference_iteration_batches,
     sqrt_checkpoint_every,
+    update_pool,
     weight_meta_gradient,
 )
 from distcur.datamodels.proxy import make_proxy_fn
@@ -19,6 +22,7 @@ from distcur.policy.functional import (
     PolicySpec,
     adam_init,
     init_params,
+    lr_schedule,
     make_train_step,
     policy_forward,
 )
@@ -112,13 +116,12 @@ def test_candidate_halves_cover_every_cluster_equally():
     assert np.all(halves.sum(0) == 3)
 
 
-def test_datamil_scores_rank_helpful_clusters_first():
-    """Prior clusters that demonstrate the target's behaviour get a negative meta-gradient
-    (up-weighting them lowers the proxy loss); those demonstrating the opposite, positive."""
+def _opposed_clusters(n_clusters: int = 16, inject: int = 60):
+    """(spec, obs, act, cluster, proxy_fn, good): even clusters demonstrate the target's
+    behaviour, odd ones its opposite; ``inject`` target rows join with cluster -1."""
     rng = np.random.default_rng(0)
     ds, da, per = 6, 2, 30
     a_true = rng.normal(size=(da, ds)) / np.sqrt(ds)
-    n_clusters = 16
     good = np.arange(n_clusters) % 2 == 0
 
     def demos(n, sign):
@@ -129,16 +132,22 @@ def test_datamil_scores_rank_helpful_clusters_first():
     for c in range(n_clusters):
         s, a = demos(per, 1.0 if good[c] else -1.0)
         obs.append(s), act.append(a), cluster.append(np.full(per, c))
-    s, a = demos(60, 1.0)  # injected target half
-    obs.append(s), act.append(a), cluster.append(np.full(60, -1))
+    s, a = demos(inject, 1.0)  # injected target half
+    obs.append(s), act.append(a), cluster.append(np.full(inject, -1))
     proxy_obs, proxy_act = demos(60, 1.0)
     spec = PolicySpec(ds, da, (32, 32))
     to32 = lambda x: torch.as_tensor(np.concatenate(x) if isinstance(x, list) else x, dtype=torch.float32)  # noqa: E731
-    cfg = MetagradRunConfig(total_steps=120, meta_steps=16, iterations=4, batch_size=64, seed=1)
     proxy = make_proxy_fn(spec, to32(proxy_obs), to32(proxy_act))
-    grads, counts = datamil_metagrad_scores(
-        spec, AdamConfig(lr=3e-3), to32(obs), to32(act), torch.as_tensor(np.concatenate(cluster)), n_clusters, proxy, cfg
-    )
+    return spec, to32(obs), to32(act), torch.as_tensor(np.concatenate(cluster)), proxy, good
+
+
+def test_datamil_scores_rank_helpful_clusters_first():
+    """Prior clusters that demonstrate the target's behaviour get a negative meta-gradient
+    (up-weighting them lowers the proxy loss); those demonstrating the opposite, positive."""
+    spec, obs, act, cluster, proxy, good = _opposed_clusters()
+    n_clusters = len(good)
+    cfg = MetagradRunConfig(total_steps=120, meta_steps=16, iterations=4, batch_size=64, seed=1)
+    grads, counts = datamil_metagrad_scores(spec, AdamConfig(lr=3e-3), obs, act, cluster, n_clusters, proxy, cfg)
     assert np.all(counts == 2)
     assert np.median(grads[good]) < 0 < np.median(grads[~good])
     auc = np.mean(grads[good][:, None] < grads[~good][None, :])  # P(good ranks above bad)
@@ -158,3 +167,83 @@ def test_mse_proxy_is_the_executed_actions_squared_error():
     assert float(make_proxy_fn(SPEC, obs, act, "nll")(wide)) != pytest.approx(float(make_proxy_fn(SPEC, obs, act)(params)))
     with pytest.raises(ValueError, match="proxy must be one of"):
         make_proxy_fn(SPEC, obs, act, "l1")
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lr = lr_schedule(1.0, 10, "linear", 2)
+    np.testing.assert_allclose(lr[:3], [0.5, 1.0, 1.0])
+    assert np.all(np.diff(lr[2:]) < 0) and lr[-1] == pytest.approx(1 / 8)
+    np.testing.assert_allclose(lr_schedule(0.1, 4), 0.1)
+    assert lr_schedule(1.0, 9, "cosine")[0] == 1.0 and np.all(np.diff(lr_schedule(1.0, 9, "cosine")) < 0)
+    with pytest.raises(ValueError, match="lr schedule"):
+        lr_schedule(1.0, 4, "step")
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 16])
+def test_reference_special_batch_meta_gradient_matches_finite_differences(chunk_rows):
+    """The reference recipe's differentiated steps (the special batch of all candidate rows at
+    weight 0, then normal pool batches, summed losses, a decaying learning rate) from a warm
+    Adam state: d proxy / d w agrees with central differences of the proxy, and computing the
+    special batch in chunks of 16 rows changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    n = 60
+    obs, act = torch.randn(n, 5, generator=g, dtype=DT), torch.tanh(torch.randn(n, 2, generator=g, dtype=DT))
+    cluster = np.repeat(np.arange(G), n // G)
+    # Batches of 32 of the 45 pool rows: a ReLU unit silent on every forward batch but active on a
+    # candidate row has Adam second moment 0, where the update is not smooth in w at w = 0 (slope
+    # ~ 1 / eps); with 8-row batches that happened here and central differences disagreed.
+    cfg = MetagradRunConfig(total_steps=9, meta_steps=4, iterations=1, batch_size=32, lr_schedule="linear",
+                            warmup_steps=2)
+    candidates = np.array([True, False, True, True])
+    fwd, meta = reference_iteration_batches(obs, act, cluster, np.array([True, True, False, True]), candidates,
+                                            cfg, seed=5)
+    assert len(fwd) == 5 and len(meta) == 4 and len(meta[0][0]) == 45  # 3 candidate clusters x 15 rows
+    assert torch.all(meta[1][2] == -1) and not np.isin(cluster[np.concatenate(fwd)], [2]).any()
+    lrs = cfg.lrs(1e-2)
+    params, opt = init_params(SPEC, 0, DT), adam_init(init_params(SPEC, 0, DT))
+    for b, lr in zip(fwd, lrs[:5]):
+        step = make_train_step(SPEC, AdamConfig(lr=float(lr)), "sum")
+        params, opt, _ = step(params, opt, obs[b], act[b], torch.ones(len(b), dtype=DT))
+    proxy_obs, proxy_act = torch.randn(16, 5, generator=g, dtype=DT), torch.tanh(torch.randn(16, 2, generator=g, dtype=DT))
+    proxy = make_proxy_fn(SPEC, proxy_obs, proxy_act, "mse")
+
+    def f(w, rows=chunk_rows):
+        return weight_meta_gradient(params, opt, SPEC, ADAM, meta, w, proxy, 2, "sum", lrs[5:], rows)
+
+    w0 = torch.zeros(G, dtype=DT)
+    value, dw, final = f(w0)
+    whole = f(w0, None)
+    assert value == pytest.approx(whole[0], rel=1e-12)
+    torch.testing.assert_close(dw, whole[1], rtol=1e-9, atol=1e-12)
+    for k in final:
+        torch.testing.assert_close(final[k], whole[2][k], rtol=1e-12, atol=1e-14)
+    eps = 1e-6
+    fd = torch.tensor([(f(w0 + eps * e)[0] - f(w0 - eps * e)[0]) / (2 * eps) for e in torch.eye(G, dtype=DT)], dtype=DT)
+    assert dw[1] == 0 and torch.all(dw[candidates] != 0)
+    assert float((dw - fd).norm() / fd.norm()) < 1e-3, (dw, fd)
+
+
+def test_update_pool_moves_only_scored_clusters_by_percentile():
+    pool = np.array([True, True, False, False, True, True])
+    scores = np.array([-3.0, 0.0, -1.0, 2.0, 5.0, 1.0])  # cluster 1 unscored
+    new = update_pool(pool, scores, (20.0, 80.0))
+    # non-zero scores -3, -1, 1, 2, 5: 20th percentile -1.4, 80th 2.6
+    np.testing.assert_array_equal(new, [True, True, False, False, False, True])
+    np.testing.assert_array_equal(update_pool(pool, scores, (50.0, 50.0)), [True, True, True, False, False, True])
+    np.testing.assert_array_equal(update_pool(pool, np.zeros(6)), pool)
+
+
+@pytest.mark.parametrize(("inject", "chunk_rows"), [(60, None), (0, 100)])
+def test_reference_recipe_ranks_helpful_clusters_and_shapes_the_pool(inject, chunk_rows):
+    """With and without injected target rows (and with the special batch in chunks): helpful
+    clusters get negative mean scores, and the pool loses clusters that demonstrate the opposite
+    behaviour."""
+    spec, obs, act, cluster, proxy, good = _opposed_clusters(inject=inject)
+    cfg = MetagradRunConfig(total_steps=60, meta_steps=8, iterations=6, batch_size=64, seed=1, recipe="datamil",
+                            lr_schedule="linear", warmup_steps=3, chunk_rows=chunk_rows)
+    score, count, pool_sizes = datamil_reference_scores(spec, AdamConfig(lr=5e-3), obs, act, cluster, len(good),
+                                                        proxy, cfg)
+    assert len(pool_sizes) == 6 and count.sum() == 6 * 8 and np.all(score[count == 0] == 0)
+    auc = np.mean(score[good][:, None] < score[~good][None, :])
+    assert auc >= 0.8, (score[good], score[~good])
+    assert pool_sizes[-1] < len(good)
