@@ -30,7 +30,8 @@ def summarize(results: list[dict], selections: dict) -> dict:
     for r in results:
         if r.get("prior") is None or str(r["task"]).startswith("imbalanced/"):
             continue
-        groups.setdefault(f"{r['prior']}/{r['task']}", []).append(r)
+        groups.setdefault(f"{r['prior']}/{r['task']}", []).append(
+            {**r, "method": r["method"] + (f" [{r['variant']}]" if r.get("variant") else "")})
     out = {}
     for name, rows in sorted(groups.items()):
         table = pa.Table.from_pylist([{"method": r["method"], "seed": r["seed"], "success": r["success"]}
@@ -40,7 +41,9 @@ def summarize(results: list[dict], selections: dict) -> dict:
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
             s = np.array([r["success"] for r in mine], float)
-            comp = (selections.get(name, {}).get(method) or {}).get("composition") or {}
+            base, _, variant = method.partition(" [")
+            where = selections.get(name + (f"/{variant[:-1]}" if variant else ""), {})
+            comp = (where.get(base) or {}).get("composition") or {}
             methods[method] = {
                 "seeds": len(s), "success_mean": float(s.mean()),
                 "success_se": float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1 else None,

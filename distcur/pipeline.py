@@ -391,7 +391,7 @@ def run_demo(cfg: DemoConfig) -> pa.Table:
         if kind in cfg.methods and kind != "target_only":
             selections[kind] = baseline_run(cfg, store, kind)
     timings["score_select"] = time.time() - t0
-    diagnostics = selection_diagnostics(store, selections)
+    diagnostics = selection_diagnostics(store, selections, cfg.target)
 
     jobs = [(m, selections[m], s) for m in cfg.methods for s in cfg.seeds]
     key = eval_key(cfg.run)
@@ -414,10 +414,10 @@ def run_demo(cfg: DemoConfig) -> pa.Table:
     return table
 
 
-def selection_diagnostics(store: Store, selections: dict[str, str | None]) -> dict[str, dict]:
-    """Per method: its selection's level, size and make-up (from the selection's manifest) and its
-    overlap (Jaccard of the step sets) with every other method's selection."""
-    from distcur.composition import pairwise_jaccard
+def selection_diagnostics(store: Store, selections: dict[str, str | None], target: str) -> dict[str, dict]:
+    """Per method: its selection's level, size and make-up and its overlap (Jaccard of the step sets)
+    with every other method's selection."""
+    from distcur.composition import pairwise_jaccard, selection_composition
 
     out: dict[str, dict] = {}
     tables = {}
@@ -425,11 +425,14 @@ def selection_diagnostics(store: Store, selections: dict[str, str | None]) -> di
         if not run:
             continue
         m = store.manifest(selection_key(run))
+        table = store.read_table(selection_key(run), columns=["source", "episode", "step"])
+        # recomputed with the demo's target: a selection manifest whose score run did not name one
+        # (older IWR runs) has no target shares
         out[method] = {"level": m.config.get("level", "all" if method == "all" else None),
                        "selected_fraction": m.metadata.get("selected_fraction"),
-                       "composition": m.metadata.get("composition")}
+                       "composition": selection_composition(store, table, target)}
         if method != "all":
-            tables[method] = store.read_table(selection_key(run), columns=["source", "episode", "step"])
+            tables[method] = table
     for method, overlaps in pairwise_jaccard(tables).items():
         out[method]["jaccard"] = overlaps
     return out
@@ -439,23 +442,27 @@ RECORD_FIELDS = ("task", "prior", "method", "seed", "episodes", "success", "prox
                  "selected_fraction", "level")
 
 
-def quality_records(table: pa.Table, protocol: dict, diagnostics: dict | None = None) -> dict:
+def quality_records(table: pa.Table, protocol: dict, diagnostics: dict | None = None,
+                    variant: str | None = None) -> dict:
     """The demo's results in the ``quality_metaworld.json`` layout: one record per (task, prior,
-    method, seed), each with the make-up of its selection (share of steps from successful episodes
-    and from the target task's failed attempts); the full make-up and the overlaps between methods go
-    under ``selections/<prior>/<task>``."""
+    method, seed[, variant]), each with the make-up of its selection (share of steps from successful
+    episodes and from the target task's failed attempts); the full make-up and the overlaps between
+    methods go under ``selections/<prior>/<task>[/<variant>]``. ``variant`` names a run whose settings
+    differ from the defaults (its records sit beside the default ones instead of replacing them)."""
     rows = table.to_pylist()
     diagnostics = diagnostics or {}
     records = []
     for r in rows:
         rec = {k: r.get(k) for k in RECORD_FIELDS}
+        if variant:
+            rec["variant"] = variant
         comp = (diagnostics.get(r["method"]) or {}).get("composition") or {}
         if comp:
             rec.update(success_share=comp.get("success_share"), target_failure_share=comp.get("target_failure_share"))
         records.append(rec)
-    out: dict[str, Any] = {"protocol": protocol, "results": records}
+    out: dict[str, Any] = {"protocol": {f"variant/{variant}": protocol} if variant else protocol, "results": records}
     if diagnostics and rows:
-        out["selections"] = {f"{rows[0]['prior']}/{rows[0]['task']}": diagnostics}
+        out["selections"] = {f"{rows[0]['prior']}/{rows[0]['task']}" + (f"/{variant}" if variant else ""): diagnostics}
     return out
 
 
@@ -471,7 +478,7 @@ def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str
     except FileNotFoundError:
         current = {"protocol": {}, "results": []}
     def ident(r: dict) -> tuple:
-        return r["task"], r.get("prior"), r["method"], r["seed"]
+        return r["task"], r.get("prior"), r["method"], r["seed"], r.get("variant")
 
     keys = {ident(r) for r in new["results"]}
     kept = [r for r in current.get("results", [])

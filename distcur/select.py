@@ -208,7 +208,7 @@ def run_select(store: Store, scores_run: str, out_run: str, config: SelectConfig
         table = select_steps(scores, config)
         n_steps = scores.num_rows
         score_manifest = store.manifest(in_key)
-        target = score_manifest.metadata.get("target") or score_manifest.config.get("target")
+        target = score_target(score_manifest)
         manifest = store.write_table(out_key, table, "select", stage_config, inputs, metadata={
             "scores": scores_run, "method": score_manifest.metadata.get("method"), "target": target,
             "sources": sorted(set(scores.column("source").unique().to_pylist())),
@@ -217,6 +217,15 @@ def run_select(store: Store, scores_run: str, out_run: str, config: SelectConfig
     if export_lerobot:
         export_lerobot_weights(store, out_run)
     return manifest
+
+
+def score_target(manifest: Manifest) -> str | None:
+    """The target task a score run was made for (IWR names only its target embedding table)."""
+    target = manifest.metadata.get("target") or manifest.config.get("target")
+    key = str(manifest.config.get("target_key", ""))
+    if not target and "source=target-" in key:
+        target = key.split("source=target-", 1)[1].split("/", 1)[0]
+    return target
 
 
 def selection_metadata(store: Store, table: pa.Table, prior_steps: int, target: str | None) -> dict:

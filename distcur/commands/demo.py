@@ -37,9 +37,13 @@ def register(sub) -> None:
                         "covariance and Scott factor (two scipy gaussian_kde)")
     p.add_argument("--datamodel-proxy", choices=("nll", "mse"), default=None,
                    help="the DataMIL methods' proxy loss (distcur.datamodels.proxy; default mse)")
+    p.add_argument("--datamodel-config", default=None, metavar="YAML",
+                   help="DatamodelConfig options for the DataMIL methods (e.g. metagrad: {recipe: datamil})")
     p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
     p.add_argument("--record", default=None, metavar="JSON",
                    help="merge the results into this quality_metaworld.json (docs/benchmarks.md)")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="with --record: label these records as a variant of the default settings (kept beside them)")
     p.add_argument("--report", action="store_true", help="also write the HTML report into the store")
     p.set_defaults(func=run)
 
@@ -74,6 +78,16 @@ def run(args) -> int:
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
     if args.iwr_kernel:
         cfg.iwr = {**cfg.iwr, "kernel": args.iwr_kernel}
+    if args.datamodel_config:
+        import yaml
+
+        from distcur.commands.datamodel import _merge
+
+        with open(args.datamodel_config) as f:
+            given = yaml.safe_load(f) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{args.datamodel_config}: expected a YAML mapping of DatamodelConfig options")
+        cfg.datamodel = _merge(cfg.datamodel, given)
     if args.datamodel_proxy:
         cfg.datamodel = {**cfg.datamodel, "proxy": args.datamodel_proxy}
     table = run_demo(cfg)
@@ -86,7 +100,7 @@ def run(args) -> int:
     if args.report:
         print("report:", write_report(Store(cfg.store), cfg.run))
     if args.record:
-        merge_quality_json(args.record, quality_records(table, protocol_of(cfg), diagnostics))
+        merge_quality_json(args.record, quality_records(table, protocol_of(cfg), diagnostics, args.variant))
         print("recorded:", args.record)
     print(f"wall {time.time() - t0:.0f} s")
     return 0
