@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
-from distcur.config import DEFAULT_STORE, load_config, to_dict
+from distcur.config import DEFAULT_STORE, load_config, read_yaml, to_dict
 from distcur.data import load_steps, scores_key, steps_key, target_source
 from distcur.datamodels.metagrad import MetagradRunConfig, datamil_metagrad_scores
 from distcur.datamodels.proxy import PROXIES, check_proxy, make_proxy_fn, split_target
@@ -137,10 +137,7 @@ def make_config(source: str | dict | None = None, full: bool = False, **override
     if isinstance(source, dict):
         data = _merge(data, source)
     elif source is not None:
-        import yaml
-
-        with open(source) as f:
-            data = _merge(data, yaml.safe_load(f) or {})
+        data = _merge(data, read_yaml(source) or {})
     return load_config(DatamodelConfig, data, **overrides)
 
 
