@@ -89,17 +89,22 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override from the environment (None: AWS's own endpoints)."""
+    return (
+        os.environ.get("DISTCUR_S3_ENDPOINT")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
 def _s3_filesystem(uri: str) -> pafs.S3FileSystem:
     """An S3 filesystem from the standard AWS variables, with an endpoint override.
 
     ``DISTCUR_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) points at an
     S3-compatible server; credentials and region come from the usual AWS variables.
     """
-    endpoint = (
-        os.environ.get("DISTCUR_S3_ENDPOINT")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    endpoint = s3_endpoint()
     kwargs: dict[str, Any] = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     }

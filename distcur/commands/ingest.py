@@ -48,6 +48,7 @@ def register(sub) -> None:
     m.add_argument("--config", default=None, help="YAML with MetaWorldPriorConfig options")
     m.add_argument("--seed", type=int, default=None)
     m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
+    m.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
     m.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     m.set_defaults(func=run_metaworld)
 
@@ -98,6 +99,6 @@ def run_metaworld(args) -> int:
 
     config = load_config(MetaWorldPriorConfig, args.config, target=args.target, seed=args.seed,
                          tasks=tuple(args.tasks) if args.tasks else None)
-    info = generate_metaworld(config, Store(args.out), address=args.address, progress=True)
+    info = generate_metaworld(config, Store(args.out, force=args.force), address=args.address, progress=True)
     print(json.dumps(info, indent=2, default=str))
     return 0

@@ -26,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--mode", default=None, choices=("exact", "subsample"), help="iwr: KDE mode (default exact)")
     p.add_argument("--num-shards", type=int, default=None, help="iwr: prior shards for the KDE partial sums")
     p.add_argument("--subsample", type=int, default=None, help="iwr: reference subsample size in subsample mode")
+    p.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
 
@@ -54,7 +55,7 @@ def run(args) -> int:
         except ValueError:
             pass
     opts = {**given, "prior_sources": args.prior_sources, "address": args.address}
-    m = score(Store(args.store), args.method, args.target, args.run, **opts)
+    m = score(Store(args.store, force=args.force), args.method, args.target, args.run, **opts)
     print(json.dumps({"scores": f"scores/{args.run}", "rows": m.rows, "method": args.method,
                       "target": args.target}, indent=2))
     return 0

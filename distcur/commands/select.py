@@ -18,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("--level", default="step", choices=("step", "subtraj", "episode"))
     p.add_argument("--horizon", type=int, default=30, help="sub-trajectory length H for --level subtraj")
     p.add_argument("--weighting", default="uniform", choices=("uniform", "score"))
+    p.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
     p.add_argument("--export-lerobot", action="store_true", help="also write selections/<run>/lerobot (index, weight)")
     p.set_defaults(func=run)
 
@@ -29,7 +30,7 @@ def run(args) -> int:
     top = args.top if args.top is not None or args.threshold is not None else 10.0
     config = SelectConfig(top_percent=top, threshold=args.threshold, level=args.level, horizon=args.horizon,
                           weighting=args.weighting)
-    m = run_select(Store(args.store), args.scores, args.run, config, export_lerobot=args.export_lerobot)
+    m = run_select(Store(args.store, force=args.force), args.scores, args.run, config, export_lerobot=args.export_lerobot)
     out = {"selection": f"selections/{args.run}", "rows": m.rows,
            "selected_fraction": m.metadata.get("selected_fraction")}
     if args.export_lerobot:
