@@ -66,6 +66,11 @@ def _rebuild_hint(stage: str) -> str:
     return f"rebuild it by rerunning the stage that wrote it ({stage!r}) with --force"
 
 
+def _is_damage(error: Exception) -> bool:
+    """Whether a Parquet read error is the file's fault (bad bytes), not S3's or the network's."""
+    return isinstance(error, pa.ArrowInvalid) or "AWS Error" not in str(error)
+
+
 def _sha256_of(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
     with fs.open_input_stream(path) as f:
@@ -336,9 +341,10 @@ class Store:
         return sorted(info.base_name for info in self.fs.get_file_info(sel))
 
     def write_parquet(self, rel: str, table: pa.Table) -> dict[str, Any]:
-        """Write one Parquet file atomically; returns its {size, sha256, rows} for a manifest."""
+        """Write one Parquet file atomically (with page CRCs, checked on every read); returns its
+        {size, sha256, rows} for a manifest."""
         buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         data = buf.getvalue().to_pybytes()
         self.write_bytes(rel, data)
         return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": table.num_rows}
@@ -434,12 +440,15 @@ class Store:
     def files(self, key: str) -> list[str]:
         return [self.path(f) for f in self._intact_manifest(key).files]
 
-    def _unreadable(self, key: str, m: Manifest, error: Exception) -> DamagedTableError:
-        """The error for a table whose Parquet did not read: names the first part whose footer fails."""
+    def _unreadable(self, key: str, m: Manifest, error: Exception) -> Exception:
+        """The error for a table whose Parquet did not read, naming the first part that does not read
+        (S3 and network errors are passed on as they are)."""
+        if not _is_damage(error):
+            return error
         bad = "one of its parts"
         for rel in m.files:
             try:
-                pq.read_metadata(self.path(rel), filesystem=self.fs)
+                pq.read_table(self.path(rel), filesystem=self.fs, page_checksum_verification=True)
             except (pa.ArrowInvalid, OSError):
                 bad = self.uri_of(rel)
                 break
@@ -451,8 +460,9 @@ class Store:
             raise FileNotFoundError(f"table {self.uri_of(key)} has no data files")
         paths = [self.path(f) for f in m.files]
         try:
-            table = pq.ParquetDataset(paths, filesystem=self.fs, filters=filters, partitioning=None).read(columns=columns)
-        except pa.ArrowInvalid as e:
+            table = pq.ParquetDataset(paths, filesystem=self.fs, filters=filters, partitioning=None,
+                                      page_checksum_verification=True).read(columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
             raise self._unreadable(key, m, e) from e
         if filters is None and table.num_rows != m.rows:
             raise DamagedTableError(f"{self.uri_of(key)}: its parts hold {table.num_rows} rows but the manifest "
@@ -464,11 +474,13 @@ class Store:
         m = self._intact_manifest(key)
         for rel in m.files:
             try:
-                pf = pq.ParquetFile(self.fs.open_input_file(self.path(rel)))
-            except pa.ArrowInvalid as e:
+                pf = pq.ParquetFile(self.fs.open_input_file(self.path(rel)), page_checksum_verification=True)
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+            except (pa.ArrowInvalid, OSError) as e:
+                if not _is_damage(e):
+                    raise
                 raise DamagedTableError(f"{self.uri_of(key)}: cannot read {self.uri_of(rel)} ({e}); "
                                         f"{_rebuild_hint(m.stage)}") from e
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
     def input_fingerprint(self, key: str) -> str:
         """Fingerprint of a committed input, for a downstream stage's manifest."""

@@ -207,9 +207,14 @@ def test_damage_is_noticed_and_named(store):
     with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
         list(store.iter_batches(KEY))
 
-    mid = len(good) // 2  # same size, a flipped byte in the data: only the checksum tells
-    overwrite_part(store, part, good[:mid] + bytes([good[mid] ^ 0xFF]) + good[mid + 1:])
+    # same size, a flipped byte in a data page: the page CRC (on read) and the sha256 (verify) tell
+    at = pa.parquet.read_metadata(pa.BufferReader(good)).row_group(0).column(1).data_page_offset + 1
+    overwrite_part(store, part, good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:])
     assert any(f"{store.uri_of(part)}: sha256 is" in p for p in store.verify(KEY))
+    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+        store.read_table(KEY)
+    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+        list(store.iter_batches(KEY))
 
     overwrite_part(store, part, good)
     store.fs.delete_file(store.path(m.files[2]))
