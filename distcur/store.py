@@ -238,7 +238,8 @@ class TableWriter:
             if info.type != pafs.FileType.File or (known is not None and info.size != known["size"]):
                 raise DamagedTableError(
                     f"{where}: cannot commit, part {self.store.uri_of(rel)} was deleted or changed while this writer "
-                    f"ran (commits collect versions untouched for {self.store.gc_grace_s:g} s); rerun the stage")
+                    "ran (another writer's commit collects versions untouched for its grace period, "
+                    "DISTCUR_GC_GRACE_S); rerun the stage")
         infos = {rel: self.parts.get(rel) or _part_info(fs, self.store.path(rel)) for rel in rels}
         counted = [i["rows"] for i in infos.values()]
         if counted and None not in counted and sum(counted) != self.rows:

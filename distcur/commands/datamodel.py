@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
-from distcur.config import DEFAULT_STORE, load_config, read_yaml, to_dict
+from distcur.config import DEFAULT_STORE, ConfigError, load_config, read_yaml, to_dict
 from distcur.data import load_steps, scores_key, steps_key, target_source
 from distcur.datamodels.metagrad import MetagradRunConfig, datamil_metagrad_scores
 from distcur.datamodels.proxy import PROXIES, check_proxy, make_proxy_fn, split_target
@@ -138,6 +138,10 @@ def make_config(source: str | dict | None = None, full: bool = False, **override
         data = _merge(data, source)
     elif source is not None:
         data = _merge(data, read_yaml(source) or {})
+        try:
+            return load_config(DatamodelConfig, data, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return load_config(DatamodelConfig, data, **overrides)
 
 
