@@ -4,6 +4,9 @@
     distcur ingest rlds PATH --dataset NAME --state-keys observation/state --action-keys action ...
     distcur ingest metaworld --target TASK --out URI [--config YAML] [--seed N] [--tasks T ...]
 
+``--store`` is the same option as ``--out`` (the name every other stage uses, so a job's
+``common: {store: ...}`` reaches ingest too).
+
 ``--dataset`` names a shipped RLDS config (fractal20220817_data, bridge, bridge_dataset,
 language_table); with ``--state-keys`` and ``--action-keys`` it names a generic config built
 from the flags instead. A rerun with the same inputs and config is skipped (resume).
@@ -25,7 +28,8 @@ def register(sub) -> None:
     r.add_argument("path", help="dataset directory holding dataset_info.json, features.json and the shards")
     r.add_argument("--dataset", required=True,
                    help="shipped config name (see --state-keys for a dataset without one)")
-    r.add_argument("--out", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
+    r.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
+                   help="store URI (folder or s3://bucket/prefix)")
     r.add_argument("--source", default=None, help="source name in the store (default: the dataset name)")
     r.add_argument("--split", nargs="+", default=["train"], help="splits to read, in order (default: train)")
     r.add_argument("--state-keys", nargs="+", default=None,
@@ -44,7 +48,8 @@ def register(sub) -> None:
 
     m = kinds.add_parser("metaworld", help="generate the MetaWorld prior and target sets (scripted experts)")
     m.add_argument("--target", default=None, help="target task, any MetaWorld v3 task name")
-    m.add_argument("--out", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
+    m.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
+                   help="store URI (folder or s3://bucket/prefix)")
     m.add_argument("--config", default=None, help="YAML with MetaWorldPriorConfig options")
     m.add_argument("--seed", type=int, default=None)
     m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
