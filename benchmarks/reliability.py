@@ -253,8 +253,12 @@ def cli_cases(work: str) -> list[dict]:
 WRITER = """
 import json, os, sys, time
 import pyarrow as pa
-from distcur.store import Store
-uri, key, rows, ready, go, stall = sys.argv[1:7]
+uri, key, rows, ready, go, stall, baseline = sys.argv[1:8]
+if baseline == "-":
+    from distcur.store import Store
+else:  # the store module of the baseline commit, copied to a folder of its own
+    sys.path.insert(0, baseline)
+    from store_baseline import Store
 store = Store(uri)
 w = store.writer(key, "test", {"rows": int(rows)})
 def wait():
@@ -271,40 +275,63 @@ print(json.dumps({"rows": w.commit().rows}))
 """
 
 
-def writer(uri: str, rows: int, ready: str, go: str = "-", stall: str = "none", grace: str | None = None):
+def baseline_store(work: str) -> tuple[str, str] | None:
+    """(commit, folder holding its store.py as store_baseline.py): the store before this commit protocol
+    (the parent of the commit that introduced ``_alive``), or None outside a git checkout."""
+    try:
+        found = subprocess.run(["git", "-C", REPO, "log", "--format=%H", "-S", 'ALIVE = "_alive"', "--",
+                                "distcur/store.py"], capture_output=True, text=True, check=True).stdout.split()
+        if not found:
+            return None
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", f"{found[-1]}^"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        source = subprocess.run(["git", "-C", REPO, "show", f"{commit}:distcur/store.py"], capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    folder = os.path.join(work, "baseline")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "store_baseline.py"), "w") as f:
+        f.write(source)
+    return commit, folder
+
+
+def writer(uri: str, rows: int, ready: str, go: str = "-", stall: str = "none", grace: str | None = None,
+           baseline: str = "-"):
     env = {**os.environ, "PYTHONPATH": REPO, **({"DISTCUR_GC_GRACE_S": grace} if grace is not None else {})}
-    return subprocess.Popen([sys.executable, "-c", WRITER, uri, KEY, str(rows), ready, go, stall],
+    return subprocess.Popen([sys.executable, "-c", WRITER, uri, KEY, str(rows), ready, go, stall, baseline],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def writer_trial(uri: str, work: str, stall: str, grace: str | None) -> dict:
+def writer_trial(uri: str, work: str, stall: str, grace: str | None, baseline: str = "-") -> dict:
     """A stalls (mid-write or before commit); B commits a whole table; A commits. Lost: the last
     manifest does not read back complete; refused: A's commit stopped with an error."""
     ready, go = os.path.join(work, "a-ready"), os.path.join(work, "a-go")
-    a = writer(uri, 10, ready, go, stall)
+    a = writer(uri, 10, ready, go, stall, baseline=baseline)
     t0 = time.time()
     while not os.path.exists(ready):
         if a.poll() is not None or time.time() - t0 > 120:
             return {"lost": True, "refused": False, "error": a.communicate()[1][-300:]}
         time.sleep(0.02)
-    b = writer(uri, 5, os.path.join(work, "b-ready"), grace=grace)
+    b = writer(uri, 5, os.path.join(work, "b-ready"), grace=grace, baseline=baseline)
     b_err = b.communicate(timeout=120)[1]
     open(go, "w").close()
     _, a_err = a.communicate(timeout=120)
     store = Store(uri)
     expected = 11 if a.returncode == 0 else 6
+    read_error = ""
     try:
         intact = store.read_table(KEY).num_rows == expected and not store.verify(KEY)
     except Exception as e:  # noqa: BLE001 - an unreadable table is the loss being counted
-        intact, a_err = False, f"{a_err}\n{type(e).__name__}: {e}"
-    error = a_err if a.returncode else b_err if b.returncode else ""
+        intact, read_error = False, f"reading the table back: {type(e).__name__}: {e}"
+    error = a_err if a.returncode else b_err if b.returncode else read_error
     return {"lost": not intact or b.returncode != 0, "refused": a.returncode != 0,
             "error": (error.strip().splitlines() or [""])[-1][:400]}
 
 
-def reader_trial(uri: str) -> bool:
+def reader_trial(uri: str, store_class: type = Store) -> bool:
     """A reader took the manifest's files, then another commit landed: do they still read? (True: yes.)"""
-    store = Store(uri)
+    store = store_class(uri)
     store.write_table(KEY, pa.table({"x": list(range(7))}), stage="test", config={"v": 1})
     paths = store.files(KEY)
     store.write_table(KEY, pa.table({"x": [1]}), stage="test", config={"v": 2})
@@ -314,28 +341,44 @@ def reader_trial(uri: str) -> bool:
         return False
 
 
-def concurrent_writers(s3_bucket: Callable[[], str], trials: int) -> dict:
+def concurrent_writers(s3_bucket: Callable[[], str], trials: int, baseline: tuple[str, str] | None) -> dict:
+    """Trials of this store's protocol (default grace, and grace 0: the commit check alone) and,
+    for comparison, of the baseline commit's store (``baseline:`` rows)."""
+    import importlib.util
+
+    settings = [("", None, "-", trials), (":grace=0", "0", "-", max(1, trials // 2))]
+    base_class = None
+    if baseline is not None:
+        settings.append((":baseline", None, baseline[1], trials))
+        spec = importlib.util.spec_from_file_location("store_baseline", os.path.join(baseline[1], "store_baseline.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["store_baseline"] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+        base_class = module.Store
     results = {}
     for backend in ("local", "s3"):
         for stall in ("mid-write", "before-commit"):
-            for grace in (None, "0"):
-                n = trials if grace is None else max(1, trials // 2)
+            for label, grace, folder, n in settings:
                 runs = []
                 for _ in range(n):
                     work = tempfile.mkdtemp(prefix="distcur-rel-")
                     uri = os.path.join(work, "store") if backend == "local" else f"{s3_bucket()}/store"
-                    runs.append(writer_trial(uri, work, stall, grace))
+                    runs.append(writer_trial(uri, work, stall, grace, folder))
                     shutil.rmtree(work, ignore_errors=True)
-                name = f"{backend}:{stall}:grace={'default' if grace is None else grace}"
-                results[name] = {"trials": n, "tables_lost": sum(r["lost"] for r in runs),
-                                 "commits_refused": sum(r["refused"] for r in runs),
-                                 "errors": sorted({r["error"] for r in runs if r["error"]})}
-        reads = []
-        for _ in range(trials):
-            work = tempfile.mkdtemp(prefix="distcur-rel-")
-            reads.append(reader_trial(os.path.join(work, "store") if backend == "local" else f"{s3_bucket()}/r"))
-            shutil.rmtree(work, ignore_errors=True)
-        results[f"{backend}:reader-across-commit"] = {"trials": trials, "reads_failed": reads.count(False)}
+                results[f"{backend}:{stall}{label}"] = {
+                    "trials": n, "tables_lost": sum(r["lost"] for r in runs),
+                    "commits_refused": sum(r["refused"] for r in runs),
+                    "example_error": next((r["error"] for r in runs if r["error"]), "")}
+        for label, cls in (("", Store), (":baseline", base_class)):
+            if cls is None:
+                continue
+            reads = []
+            for _ in range(trials):
+                work = tempfile.mkdtemp(prefix="distcur-rel-")
+                uri = os.path.join(work, "store") if backend == "local" else f"{s3_bucket()}/r"
+                reads.append(reader_trial(uri, cls))
+                shutil.rmtree(work, ignore_errors=True)
+            results[f"{backend}:reader-across-commit{label}"] = {"trials": trials, "reads_failed": reads.count(False)}
     return results
 
 
@@ -420,7 +463,8 @@ def main() -> None:
         cases = [*config_cases(work), *store_cases(work), *checkpoint_cases(work), *s3_cases(endpoint, bucket),
                  *cli_cases(work)]
         t_bad = time.time() - t0
-        writers = concurrent_writers(new_bucket, args.trials)
+        baseline = baseline_store(work)
+        writers = concurrent_writers(new_bucket, args.trials, baseline)
         t_writers = time.time() - t0 - t_bad
         secret = planted_secret(endpoint, new_bucket(), os.path.join(work, "secret"))
     finally:
@@ -431,17 +475,24 @@ def main() -> None:
     for c in cases:
         by_class.setdefault(c["class"], Counter())[c["outcome"]] += 1
     totals = Counter(c["outcome"] for c in cases)
-    writer_rows = [v for k, v in writers.items() if "tables_lost" in v]
+    current = {k: v for k, v in writers.items() if not k.endswith(":baseline")}
+    base = {k: v for k, v in writers.items() if k.endswith(":baseline")}
+
+    def total(rows: dict, kind: str, field: str = "trials") -> int:  # kind: tables_lost or reads_failed rows
+        return sum(v[field] for v in rows.values() if kind in v)
+
     payload = {
         "summary": {
             "bad_input_cases": len(cases),
-            "clear_error": totals["clear_error"], "rebuilt": totals["rebuilt"],
-            "unclear_error": totals["unclear_error"], "traceback": totals["traceback"],
-            "silent_wrong": totals["silent_wrong"],
-            "concurrent_writer_trials": sum(v["trials"] for v in writer_rows),
-            "tables_lost": sum(v["tables_lost"] for v in writer_rows),
-            "reader_trials": sum(v["trials"] for k, v in writers.items() if "reads_failed" in v),
-            "reads_failed": sum(v["reads_failed"] for k, v in writers.items() if "reads_failed" in v),
+            "outcomes": {o: totals[o] for o in ("clear_error", "rebuilt", "skipped_but_reads_fail_clearly",
+                                                "unclear_error", "traceback", "silent_wrong")},
+            "concurrent_writer_trials": total(current, "tables_lost"),
+            "tables_lost": total(current, "tables_lost", "tables_lost"),
+            "reader_trials_across_a_commit": total(current, "reads_failed"),
+            "reads_failed": total(current, "reads_failed", "reads_failed"),
+            "baseline_store_commit": baseline[0] if baseline else None,
+            "baseline_tables_lost": f"{total(base, 'tables_lost', 'tables_lost')} of {total(base, 'tables_lost')}",
+            "baseline_reads_failed": f"{total(base, 'reads_failed', 'reads_failed')} of {total(base, 'reads_failed')}",
             "planted_secret_occurrences": secret["occurrences_total"],
         },
         "bad_inputs_by_class": {k: dict(v) for k, v in sorted(by_class.items())},

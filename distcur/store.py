@@ -240,7 +240,13 @@ class TableWriter:
                     f"{where}: cannot commit, part {self.store.uri_of(rel)} was deleted or changed while this writer "
                     "ran (another writer's commit collects versions untouched for its grace period, "
                     "DISTCUR_GC_GRACE_S); rerun the stage")
-        infos = {rel: self.parts.get(rel) or _part_info(fs, self.store.path(rel)) for rel in rels}
+        infos = {}
+        for rel in rels:
+            try:
+                infos[rel] = self.parts.get(rel) or _part_info(fs, self.store.path(rel))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DamagedTableError(f"{where}: cannot commit, part {self.store.uri_of(rel)} does not read back "
+                                        f"({e}); rerun the stage") from e
         counted = [i["rows"] for i in infos.values()]
         if counted and None not in counted and sum(counted) != self.rows:
             raise ValueError(f"{where}: the writer counted {self.rows} rows but its parts hold {sum(counted)}")
