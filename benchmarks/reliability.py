@@ -133,15 +133,16 @@ def store_cases(work: str) -> list[dict]:
             outcome, code, message = run_cli([argv[0], "--store", store.uri, *argv[1:]])
             cases.append({"class": "store", "case": f"{what}:{name}", "outcome": outcome, "exit_code": code,
                           "message": message})
-        store = scored_store(os.path.join(work, f"out-{name}"))
-        run_cli(["select", "--store", store.uri, *SELECT[1:]])
-        expected = store.read_table(selection_key("sel"))
-        damage(store, selection_key("sel"))
-        outcome, code, message = run_cli(["select", "--store", store.uri, *SELECT[1:]])
-        if outcome == "silent_wrong":  # exit 0: right when the output was rebuilt intact
-            outcome, message = rerun_outcome(store, selection_key("sel"), expected)
-        cases.append({"class": "store", "case": f"rerun_over_damaged_output:{name}", "outcome": outcome,
-                      "exit_code": code, "message": message})
+        for rerun, extra in (("rerun", []), ("rerun_with_verify", ["--verify"])):
+            store = scored_store(os.path.join(work, f"{rerun}-{name}"))
+            run_cli(["select", "--store", store.uri, *SELECT[1:]])
+            expected = store.read_table(selection_key("sel"))
+            damage(store, selection_key("sel"))
+            outcome, code, message = run_cli(["select", "--store", store.uri, *SELECT[1:], *extra])
+            if outcome == "silent_wrong":  # exit 0: right when the output was rebuilt intact
+                outcome, message = rerun_outcome(store, selection_key("sel"), expected)
+            cases.append({"class": "store", "case": f"{rerun}_over_damaged_output:{name}", "outcome": outcome,
+                          "exit_code": code, "message": message})
     return cases
 
 

@@ -281,12 +281,15 @@ class Store:
     """A store rooted at a local folder or ``s3://bucket/prefix``.
 
     ``force``: :meth:`is_done` answers False, so every stage run with this store recomputes and
-    recommits its outputs (a stage's ``--force``). ``gc_grace_s``: see the module docstring.
+    recommits its outputs (a stage's ``--force``). ``verify_done``: :meth:`is_done` also reads the
+    whole output and checks it with :meth:`verify` (a stage's ``--verify``). ``gc_grace_s``: see
+    the module docstring.
     """
 
-    def __init__(self, uri: str | os.PathLike, force: bool = False, gc_grace_s: float | None = None):
+    def __init__(self, uri: str | os.PathLike, force: bool = False, gc_grace_s: float | None = None,
+                 verify_done: bool = False):
         self.uri = str(uri).rstrip("/")
-        self.force = force
+        self.force, self.verify_done = force, verify_done
         self.gc_grace_s = GC_GRACE_S if gc_grace_s is None else float(gc_grace_s)
         self.fs, self.root = resolve(self.uri)
         if isinstance(self.fs, pafs.LocalFileSystem):
@@ -296,7 +299,7 @@ class Store:
         return f"Store({self.uri!r})"
 
     def __reduce__(self):  # pyarrow S3 filesystems are re-created from the environment on workers
-        return (Store, (self.uri, self.force, self.gc_grace_s))
+        return (Store, (self.uri, self.force, self.gc_grace_s, self.verify_done))
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -392,7 +395,8 @@ class Store:
         """True when ``key`` holds an intact output of this stage made from the same config and inputs.
 
         A damaged output (unreadable manifest, a part missing or of another size) is not done: the
-        stage logs why and rebuilds it. Always False on a store opened with ``force``."""
+        stage logs why and rebuilds it. Always False on a store opened with ``force``; on one opened
+        with ``verify_done`` every part is also read and checked (sha256, rows)."""
         if self.force:
             return False
         try:
@@ -404,10 +408,10 @@ class Store:
                          files=[], rows=0)
         if m is None or m.fingerprint != probe.fingerprint:
             return False
-        damage = self._damage(key, m)
+        damage = self._damage(key, m) or (self.verify_done and "; ".join(self.verify(key)))
         if damage:
             log.warning("%s: %s: rebuilding it", self.uri_of(key), damage)
-        return damage is None
+        return not damage
 
     def writer(self, key: str, stage: str, config: dict, inputs: dict[str, str] | None = None) -> TableWriter:
         return TableWriter(self, key, stage, json.loads(json.dumps(config, default=str)), inputs or {})

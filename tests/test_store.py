@@ -202,6 +202,7 @@ def test_damage_is_noticed_and_named(store):
 
     overwrite_part(store, part, good[:-9] + b"x" * 9)  # same size, broken footer
     assert store.is_done(KEY, "test", cfg, {})  # sizes match: only reading or verify can tell
+    assert not Store(store.uri, verify_done=True).is_done(KEY, "test", cfg, {})  # a stage's --verify
     with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
         store.read_table(KEY)
     with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):

@@ -27,6 +27,7 @@ import pyarrow as pa
 import torch
 
 from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE, ConfigError, load_config, read_yaml, to_dict
 from distcur.data import load_steps, scores_key, steps_key, target_source
 from distcur.datamodels.metagrad import MetagradRunConfig, datamil_metagrad_scores
@@ -311,7 +312,7 @@ def register(subparsers) -> None:
                    help="also score with the target halves swapped (half the models each) and fit one tau")
     p.add_argument("--config", default=None, help="YAML with DatamodelConfig options")
     p.add_argument("--full", action="store_true", help="paper-size preset (3x400 policy, K=100 of T=1100, ...)")
-    p.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
+    add_rerun_options(p)
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=_main)
 
@@ -320,7 +321,7 @@ def _main(args: argparse.Namespace) -> int:
     cfg = make_config(args.config, args.full, cluster=args.cluster, horizon=args.horizon, address=args.address,
                       estimator=args.estimator, proxy=args.proxy, cross_fit=args.cross_fit)
     run = args.run or f"datamodel-{args.estimator}-{args.target}"
-    m = run_datamodel(Store(args.store, force=args.force), args.estimator, args.target, run, cfg)
+    m = run_datamodel(output_store(args.store, args), args.estimator, args.target, run, cfg)
     print(f"scores/{run}: {m.rows} steps, {m.metadata.get('clusters')} clusters"
           + (f", LDS {m.metadata['lds']:.3f}" if "lds" in m.metadata else ""))
     return 0

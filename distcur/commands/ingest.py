@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
 
 
@@ -53,7 +54,7 @@ def register(sub) -> None:
     m.add_argument("--config", default=None, help="YAML with MetaWorldPriorConfig options")
     m.add_argument("--seed", type=int, default=None)
     m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
-    m.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
+    add_rerun_options(m)
     m.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     m.set_defaults(func=run_metaworld)
 
@@ -100,10 +101,9 @@ def run_rlds(args) -> int:
 def run_metaworld(args) -> int:
     from distcur.config import load_config
     from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
-    from distcur.store import Store
 
     config = load_config(MetaWorldPriorConfig, args.config, target=args.target, seed=args.seed,
                          tasks=tuple(args.tasks) if args.tasks else None)
-    info = generate_metaworld(config, Store(args.out, force=args.force), address=args.address, progress=True)
+    info = generate_metaworld(config, output_store(args.out, args), address=args.address, progress=True)
     print(json.dumps(info, indent=2, default=str))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
 
 
@@ -18,19 +19,18 @@ def register(sub) -> None:
     p.add_argument("--level", default="step", choices=("step", "subtraj", "episode"))
     p.add_argument("--horizon", type=int, default=30, help="sub-trajectory length H for --level subtraj")
     p.add_argument("--weighting", default="uniform", choices=("uniform", "score"))
-    p.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
+    add_rerun_options(p)
     p.add_argument("--export-lerobot", action="store_true", help="also write selections/<run>/lerobot (index, weight)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from distcur.select import SelectConfig, lerobot_key, run_select
-    from distcur.store import Store
 
     top = args.top if args.top is not None or args.threshold is not None else 10.0
     config = SelectConfig(top_percent=top, threshold=args.threshold, level=args.level, horizon=args.horizon,
                           weighting=args.weighting)
-    m = run_select(Store(args.store, force=args.force), args.scores, args.run, config, export_lerobot=args.export_lerobot)
+    m = run_select(output_store(args.store, args), args.scores, args.run, config, export_lerobot=args.export_lerobot)
     out = {"selection": f"selections/{args.run}", "rows": m.rows,
            "selected_fraction": m.metadata.get("selected_fraction")}
     if args.export_lerobot:
