@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from distcur import __version__
 
@@ -26,6 +27,7 @@ COMMANDS = (
     "sweep",
     "demo",
     "report",
+    "verify",
 )
 
 
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distcur", description="Curate robot demonstration data on Ray.")
     parser.add_argument("--version", action="version", version=f"distcur {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -54,9 +57,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"distcur {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = describe(e, args)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"distcur {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def describe(error: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for an error a user can cause (bad input, config, store, checkpoint, S3 or network
+    trouble), or None for anything else: a bug, whose traceback is shown.
+
+    ValueError covers the project's own input errors (configs, damaged tables and manifests,
+    unreadable checkpoints, RLDS and schema errors); OSError covers files, S3 and the network,
+    with the S3 endpoint and bucket added. An error raised in a Ray task is reported as its cause."""
+    cause = getattr(error, "cause", None)
+    if type(error).__module__.startswith("ray.") and isinstance(cause, BaseException):
+        error = cause
+    if isinstance(error, ValueError):
+        return " ".join(str(error).split("\n"))
+    if isinstance(error, OSError):
+        from distcur.store import s3_endpoint
+
+        uri = str(getattr(args, "store", None) or getattr(args, "out", None) or "")
+        if uri.startswith("s3://") or "AWS Error" in str(error):
+            bucket = uri[len("s3://"):].split("/", 1)[0] if uri.startswith("s3://") else "?"
+            return f"{error} (S3 endpoint {s3_endpoint() or 'AWS default'}, bucket {bucket!r})"
+        return str(error)
+    return None
 
 
 if __name__ == "__main__":

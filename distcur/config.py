@@ -1,14 +1,19 @@
 """Stage configs: dataclasses validated in ``__post_init__``, loaded from YAML or dicts.
 
 Every stage config is a dataclass; :func:`load_config` builds one (recursively, for nested
-dataclass fields) from a YAML file or a dict and rejects unknown keys, so a mistyped option
-fails early instead of being silently ignored.
+dataclass fields) from a YAML file or a dict, rejects unknown keys and checks every value
+against its field's type (bool, int, float, str, tuples, lists, dicts, Optional, unions,
+Literal, enums), so a mistyped option or a quoted number fails early, naming file, key, value
+and the expected type, instead of being silently misread.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import enum
 import os
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -20,6 +25,125 @@ T = TypeVar("T")
 DEFAULT_STORE = os.environ.get("DISTCUR_STORE", "./distcur-store")
 
 
+class ConfigError(ValueError):
+    """A config file or value that does not fit its dataclass."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The YAML document at ``path``; malformed YAML is a :class:`ConfigError` naming file and line."""
+    with open(path) as f:
+        try:
+            return yaml.load(f, Loader=_Loader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+
+
+class _Mismatch(Exception):
+    """``value`` at ``path`` (relative to the option) does not fit ``expected``."""
+
+    def __init__(self, value: Any, expected: Any, path: str = ""):
+        super().__init__(path)
+        self.value, self.expected, self.path = value, expected, path
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return re.sub(r"\btyping\.|\bcollections\.abc\.", "", str(hint)).replace("NoneType", "None")
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as a ``hint`` (nested dataclasses built, lists made tuples for tuple fields), or _Mismatch."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is None or hint is Any or isinstance(hint, typing.TypeVar):
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is typing.Union or isinstance(hint, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own mismatch, with its path
+            return _check(value, options[0], where)
+        for arg in options:
+            try:
+                return _check(value, arg, where)
+            except _Mismatch:
+                continue
+        raise _Mismatch(value, hint)
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch(value, f"one of {list(args)}")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, hint):
+            return value
+        for member in hint:
+            if value in (member.value, member.name):
+                return member
+        raise _Mismatch(value, f"one of {[m.value for m in hint]}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        raise _Mismatch(value, hint)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch(value, hint)
+    if hint in (bool, str):
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch(value, hint)
+    container = origin or hint
+    if container in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, list | tuple):
+            raise _Mismatch(value, hint)
+        if container is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Mismatch(value, hint)
+            items = [(v, a) for v, a in zip(value, args)]
+        else:
+            items = [(v, args[0] if args else Any) for v in value]
+        out = []
+        for i, (v, a) in enumerate(items):
+            try:
+                out.append(_check(v, a, f"{where}[{i}]"))
+            except _Mismatch as e:
+                raise _Mismatch(e.value, e.expected, f"[{i}]{e.path}") from None
+        return tuple(out) if container is tuple else list(out) if container is list else type(value)(out)
+    if container in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise _Mismatch(value, hint)
+        if not args:
+            return value
+        out = {}
+        for k, v in value.items():
+            try:
+                out[_check(k, args[0], where)] = _check(v, args[1], f"{where}[{k!r}]")
+            except _Mismatch as e:
+                raise _Mismatch(e.value, e.expected, f"[{k!r}]{e.path}") from None
+        return out
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise _Mismatch(value, hint)
+    return value
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not dataclasses.is_dataclass(cls):
         return data
@@ -28,24 +152,25 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if dataclasses.is_dataclass(data):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown option(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown option(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        hint = hints.get(name)
-        target = hint
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            target = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
-        if target is not None and dataclasses.is_dataclass(target):
-            value = _build(target, value, f"{where}.{name}")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+        try:
+            kwargs[name] = _check(value, hints.get(name), f"{where}.{name}")
+        except _Mismatch as e:
+            expected = e.expected if isinstance(e.expected, str) else _type_name(e.expected)
+            got = type(e.value).__name__
+            raise ConfigError(f"{where}: {name}{e.path} = {e.value!r} is {'an' if got[0] in 'aeiou' else 'a'} {got}, but "
+                              f"{cls.__name__}.{name} expects {expected}") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {cls.__name__}: {e}") from None
 
 
 def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, **overrides: Any) -> T:
@@ -55,11 +180,10 @@ def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, **
     elif isinstance(source, dict):
         data = dict(source)
     else:
-        with open(source) as f:
-            data = yaml.safe_load(f) or {}
-        where = str(source)
+        data = read_yaml(source)
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a YAML mapping at top level")
+            raise ConfigError(f"{source}: expected a YAML mapping at top level, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return _build(cls, data, str(source) if source is not None and not isinstance(source, dict) else cls.__name__)
 

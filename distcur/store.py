@@ -6,18 +6,35 @@ Layout of one stage output ("a table") under the store root::
     <key>/_data-<version>/part-*.parquet immutable data files of that version
 
 A table is committed when its ``manifest.json`` is written: the manifest names its data
-files explicitly, so a reader never lists a directory and never sees a half-written table.
-A writer puts every part under a fresh ``_data-<version>/`` prefix (invisible until the
-manifest points at it), then replaces the manifest atomically (local: ``os.replace``;
-S3: a single PUT, which S3 makes visible atomically). The previous version stays intact
-until the new manifest lands, after which it is garbage-collected. A stage whose manifest
-records the same config and input fingerprints is skipped: a rerun resumes for free.
+files explicitly, with each one's size, sha256 and (Parquet) row count, so a reader never lists
+a directory and never sees a half-written table. A writer puts every part under a fresh
+``_data-<version>/`` prefix (invisible until the manifest points at it), then replaces the
+manifest atomically (local: ``os.replace``; S3: a single PUT, which S3 makes visible
+atomically). A stage whose manifest records the same config and input fingerprints, and whose
+parts are all there with their recorded sizes, is skipped: a rerun resumes for free.
+
+Several writers and readers of one key (two machines on a shared S3 store) stay safe because
+no version is deleted while anything may still use it:
+
+- a version is garbage-collected only when the current manifest does not reference it and
+  nothing was written into it for ``gc_grace_s`` (default :data:`GC_GRACE_S`), so a live
+  writer's parts and a reader's just-replaced version survive;
+- a commit first touches ``<version>/_alive`` of its own version and of the version it replaces
+  (so a reader that just read the old manifest has the grace period to finish), then checks
+  that all of its own parts are still there with their sizes, and only then writes the manifest.
+
+The last manifest written wins (S3 has no compare-and-swap through pyarrow); it always points at
+complete data. A writer that writes nothing for longer than the grace period may find its parts
+collected by another writer's commit: its own commit then refuses with an error instead of
+committing a manifest over missing files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -31,9 +48,44 @@ import pyarrow.parquet as pq
 
 from distcur import __version__
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: manifests record each part's size, sha256 and rows (1 did not; still read)
 PART_NAME = "part-{index:05d}.parquet"
+ALIVE = "_alive"  # touched in a version to keep it from garbage collection for the grace period
+# seconds a version must have been unreferenced and untouched before a commit may delete it
+GC_GRACE_S = float(os.environ.get("DISTCUR_GC_GRACE_S", 3600))
+
+
+class DamagedTableError(ValueError):
+    """A committed table whose manifest or data files are not what the manifest says."""
+
+
+def _rebuild_hint(stage: str) -> str:
+    return f"rebuild it by rerunning the stage that wrote it ({stage!r}) with --force"
+
+
+def _is_damage(error: Exception) -> bool:
+    """Whether a Parquet read error is the file's fault (bad bytes), not S3's or the network's."""
+    return isinstance(error, pa.ArrowInvalid) or "AWS Error" not in str(error)
+
+
+def _sha256_of(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _part_info(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """{size, sha256, rows} of one written file (rows: its Parquet footer's count, None otherwise)."""
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(path)
+    rows = pq.read_metadata(path, filesystem=fs).num_rows if path.endswith(".parquet") else None
+    return {"size": info.size, "sha256": _sha256_of(fs, path), "rows": rows}
 
 
 def fingerprint(obj: Any) -> str:
@@ -42,17 +94,22 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override from the environment (None: AWS's own endpoints)."""
+    return (
+        os.environ.get("DISTCUR_S3_ENDPOINT")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
 def _s3_filesystem(uri: str) -> pafs.S3FileSystem:
     """An S3 filesystem from the standard AWS variables, with an endpoint override.
 
     ``DISTCUR_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``) points at an
     S3-compatible server; credentials and region come from the usual AWS variables.
     """
-    endpoint = (
-        os.environ.get("DISTCUR_S3_ENDPOINT")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    endpoint = s3_endpoint()
     kwargs: dict[str, Any] = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     }
@@ -89,6 +146,8 @@ class Manifest:
     files: list[str]
     rows: int
     schema: str = ""
+    # {file: {"size", "sha256", "rows"}} for every file in ``files`` (empty in layout 1 manifests)
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
     distcur_version: str = __version__
@@ -106,9 +165,28 @@ class Manifest:
         return json.dumps(d, indent=2, sort_keys=True, default=str)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        d = json.loads(text)
+    def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
+        """Parse a manifest; any malformation is a :class:`DamagedTableError` naming ``where``."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DamagedTableError(f"{where}: invalid manifest JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise DamagedTableError(f"{where}: a manifest must be a JSON object, got {type(d).__name__}")
         d.pop("fingerprint", None)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise DamagedTableError(f"{where}: unknown manifest key(s) {unknown}; known: {sorted(known)}")
+        missing = sorted(n for n, f in known.items() if n not in d and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise DamagedTableError(f"{where}: manifest lacks key(s) {missing}")
+        expected = {"stage": str, "config": dict, "inputs": dict, "files": list, "rows": int, "parts": dict}
+        for name, typ in expected.items():
+            if name in d and (not isinstance(d[name], typ) or isinstance(d[name], bool)):
+                article = "an" if typ is int else "a"
+                raise DamagedTableError(f"{where}: manifest key {name!r} is {d[name]!r}, expected {article} {typ.__name__}")
         return cls(**d)
 
 
@@ -120,6 +198,7 @@ class TableWriter:
         self.config, self.inputs = config, inputs
         self.data_dir = f"{self.key}/_data-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.files: list[str] = []
+        self.parts: dict[str, dict[str, Any]] = {}  # infos known without reading back (own writes)
         self.rows = 0
         self.schema: pa.Schema | None = None
         self._t0 = time.time()
@@ -135,7 +214,7 @@ class TableWriter:
                 f"{self.key}: part {len(self.files)} has schema {table.schema} but earlier parts have {self.schema}"
             )
         rel = f"{self.data_dir}/{PART_NAME.format(index=len(self.files))}"
-        self.store.write_parquet(rel, table)
+        self.parts[rel] = self.store.write_parquet(rel, table)
         self.files.append(rel)
         self.rows += table.num_rows
         return rel
@@ -150,7 +229,33 @@ class TableWriter:
         if schema is not None and self.schema is None:
             self.schema = schema
 
+    def _part_infos(self) -> dict[str, dict[str, Any]]:
+        """Size, sha256 and rows of every part, checking that they are all still there."""
+        fs, where = self.store.fs, self.store.uri_of(self.key)
+        rels = sorted(self.files)
+        for rel, info in zip(rels, fs.get_file_info([self.store.path(r) for r in rels])):
+            known = self.parts.get(rel)
+            if info.type != pafs.FileType.File or (known is not None and info.size != known["size"]):
+                raise DamagedTableError(
+                    f"{where}: cannot commit, part {self.store.uri_of(rel)} was deleted or changed while this writer "
+                    "ran (another writer's commit collects versions untouched for its grace period, "
+                    "DISTCUR_GC_GRACE_S); rerun the stage")
+        infos = {}
+        for rel in rels:
+            try:
+                infos[rel] = self.parts.get(rel) or _part_info(fs, self.store.path(rel))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DamagedTableError(f"{where}: cannot commit, part {self.store.uri_of(rel)} does not read back "
+                                        f"({e}); rerun the stage") from e
+        counted = [i["rows"] for i in infos.values()]
+        if counted and None not in counted and sum(counted) != self.rows:
+            raise ValueError(f"{where}: the writer counted {self.rows} rows but its parts hold {sum(counted)}")
+        return infos
+
     def commit(self, metadata: dict | None = None) -> Manifest:
+        """Check the parts, protect the replaced version for the grace period, write the manifest, GC."""
+        self.store.touch_version(self.data_dir)
+        parts = self._part_infos()
         manifest = Manifest(
             stage=self.stage,
             config=self.config,
@@ -158,9 +263,12 @@ class TableWriter:
             files=sorted(self.files),
             rows=self.rows,
             schema=str(self.schema) if self.schema is not None else "",
+            parts=parts,
             metadata=metadata or {},
             wall_s=round(time.time() - self._t0, 3),
         )
+        for version in self.store.referenced_versions(self.key):  # readers of the old manifest keep it
+            self.store.touch_version(f"{self.key}/{version}")
         self.store.write_text(f"{self.key}/{MANIFEST}", manifest.to_json())
         self.store.gc_versions(self.key, keep=self.data_dir)
         return manifest
@@ -170,10 +278,19 @@ class TableWriter:
 
 
 class Store:
-    """A store rooted at a local folder or ``s3://bucket/prefix``."""
+    """A store rooted at a local folder or ``s3://bucket/prefix``.
 
-    def __init__(self, uri: str | os.PathLike):
+    ``force``: :meth:`is_done` answers False, so every stage run with this store recomputes and
+    recommits its outputs (a stage's ``--force``). ``verify_done``: :meth:`is_done` also reads the
+    whole output and checks it with :meth:`verify` (a stage's ``--verify``). ``gc_grace_s``: see
+    the module docstring.
+    """
+
+    def __init__(self, uri: str | os.PathLike, force: bool = False, gc_grace_s: float | None = None,
+                 verify_done: bool = False):
         self.uri = str(uri).rstrip("/")
+        self.force, self.verify_done = force, verify_done
+        self.gc_grace_s = GC_GRACE_S if gc_grace_s is None else float(gc_grace_s)
         self.fs, self.root = resolve(self.uri)
         if isinstance(self.fs, pafs.LocalFileSystem):
             os.makedirs(self.root, exist_ok=True)
@@ -182,7 +299,7 @@ class Store:
         return f"Store({self.uri!r})"
 
     def __reduce__(self):  # pyarrow S3 filesystems are re-created from the environment on workers
-        return (Store, (self.uri,))
+        return (Store, (self.uri, self.force, self.gc_grace_s, self.verify_done))
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -233,31 +350,68 @@ class Store:
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(sel))
 
-    def write_parquet(self, rel: str, table: pa.Table) -> None:
-        path = self.path(rel)
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(table, path, filesystem=self.fs, compression="zstd")
+    def write_parquet(self, rel: str, table: pa.Table) -> dict[str, Any]:
+        """Write one Parquet file atomically (with page CRCs, checked on every read); returns its
+        {size, sha256, rows} for a manifest."""
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
+        data = buf.getvalue().to_pybytes()
+        self.write_bytes(rel, data)
+        return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": table.num_rows}
 
     # -- tables ------------------------------------------------------------------------------
     def manifest(self, key: str) -> Manifest | None:
-        """The committed manifest of ``key``, or None when nothing is committed there."""
+        """The committed manifest of ``key``, or None when nothing is committed there.
+
+        A manifest that does not parse is a :class:`DamagedTableError` naming its path."""
         rel = f"{key.strip('/')}/{MANIFEST}"
         try:
-            return Manifest.from_json(self.read_text(rel))
+            text = self.read_text(rel)
         except FileNotFoundError:
             return None
         except OSError as e:  # S3 reports a missing key as OSError
             if "NoSuchKey" in str(e) or "does not exist" in str(e) or "Path does not exist" in str(e):
                 return None
             raise
+        try:
+            return Manifest.from_json(text, where=self.uri_of(rel))
+        except DamagedTableError as e:
+            raise DamagedTableError(f"{e}; rebuild it by rerunning the stage that writes {key!r} with --force") from None
+
+    def _damage(self, key: str, m: Manifest) -> str | None:
+        """What is wrong with the parts of ``m`` by their listing (existence, size, rows), or None."""
+        for rel, info in zip(m.files, self.fs.get_file_info([self.path(f) for f in m.files])):
+            want = m.parts.get(rel, {}).get("size")
+            if info.type != pafs.FileType.File:
+                return f"part {self.uri_of(rel)} is missing"
+            if want is not None and info.size != want:
+                return f"part {self.uri_of(rel)} has {info.size} bytes but the manifest records {want}"
+        counted = [m.parts.get(f, {}).get("rows") for f in m.files]
+        if m.parts and counted and None not in counted and sum(counted) != m.rows:
+            return f"the manifest says rows={m.rows} but records parts of {sum(counted)} rows in all"
+        return None
 
     def is_done(self, key: str, stage: str, config: dict, inputs: dict[str, str]) -> bool:
-        """True when ``key`` holds an output of this stage made from the same config and inputs."""
-        m = self.manifest(key)
+        """True when ``key`` holds an intact output of this stage made from the same config and inputs.
+
+        A damaged output (unreadable manifest, a part missing or of another size) is not done: the
+        stage logs why and rebuilds it. Always False on a store opened with ``force``; on one opened
+        with ``verify_done`` every part is also read and checked (sha256, rows)."""
+        if self.force:
+            return False
+        try:
+            m = self.manifest(key)
+        except DamagedTableError as e:
+            log.warning("%s: rebuilding it", e)
+            return False
         probe = Manifest(stage=stage, config=json.loads(json.dumps(config, default=str)), inputs=inputs,
                          files=[], rows=0)
-        return m is not None and m.fingerprint == probe.fingerprint
+        if m is None or m.fingerprint != probe.fingerprint:
+            return False
+        damage = self._damage(key, m) or (self.verify_done and "; ".join(self.verify(key)))
+        if damage:
+            log.warning("%s: %s: rebuilding it", self.uri_of(key), damage)
+        return not damage
 
     def writer(self, key: str, stage: str, config: dict, inputs: dict[str, str] | None = None) -> TableWriter:
         return TableWriter(self, key, stage, json.loads(json.dumps(config, default=str)), inputs or {})
@@ -284,23 +438,60 @@ class Store:
             w.abort()
             raise
 
-    def files(self, key: str) -> list[str]:
+    def _intact_manifest(self, key: str) -> Manifest:
+        """The manifest of ``key``; an error naming key and file when a part is missing or truncated."""
         m = self.manifest(key)
         if m is None:
             raise FileNotFoundError(f"no committed table at {self.uri_of(key)} (missing {MANIFEST})")
-        return [self.path(f) for f in m.files]
+        damage = self._damage(key, m)
+        if damage:
+            raise DamagedTableError(f"{self.uri_of(key)}: {damage}; {_rebuild_hint(m.stage)}")
+        return m
+
+    def files(self, key: str) -> list[str]:
+        return [self.path(f) for f in self._intact_manifest(key).files]
+
+    def _unreadable(self, key: str, m: Manifest, error: Exception) -> Exception:
+        """The error for a table whose Parquet did not read, naming the first part that does not read
+        (S3 and network errors are passed on as they are)."""
+        if not _is_damage(error):
+            return error
+        bad = "one of its parts"
+        for rel in m.files:
+            try:
+                pq.read_table(self.path(rel), filesystem=self.fs, page_checksum_verification=True)
+            except (pa.ArrowInvalid, OSError):
+                bad = self.uri_of(rel)
+                break
+        return DamagedTableError(f"{self.uri_of(key)}: cannot read {bad} ({error}); {_rebuild_hint(m.stage)}")
 
     def read_table(self, key: str, columns: list[str] | None = None, filters=None) -> pa.Table:
-        paths = self.files(key)
-        if not paths:
+        m = self._intact_manifest(key)
+        if not m.files:
             raise FileNotFoundError(f"table {self.uri_of(key)} has no data files")
-        return pq.ParquetDataset(paths, filesystem=self.fs, filters=filters, partitioning=None).read(columns=columns)
+        paths = [self.path(f) for f in m.files]
+        try:
+            table = pq.ParquetDataset(paths, filesystem=self.fs, filters=filters, partitioning=None,
+                                      page_checksum_verification=True).read(columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise self._unreadable(key, m, e) from e
+        if filters is None and table.num_rows != m.rows:
+            raise DamagedTableError(f"{self.uri_of(key)}: its parts hold {table.num_rows} rows but the manifest "
+                                    f"says rows={m.rows}; {_rebuild_hint(m.stage)}")
+        return table
 
     def iter_batches(self, key: str, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Stream a table part by part (bounded memory)."""
-        for path in self.files(key):
-            pf = pq.ParquetFile(self.fs.open_input_file(path))
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        m = self._intact_manifest(key)
+        for rel in m.files:
+            try:
+                pf = pq.ParquetFile(self.fs.open_input_file(self.path(rel)), page_checksum_verification=True)
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+            except (pa.ArrowInvalid, OSError) as e:
+                if not _is_damage(e):
+                    raise
+                raise DamagedTableError(f"{self.uri_of(key)}: cannot read {self.uri_of(rel)} ({e}); "
+                                        f"{_rebuild_hint(m.stage)}") from e
 
     def input_fingerprint(self, key: str) -> str:
         """Fingerprint of a committed input, for a downstream stage's manifest."""
@@ -309,13 +500,80 @@ class Store:
             raise FileNotFoundError(f"input {self.uri_of(key)} is not a committed table")
         return m.fingerprint
 
-    def gc_versions(self, key: str, keep: str) -> None:
-        """Delete data versions of ``key`` other than ``keep`` (after a commit).
+    # -- integrity ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Every committed key of the store (the folders holding a ``manifest.json``)."""
+        sel = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        found = []
+        for info in self.fs.get_file_info(sel):
+            rel = info.path[len(self.root):].strip("/")
+            if info.base_name == MANIFEST and "/_data-" not in f"/{rel}":
+                found.append(rel[: -len(MANIFEST)].strip("/"))
+        return sorted(found)
 
-        Versions are never modified in place, so a reader holding the old manifest finishes
-        reading before a rerun's commit on a single machine; on a cluster, commits of the same
-        key are serialised by the stage that owns it."""
-        keep_name = keep.rsplit("/", 1)[-1]
-        for name in self.listdir(key.strip("/")):
-            if name.startswith("_data-") and name != keep_name:
-                self.delete_dir(f"{key.strip('/')}/{name}")
+    def verify(self, key: str) -> list[str]:
+        """Problems of one committed table, reading all of its data: every part present with its
+        recorded size and sha256, readable, with its recorded rows, and rows summing to the
+        manifest's. Empty when intact. Layout 1 manifests (no sizes) are checked for rows only."""
+        try:
+            m = self.manifest(key)
+        except DamagedTableError as e:
+            return [str(e)]
+        if m is None:
+            return [f"no committed table at {self.uri_of(key)} (missing {MANIFEST})"]
+        problems, total = [], 0
+        for rel, info in zip(m.files, self.fs.get_file_info([self.path(f) for f in m.files])):
+            want, where = m.parts.get(rel, {}), self.uri_of(rel)
+            if info.type != pafs.FileType.File:
+                problems.append(f"{where}: missing")
+                continue
+            got = {"size": info.size, "sha256": _sha256_of(self.fs, self.path(rel)), "rows": None}
+            if rel.endswith(".parquet"):
+                try:
+                    got["rows"] = pq.read_metadata(self.path(rel), filesystem=self.fs).num_rows
+                except (pa.ArrowInvalid, OSError) as e:
+                    problems.append(f"{where}: unreadable Parquet ({e})")
+            for what in ("size", "sha256", "rows"):
+                if want.get(what) is not None and got[what] is not None and got[what] != want[what]:
+                    problems.append(f"{where}: {what} is {got[what]} but the manifest records {want[what]}")
+            total += got["rows"] or 0
+        parquet = [f for f in m.files if f.endswith(".parquet")]
+        if not problems and parquet and total != m.rows:
+            problems.append(f"{self.uri_of(key)}: its parts hold {total} rows but the manifest says rows={m.rows}")
+        return [f"{p}; {_rebuild_hint(m.stage)}" for p in problems]
+
+    # -- garbage collection ------------------------------------------------------------------
+    def referenced_versions(self, key: str) -> set[str]:
+        """The ``_data-*`` versions the current manifest of ``key`` names (none when unreadable)."""
+        try:
+            m = self.manifest(key)
+        except DamagedTableError:
+            return set()
+        prefix = f"{key.strip('/')}/"
+        return {f[len(prefix):].split("/", 1)[0] for f in m.files if f.startswith(prefix)} if m else set()
+
+    def touch_version(self, data_dir: str) -> None:
+        """Mark a version as in use now: no commit collects it within the grace period."""
+        self.write_text(f"{data_dir}/{ALIVE}", f"{time.time():.3f}")
+
+    def _last_write(self, data_dir: str) -> float | None:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(data_dir), recursive=True, allow_not_found=True))
+        stamps = [i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File and i.mtime is not None]
+        return max(stamps, default=None)
+
+    def gc_versions(self, key: str, keep: str, grace_s: float | None = None) -> list[str]:
+        """Delete the versions of ``key`` that are neither ``keep`` nor referenced by its current
+        manifest and had nothing written for ``grace_s`` (default: the store's grace period), so
+        no live writer's or recent reader's version is deleted. Returns the deleted versions."""
+        grace = self.gc_grace_s if grace_s is None else grace_s
+        key = key.strip("/")
+        kept = {keep.rsplit("/", 1)[-1], *self.referenced_versions(key)}
+        now, deleted = time.time(), []
+        for name in self.listdir(key):
+            if not name.startswith("_data-") or name in kept:
+                continue
+            last = self._last_write(f"{key}/{name}")
+            if last is None or now - last >= grace:
+                self.delete_dir(f"{key}/{name}")
+                deleted.append(name)
+        return deleted

@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Fake AWS credentials from the start, so every Ray the tests start inherits them (workers get
+# credentials from their process environment, never through a runtime env); the S3 endpoint
+# (not a secret) is forwarded to the tasks when the loopback S3 server is up.
+for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
+    os.environ.setdefault(_k, _v)
 
 
 def free_port() -> int:

@@ -148,6 +148,18 @@ def test_shipped_config_sections_parse_with_the_stage_cli(path, stage, tmp_path)
         assert args.command == stage and callable(args.func)
 
 
+def test_common_store_reaches_every_stage_including_ingest(tmp_path):
+    from distcur.cli import build_parser
+
+    path = tmp_path / "job.yaml"
+    path.write_text("common: {store: s3://b/p}\ningest: {command: metaworld, target: reach-v3}\n"
+                    "embed: {encoder: vae}\n")
+    root = build_parser()
+    for stage, dest in (("ingest", "out"), ("embed", "store")):
+        (argv,) = common.stage_argvs(path, stage, tmpdir=str(tmp_path))
+        assert getattr(root.parse_args(argv), dest) == "s3://b/p"
+
+
 def test_every_stage_has_a_job_and_both_configs_exist():
     scripts = {f[: -len(".py")] for f in os.listdir(JOBS) if f.endswith(".py") and not f.startswith("_")}
     assert scripts == set(STAGES)

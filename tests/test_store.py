@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
+import re
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 
 from distcur import __version__
-from distcur.store import LAYOUT_VERSION, MANIFEST, Store, fingerprint, resolve
+from distcur.store import LAYOUT_VERSION, MANIFEST, DamagedTableError, Store, fingerprint, resolve
 
 KEY = "steps/source=demo"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -97,6 +105,10 @@ def test_failed_rewrite_leaves_previous_output_intact(store):
     assert store.read_table(KEY).equals(table(6))
     second = store.write_table(KEY, table(2), stage="test", config={"v": 4})
     assert store.read_table(KEY).equals(table(2))
+    # within the grace period nothing is collected (the orphan might be a live writer, the first
+    # version might still be read); after it, everything but the current version goes
+    assert len(data_versions(store)) == 3
+    assert store.gc_versions(KEY, keep=second.files[0], grace_s=0) != []
     assert data_versions(store) == [second.files[0].split("/")[2]]
 
 
@@ -137,3 +149,182 @@ def test_uris_and_fingerprint(tmp_path):
     assert Store(f"{tmp_path}/x/").uri == f"{tmp_path}/x"
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+# -- integrity: manifests record sizes, checksums and rows; damage is noticed and named ---------------
+def rewrite_manifest(store: Store, key: str = KEY, **changes) -> None:
+    d = json.loads(store.read_text(f"{key}/{MANIFEST}"))
+    d.update(changes)
+    store.write_text(f"{key}/{MANIFEST}", json.dumps(d))
+
+
+def overwrite_part(store: Store, rel: str, data: bytes) -> None:
+    store.write_bytes(rel, data)
+
+
+def test_manifest_records_parts(store):
+    m = store.write_table(KEY, table(10), stage="test", rows_per_part=4)
+    assert sorted(m.parts) == m.files
+    for rel in m.files:
+        data = store.read_bytes(rel)
+        assert m.parts[rel]["size"] == len(data)
+        assert m.parts[rel]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert [m.parts[f]["rows"] for f in m.files] == [4, 4, 2]
+    assert store.manifest(KEY).parts == m.parts
+    # parts written elsewhere (Ray tasks) are measured at commit
+    w = store.writer(KEY, "test", {"v": 2})
+    rel = f"{w.data_dir}/part-00000.parquet"
+    store.write_parquet(rel, table(3))
+    w.add_files([rel], rows=3)
+    assert w.commit().parts[rel]["rows"] == 3
+    w = store.writer(KEY, "test", {"v": 3})
+    store.write_parquet(rel := f"{w.data_dir}/part-00000.parquet", table(3))
+    w.add_files([rel], rows=4)
+    with pytest.raises(ValueError, match="the writer counted 4 rows but its parts hold 3"):
+        w.commit()
+    assert store.verify(KEY) == [] and KEY in store.keys()
+
+
+def test_damage_is_noticed_and_named(store):
+    cfg = {"v": 1}
+    m = store.write_table(KEY, table(10), stage="test", config=cfg, rows_per_part=4)
+    part = m.files[1]
+    good = store.read_bytes(part)
+    assert store.is_done(KEY, "test", cfg, {})
+    assert not Store(store.uri, force=True).is_done(KEY, "test", cfg, {})
+
+    overwrite_part(store, part, good[: len(good) // 2])  # truncated
+    assert not store.is_done(KEY, "test", cfg, {})
+    with pytest.raises(DamagedTableError, match=f"{re.escape(store.uri_of(part))} has {len(good) // 2} bytes but "
+                                                f"the manifest records {len(good)}.*'test'.* --force"):
+        store.read_table(KEY)
+    assert any("unreadable Parquet" in p for p in store.verify(KEY))
+
+    overwrite_part(store, part, good[:-9] + b"x" * 9)  # same size, broken footer
+    assert store.is_done(KEY, "test", cfg, {})  # sizes match: only reading or verify can tell
+    assert not Store(store.uri, verify_done=True).is_done(KEY, "test", cfg, {})  # a stage's --verify
+    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+        store.read_table(KEY)
+    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+        list(store.iter_batches(KEY))
+
+    # same size, a flipped byte in a data page: the page CRC (on read) and the sha256 (verify) tell
+    at = pa.parquet.read_metadata(pa.BufferReader(good)).row_group(0).column(1).data_page_offset + 1
+    overwrite_part(store, part, good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:])
+    assert any(f"{store.uri_of(part)}: sha256 is" in p for p in store.verify(KEY))
+    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+        store.read_table(KEY)
+    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+        list(store.iter_batches(KEY))
+
+    overwrite_part(store, part, good)
+    store.fs.delete_file(store.path(m.files[2]))
+    assert not store.is_done(KEY, "test", cfg, {})
+    with pytest.raises(DamagedTableError, match=f"{re.escape(store.uri_of(m.files[2]))} is missing"):
+        store.files(KEY)
+    assert store.verify(KEY) == [f"{store.uri_of(m.files[2])}: missing; rebuild it by rerunning the stage that "
+                                 "wrote it ('test') with --force"]
+
+    store.write_table(KEY, table(10), stage="test", config=cfg)
+    rewrite_manifest(store, rows=11)
+    assert not store.is_done(KEY, "test", cfg, {})
+    with pytest.raises(DamagedTableError, match="says rows=11 but records parts of 10 rows"):
+        store.read_table(KEY)
+    assert any("parts hold 10 rows but the manifest says rows=11" in p for p in store.verify(KEY))
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{not json", "invalid manifest JSON"),
+    ("[1, 2]", "a manifest must be a JSON object"),
+    (None, r"unknown manifest key\(s\) \['colour'\]"),
+    ('{"stage": "test"}', r"manifest lacks key\(s\) \['config', 'files', 'inputs', 'rows'\]"),
+    ('{"stage": "test", "config": {}, "inputs": {}, "files": [], "rows": "ten"}', "manifest key 'rows' is 'ten', expected an int"),
+])
+def test_bad_manifest_names_its_path_and_is_rebuilt(store, text, error):
+    store.write_table(KEY, table(3), stage="test")
+    if text is None:
+        rewrite_manifest(store, colour="red")
+    else:
+        store.write_text(f"{KEY}/{MANIFEST}", text)
+    where = re.escape(store.uri_of(f"{KEY}/{MANIFEST}"))
+    with pytest.raises(DamagedTableError, match=f"{where}: {error}.*rerunning the stage that writes .* --force"):
+        store.manifest(KEY)
+    with pytest.raises(DamagedTableError, match=where):
+        store.input_fingerprint(KEY)
+    assert not store.is_done(KEY, "test", {}, {})  # the stage reruns and overwrites it
+    assert store.verify(KEY)[0].startswith(store.uri_of(f"{KEY}/{MANIFEST}"))
+    store.write_table(KEY, table(3), stage="test")
+    assert store.is_done(KEY, "test", {}, {})
+
+
+def test_layout_1_manifest_still_loads(store):
+    m = store.write_table(KEY, table(5), stage="test", config={"v": 1})
+    d = json.loads(m.to_json())
+    del d["parts"]
+    d["layout_version"] = 1
+    store.write_text(f"{KEY}/{MANIFEST}", json.dumps(d))
+    assert store.manifest(KEY).parts == {} and store.is_done(KEY, "test", {"v": 1}, {})
+    assert store.read_table(KEY).equals(table(5)) and store.verify(KEY) == []
+    store.fs.delete_file(store.path(m.files[0]))
+    assert not store.is_done(KEY, "test", {"v": 1}, {})  # existence is checked without sizes too
+
+
+# -- several writers and readers of one key ----------------------------------------------------------
+def test_reader_keeps_the_version_a_commit_replaces(store):
+    store.write_table(KEY, table(6), stage="test", config={"v": 1})
+    paths = store.files(KEY)  # a reader has read the manifest...
+    store.write_table(KEY, table(2), stage="test", config={"v": 2})  # ...when another commit lands
+    assert pa.concat_tables(pa.parquet.read_table(p, filesystem=store.fs) for p in paths).equals(table(6))
+    assert store.read_table(KEY).equals(table(2))
+
+
+WRITER = """
+import json, os, sys, time
+import pyarrow as pa
+from distcur.store import Store
+uri, key, rows, ready, go = sys.argv[1:6]
+store = Store(uri)
+w = store.writer(key, "test", {"rows": int(rows)})
+w.write(pa.table({"x": list(range(int(rows)))}))
+open(ready, "w").close()
+while go != "-" and not os.path.exists(go):
+    time.sleep(0.02)
+w.write(pa.table({"x": [-1]}))
+print(json.dumps({"rows": w.commit().rows}))
+"""
+
+
+def writer_process(store: Store, rows: int, ready, go=None, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, store.uri, KEY, str(rows), str(ready), str(go or "-")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
+
+
+def wait_for(path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("grace", [None, "0"])
+def test_concurrent_writers_in_processes(store, tmp_path, grace):
+    """A writes a part and stalls; B writes and commits a whole table (its commit runs the GC);
+    A writes another part and commits. With the grace period A's version survives and A's commit
+    wins; with no grace B collects A's live version and A's commit refuses. Never a broken table."""
+    a = writer_process(store, 10, tmp_path / "a-ready", tmp_path / "a-go")
+    wait_for(tmp_path / "a-ready", a)
+    b = writer_process(store, 5, tmp_path / "b-ready", env={"DISTCUR_GC_GRACE_S": grace} if grace else None)
+    assert b.wait(60) == 0, b.communicate()
+    assert store.read_table(KEY).num_rows == 6
+    (tmp_path / "a-go").touch()
+    out, err = a.communicate(timeout=60)
+    if grace is None:
+        assert a.returncode == 0, err
+        assert json.loads(out)["rows"] == 11 and store.read_table(KEY).num_rows == 11
+        assert len(data_versions(store)) == 2  # B's version stays for readers of its manifest
+    else:
+        assert a.returncode != 0 and "DamagedTableError" in err and "cannot commit, part" in err
+        assert store.read_table(KEY).num_rows == 6
+    assert store.verify(KEY) == []

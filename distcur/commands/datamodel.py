@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,8 @@ import pyarrow as pa
 import torch
 
 from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
-from distcur.config import DEFAULT_STORE, load_config, to_dict
+from distcur.commands import add_rerun_options, output_store
+from distcur.config import DEFAULT_STORE, ConfigError, load_config, read_yaml, to_dict
 from distcur.data import load_steps, scores_key, steps_key, target_source
 from distcur.datamodels.metagrad import (
     RECIPES,
@@ -206,17 +208,19 @@ def make_config(source: str | dict | None = None, full: bool = False, metagrad_p
             raise ValueError(f"metagrad_preset must be one of {sorted(METAGRAD_PRESETS)}, "
                              f"got {metagrad_preset!r}")
         data = _merge(data, METAGRAD_PRESETS[metagrad_preset])
-    return load_config(DatamodelConfig, _merge(data, _read(source)), **overrides)
+    try:
+        return load_config(DatamodelConfig, _merge(data, _read(source)), **overrides)
+    except ConfigError as e:
+        if isinstance(source, str | os.PathLike):
+            raise ConfigError(f"{source}: {e}") from None
+        raise
 
 
 def _read(source: str | dict | None) -> dict:
     """A config source as a dict: itself, the YAML file it names, or empty."""
     if isinstance(source, dict) or source is None:
         return dict(source or {})
-    import yaml
-
-    with open(source) as f:
-        return yaml.safe_load(f) or {}
+    return read_yaml(source) or {}
 
 
 def resolve_inject_target(store: Store, cfg: DatamodelConfig) -> bool:
@@ -455,6 +459,7 @@ def register(subparsers) -> None:
                         "(default on)")
     p.add_argument("--config", default=None, help="YAML with DatamodelConfig options")
     p.add_argument("--full", action="store_true", help="paper-size preset (3x400 policy, K=100 of T=1100, ...)")
+    add_rerun_options(p)
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=_main)
 
@@ -472,7 +477,7 @@ def _main(args: argparse.Namespace) -> int:
                       estimator=args.estimator, proxy=args.proxy, cross_fit=args.cross_fit,
                       inject_target=inject)
     run = args.run or f"datamodel-{args.estimator}-{args.target}"
-    m = run_datamodel(args.store, args.estimator, args.target, run, cfg)
+    m = run_datamodel(output_store(args.store, args), args.estimator, args.target, run, cfg)
     print(f"scores/{run}: {m.rows} steps, {m.metadata.get('clusters')} clusters"
           + (f", LDS {m.metadata['lds']:.3f}" if "lds" in m.metadata else "")
           + (f" (independent seeds {m.metadata['lds_independent_seeds']:.3f})"

@@ -79,12 +79,10 @@ def run(args) -> int:
     if args.iwr_kernel:
         cfg.iwr = {**cfg.iwr, "kernel": args.iwr_kernel}
     if args.datamodel_config:
-        import yaml
-
         from distcur.commands.datamodel import _merge
+        from distcur.config import read_yaml
 
-        with open(args.datamodel_config) as f:
-            given = yaml.safe_load(f) or {}
+        given = read_yaml(args.datamodel_config) or {}
         if not isinstance(given, dict):
             raise ValueError(f"{args.datamodel_config}: expected a YAML mapping of DatamodelConfig options")
         cfg.datamodel = _merge(cfg.datamodel, given)

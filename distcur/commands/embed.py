@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
 
 
@@ -14,6 +15,7 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="YAML with EmbedConfig options (encoder_options, sources, ...)")
     p.add_argument("--sources", nargs="+", default=None, help="sources to embed (default: all in the store)")
     p.add_argument("--concurrency", type=int, default=None, help="embedding actors in the Ray Data pool")
+    add_rerun_options(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
 
@@ -21,10 +23,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from distcur.config import load_config
     from distcur.distributed.embed import EmbedConfig, run_embed
-    from distcur.store import Store
 
     config = load_config(EmbedConfig, args.config, encoder=args.encoder, sources=args.sources,
                          concurrency=args.concurrency)
-    manifests = run_embed(Store(args.store), config, address=args.address)
+    manifests = run_embed(output_store(args.store, args), config, address=args.address)
     print(json.dumps({key: {"rows": m.rows, "dim": m.metadata.get("dim")} for key, m in manifests.items()}, indent=2))
     return 0

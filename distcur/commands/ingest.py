@@ -4,6 +4,9 @@
     distcur ingest rlds PATH --dataset NAME --state-keys observation/state --action-keys action ...
     distcur ingest metaworld --target TASK --out URI [--config YAML] [--seed N] [--tasks T ...]
 
+``--store`` is the same option as ``--out`` (the name every other stage uses, so a job's
+``common: {store: ...}`` reaches ingest too).
+
 ``--dataset`` names a shipped RLDS config (fractal20220817_data, bridge, bridge_dataset,
 language_table); with ``--state-keys`` and ``--action-keys`` it names a generic config built
 from the flags instead. A rerun with the same inputs and config is skipped (resume).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
 
 
@@ -25,7 +29,8 @@ def register(sub) -> None:
     r.add_argument("path", help="dataset directory holding dataset_info.json, features.json and the shards")
     r.add_argument("--dataset", required=True,
                    help="shipped config name (see --state-keys for a dataset without one)")
-    r.add_argument("--out", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
+    r.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
+                   help="store URI (folder or s3://bucket/prefix)")
     r.add_argument("--source", default=None, help="source name in the store (default: the dataset name)")
     r.add_argument("--split", nargs="+", default=["train"], help="splits to read, in order (default: train)")
     r.add_argument("--state-keys", nargs="+", default=None,
@@ -44,13 +49,15 @@ def register(sub) -> None:
 
     m = kinds.add_parser("metaworld", help="generate the MetaWorld prior and target sets (scripted experts)")
     m.add_argument("--target", default=None, help="target task, any MetaWorld v3 task name")
-    m.add_argument("--out", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
+    m.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
+                   help="store URI (folder or s3://bucket/prefix)")
     m.add_argument("--config", default=None, help="YAML with MetaWorldPriorConfig options")
     m.add_argument("--seed", type=int, default=None)
     m.add_argument("--prior", choices=("hard", "datamil"), default="hard",
                    help="hard (the target's successes left out) or datamil (every usable v3 task, 10 demos + 10 "
                         "failures of at least 200 steps each, the target's own demos in the prior)")
     m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
+    add_rerun_options(m)
     m.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     m.set_defaults(func=run_metaworld)
 
@@ -97,7 +104,6 @@ def run_rlds(args) -> int:
 def run_metaworld(args) -> int:
     from distcur.config import load_config
     from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
-    from distcur.store import Store
 
     source = args.config
     if args.prior == "datamil":  # the DataMIL-like defaults, under the YAML's own options
@@ -112,6 +118,6 @@ def run_metaworld(args) -> int:
         source = {**datamil_options(), **given}
     config = load_config(MetaWorldPriorConfig, source, target=args.target, seed=args.seed,
                          tasks=tuple(args.tasks) if args.tasks else None)
-    info = generate_metaworld(config, Store(args.out), address=args.address, progress=True)
+    info = generate_metaworld(config, output_store(args.out, args), address=args.address, progress=True)
     print(json.dumps(info, indent=2, default=str))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
 
 METHODS = ("sr", "ar", "br", "strap", "iwr", "random")
@@ -29,6 +30,7 @@ def register(sub) -> None:
                         "or each set's own (per-set, as two scipy gaussian_kde)")
     p.add_argument("--num-shards", type=int, default=None, help="iwr: prior shards for the KDE partial sums")
     p.add_argument("--subsample", type=int, default=None, help="iwr: reference subsample size in subsample mode")
+    add_rerun_options(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
 
@@ -45,7 +47,6 @@ _ALL = sorted({o for opts in _OPTIONS.values() for o in opts})
 
 def run(args) -> int:
     from distcur.distributed.score import score
-    from distcur.store import Store
 
     given = {name: getattr(args, name) for name in _ALL if getattr(args, name) is not None}
     unused = sorted(set(given) - set(_OPTIONS[args.method]))
@@ -59,7 +60,7 @@ def run(args) -> int:
     if "iwr_kernel" in given:
         given["kernel"] = given.pop("iwr_kernel")
     opts = {**given, "prior_sources": args.prior_sources, "address": args.address}
-    m = score(Store(args.store), args.method, args.target, args.run, **opts)
+    m = score(output_store(args.store, args), args.method, args.target, args.run, **opts)
     print(json.dumps({"scores": f"scores/{args.run}", "rows": m.rows, "method": args.method,
                       "target": args.target}, indent=2))
     return 0

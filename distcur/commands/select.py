@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
 
 
@@ -23,17 +24,17 @@ def register(sub) -> None:
     p.add_argument("--tie-seed", type=int, default=0, help="seed of the permutation that breaks score ties")
     p.add_argument("--horizon", type=int, default=30, help="sub-trajectory length H for --level subtraj")
     p.add_argument("--weighting", default="uniform", choices=("uniform", "score"))
+    add_rerun_options(p)
     p.add_argument("--export-lerobot", action="store_true", help="also write selections/<run>/lerobot (index, weight)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from distcur.select import SelectConfig, lerobot_key, run_select
-    from distcur.store import Store
 
     config = SelectConfig(budget_percent=args.budget, top_percent=args.top, threshold=args.threshold, level=args.level,
                           horizon=args.horizon, weighting=args.weighting, tie_seed=args.tie_seed)
-    m = run_select(Store(args.store), args.scores, args.run, config, export_lerobot=args.export_lerobot)
+    m = run_select(output_store(args.store, args), args.scores, args.run, config, export_lerobot=args.export_lerobot)
     out = {"selection": f"selections/{args.run}", "rows": m.rows,
            "selected_fraction": m.metadata.get("selected_fraction")}
     if args.export_lerobot:

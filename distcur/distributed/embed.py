@@ -23,6 +23,7 @@ from distcur.data import embeddings_key, list_sources, steps_key
 from distcur.embed.encoders import Batch, Encoder, build_encoder, encoder_from_bytes
 from distcur.schema import EMBEDDING_SCHEMA, list_column_to_numpy
 from distcur.store import Manifest, Store
+from distcur.torchio import UnreadableFileError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,10 @@ def load_encoder(store: Store, out_name: str, registry_name: str | None = None) 
     if m is None:
         raise FileNotFoundError(f"no fitted encoder at {store.uri_of(encoder_key(out_name))}; run `distcur embed` first")
     name = registry_name or m.metadata.get("registry_name") or out_name
-    return encoder_from_bytes(name, store.read_bytes(m.files[0]))
+    try:
+        return encoder_from_bytes(name, store.read_bytes(m.files[0]))
+    except UnreadableFileError as e:
+        raise UnreadableFileError(f"{store.uri_of(m.files[0])}: {e}") from e
 
 
 def _embedding_dim(store: Store, rels: list[str]) -> int:

@@ -28,18 +28,16 @@ from distcur.sources.rlds import (
 )
 from distcur.store import Store
 
-# Forwarded to the read tasks (when set in the driver) so workers reach the same S3 endpoint with
-# the same credentials as the driver: workers of an already running Ray may have been started with
-# another environment. On a cluster with an IAM instance profile leave the AWS keys unset.
+# Forwarded to the read tasks (when set in the driver) so workers reach the same S3 endpoint as the
+# driver. Never credentials: a runtime env is written in plain text to Ray's logs and shown by its
+# dashboard. Workers get credentials the way AWS intends: a local Ray's workers inherit the driver's
+# process environment; on a cluster, the instance profile / IRSA role of the nodes.
 S3_ENV_VARS = (
     "DISTCUR_S3_ENDPOINT",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
 )
 # Errors a read task reports back as data (type and message) so the caller gets the same
 # exception, naming file/episode/column, as without Ray; anything else propagates as Ray's error.

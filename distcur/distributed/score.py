@@ -225,6 +225,9 @@ def run_random(store: Store, target_task: str, out_key: str, prior_sources: list
     if level not in RANDOM_LEVELS or horizon < 1:
         raise ValueError(f"random: level must be one of {RANDOM_LEVELS} and horizon >= 1, got {level!r}, {horizon}")
     sources = default_prior_sources(store, prior_sources)
+    target_key = steps_key(target_source(target_task))
+    if store.manifest(target_key) is None:  # the scores ignore it, but the run is named for it
+        raise FileNotFoundError(f"random: --target {target_task!r} has no target demos at {store.uri_of(target_key)}")
     prior_keys = {s: steps_key(s) for s in sources}
     inputs = {k: store.input_fingerprint(k) for k in prior_keys.values()}
     config = {"method": "random", "target": target_task, "prior_sources": sources, "seed": seed}

@@ -40,6 +40,7 @@ from distcur.policy.train import (
     write_policy,
 )
 from distcur.store import Manifest, Store, resolve
+from distcur.torchio import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def _worker_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            resume = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+            resume = torch_load(os.path.join(d, STATE_FILE), f"Ray Train checkpoint {checkpoint.path}",
+                                "start over with `distcur train --ray --fresh`")
 
     def report(state: dict) -> None:
         history = state["meta"]["history"]

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from distcur.torchio import torch_load
+
 
 @dataclass
 class VAEConfig:
@@ -158,8 +160,8 @@ def vae_to_bytes(model: StateActionVAE) -> bytes:
     return buf.getvalue()
 
 
-def vae_from_bytes(blob: bytes) -> StateActionVAE:
-    d = torch.load(io.BytesIO(blob), weights_only=True)
+def vae_from_bytes(blob: bytes, origin: str = "VAE encoder") -> StateActionVAE:
+    d = torch_load(blob, origin, "refit it with `distcur embed --force`")
     model = StateActionVAE(d["state_dim"], d["action_dim"], VAEConfig(**d["config"]))
     model.load_state_dict(d["state_dict"])
     model.eval()

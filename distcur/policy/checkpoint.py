@@ -29,6 +29,7 @@ import torch
 from distcur.data import policy_key
 from distcur.policy.functional import Normalizer, Params, PolicySpec
 from distcur.store import Store
+from distcur.torchio import torch_load
 
 FORMAT = "distcur.policy/1"
 POLICY_FILE = "policy.pt"
@@ -77,7 +78,7 @@ def to_bytes(state: dict) -> bytes:
 
 
 def from_bytes(data: bytes, origin: str = "checkpoint") -> dict:
-    state = torch.load(io.BytesIO(data), weights_only=True)
+    state = torch_load(data, origin, "retrain the policy with `distcur train --fresh`")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{origin}: not a distcur policy checkpoint (expected format {FORMAT!r})")
     return state

@@ -131,6 +131,8 @@ def test_score_runs_equal_in_process_scores(tmp_path, ray_session):
         score(store, "sr", "wide", "bad-run")
     with pytest.raises(FileNotFoundError, match="target-missing"):
         score(store, "br", "missing", "bad-run", encoder="state-action", prior_sources=["metaworld"])
+    with pytest.raises(FileNotFoundError, match="random: --target 'missing' has no target demos at .*target-missing"):
+        score(store, "random", "missing", "bad-run")
     with pytest.raises(ValueError, match="unknown score method"):
         score(store, "knn", "reach", "bad-run")
     assert store.manifest(scores_key("bad-run")) is None
