@@ -230,9 +230,14 @@ def score_target(manifest: Manifest) -> str | None:
 
 def selection_metadata(store: Store, table: pa.Table, prior_steps: int, target: str | None) -> dict:
     """Size and make-up of a selection, for its manifest (every selection, baselines too)."""
+    if not table.num_rows:
+        comp: dict | None = composition_of_nothing()
+    elif all(store.manifest(steps_key(s)) is not None for s in set(table.column("source").to_pylist())):
+        comp = selection_composition(store, table, target)
+    else:  # a score table brought without its step tables: nothing to describe the selection by
+        comp = None
     return {"selected_steps": table.num_rows, "scored_steps": prior_steps,
-            "selected_fraction": table.num_rows / prior_steps if prior_steps else 0.0,
-            "composition": selection_composition(store, table, target) if table.num_rows else composition_of_nothing()}
+            "selected_fraction": table.num_rows / prior_steps if prior_steps else 0.0, "composition": comp}
 
 
 def composition_of_nothing() -> dict:
