@@ -144,6 +144,8 @@ def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
     if store.is_done(key, "fit-encoder", stage_config, inputs):
         log.info("encoder %s already fit with this config and inputs: loading it", key)
         return load_encoder(store, encoder.out_name, config.encoder), store.manifest(key)
+    # the writer's clock starts before the fit, so the manifest's wall_s is the stage's whole time
+    writer = store.writer(key, "fit-encoder", stage_config, inputs)
     summary: dict = {}
     if encoder.needs_fit:
         if not fit_sources:
@@ -151,7 +153,6 @@ def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
                              "(fit_sources is empty; target-* sources are excluded by default)")
         sample = sample_steps(store, fit_sources, encoder.columns, config.max_fit_rows, config.seed)
         summary = encoder.fit(sample)
-    writer = store.writer(key, "fit-encoder", stage_config, inputs)
     rel = f"{writer.data_dir}/{ENCODER_FILE}"
     store.write_bytes(rel, encoder.to_bytes())
     writer.add_files([rel], rows=0)
@@ -190,15 +191,22 @@ class _EmbedActor:
         return embed_table(self.encoder, table)
 
 
+def _embed_identity(store: Store, encoder: Encoder, encoder_manifest: Manifest, source: str,
+                    config: EmbedConfig) -> tuple[str, dict, dict[str, str]]:
+    """(key, stage config, inputs) of ``source``'s embedding table."""
+    key = embeddings_key(encoder.out_name, source)
+    stage_config = {"encoder": config.encoder, "encoder_fingerprint": encoder_manifest.fingerprint}
+    inputs = {steps_key(source): store.input_fingerprint(steps_key(source)),
+              encoder_key(encoder.out_name): encoder_manifest.fingerprint}
+    return key, stage_config, inputs
+
+
 def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, source: str,
                  config: EmbedConfig) -> Manifest:
     """Embed every step of ``source`` through Ray Data; commit ``embeddings/<name>/source=<source>``."""
     import ray
 
-    key = embeddings_key(encoder.out_name, source)
-    stage_config = {"encoder": config.encoder, "encoder_fingerprint": encoder_manifest.fingerprint}
-    inputs = {steps_key(source): store.input_fingerprint(steps_key(source)),
-              encoder_key(encoder.out_name): encoder_manifest.fingerprint}
+    key, stage_config, inputs = _embed_identity(store, encoder, encoder_manifest, source, config)
     if store.is_done(key, "embed", stage_config, inputs):
         log.info("%s is up to date", key)
         return store.manifest(key)
@@ -208,15 +216,15 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
     actors = max(1, min(config.concurrency, int(spare // max(config.num_cpus_per_actor, 1e-3))))
     writer = store.writer(key, "embed", stage_config, inputs)
     try:
-        ds = ray.data.read_parquet(paths, filesystem=store.fs, columns=[*KEY_COLUMNS, *encoder.columns],
-                                   partitioning=None)
+        ds = ray.data.read_parquet(paths, filesystem=store.fs, partitioning=None).select_columns(
+            [*KEY_COLUMNS, *encoder.columns])
         ds = ds.map_batches(
             _EmbedActor,
             fn_constructor_kwargs={"registry_name": config.encoder, "blob": encoder.to_bytes(),
                                    "num_threads": int(max(1, config.num_cpus_per_actor))},
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
         )
@@ -242,6 +250,10 @@ def run_embed(store: Store, config: EmbedConfig, address: str | None = None) -> 
 
     sources, _ = _default_sources(store, config)
     encoder, enc_manifest = fit_encoder(store, config)
+    identities = [_embed_identity(store, encoder, enc_manifest, s, config) for s in sources]
+    if all(store.is_done(key, "embed", stage_config, inputs) for key, stage_config, inputs in identities):
+        log.info("embeddings/%s: all %d sources up to date, skipped (Ray not started)", encoder.out_name, len(sources))
+        return {key: store.manifest(key) for key, _, _ in identities}
     ensure_ray(address)
     out = {}
     for src in sources:
