@@ -47,12 +47,11 @@ def _evals(store: Store, run: str, methods: list[str]) -> None:
     store.write_table(eval_key(run), pa.Table.from_pylist(rows), "evaluate", {"methods": methods})
 
 
-@pytest.fixture
-def store(tmp_path):
+def build_store(path) -> Store:
     """Four 10-step prior episodes (0 a successful and 1 a failed target-task attempt, 2 and 3 the
     same of 'push'); what the CLI writes (``scores/iwr``, ``selections/iwr``, ``selections/br``,
     ``evals/results``) next to what the demo writes (``evals/demo`` with ``demo-<method>`` tables)."""
-    s = Store(tmp_path / "store")
+    s = Store(path)
     ep, step = np.repeat(np.arange(4), 10), np.tile(np.arange(10), 4)
     s.write_table(steps_key("prior"), steps_table({
         "source": "prior", "episode": ep, "step": step, "task": np.where(ep < 2, TARGET, "push").astype(object),
@@ -73,6 +72,11 @@ def store(tmp_path):
         {"method": m, "bandwidth": None, "top_percent": t, "alpha": a, "proxy_loss": 1.0 / t + a, "success": None}
         for m in ("iwr", "br") for t in (5.0, 10.0, 20.0) for a in (0.3, 0.5)]), "sweep", {})
     return s
+
+
+@pytest.fixture
+def store(tmp_path):
+    return build_store(tmp_path / "store")
 
 
 def test_collect_finds_every_run_whatever_its_name(store):
