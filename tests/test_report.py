@@ -7,6 +7,7 @@ import base64
 import logging
 import re
 import struct
+import time
 import types
 
 import numpy as np
@@ -143,6 +144,7 @@ def _args(store, method, **kw):
 
 def test_evaluate_adds_a_methods_rows(store, monkeypatch, capsys):
     def fake(store, policy, task, episodes, seeds, method, *a, **k):
+        time.sleep(0.2)  # the rollouts' time, which the manifest's wall time must include
         return [{"method": method, "task": task, "seed": s, "episodes": 1, "success": 1.0, "proxy_loss": 2.0,
                  "proxy_source": "x", "policy": policy, "selected_fraction": None, "level": None} for s in seeds]
 
@@ -152,7 +154,8 @@ def test_evaluate_adds_a_methods_rows(store, monkeypatch, capsys):
     evaluate_cmd.run(_args(store, "iwr"))  # a rerun replaces its own rows only
     rows = store.read_table(eval_key("cli")).to_pylist()
     assert sorted((r["method"], r["seed"]) for r in rows) == [("br", 0), ("br", 1), ("iwr", 0), ("iwr", 1)]
-    assert set(store.manifest(eval_key("cli")).config["methods"]) == {"iwr", "br"}
+    manifest = store.manifest(eval_key("cli"))
+    assert set(manifest.config["methods"]) == {"iwr", "br"} and manifest.wall_s >= 0.2
 
 
 def test_proxy_is_held_out_unless_asked(store, caplog):

@@ -122,20 +122,25 @@ def run(args) -> int:
     if args.episodes < 0:
         raise ValueError(f"--episodes must be >= 0, got {args.episodes}")
     store = Store(args.store)
-    records = evaluate_policy(store, args.policy, args.task, args.episodes, args.seeds, args.method,
-                              args.proxy_source, args.proxy_episodes, args.envs_per_worker,
-                              parallel=not args.no_ray, address=args.address, in_sample_proxy=args.in_sample_proxy)
     out = args.out or args.policy.replace("/", "_")
     key = eval_key(out)
     previous = store.manifest(key)
+    # One config per method: the table holds every method evaluated into it.
+    config = {**(previous.config.get("methods", {}) if previous else {})}
+    config[args.method or args.policy] = {k: v for k, v in vars(args).items() if k != "func"}
+    writer = store.writer(key, "evaluate", {"methods": config})  # its clock times the whole stage
+    records = evaluate_policy(store, args.policy, args.task, args.episodes, args.seeds, args.method,
+                              args.proxy_source, args.proxy_episodes, args.envs_per_worker,
+                              parallel=not args.no_ray, address=args.address, in_sample_proxy=args.in_sample_proxy)
     old = store.read_table(key).to_pylist() if previous is not None else []
     rows = merge_rows(old, [{c: r[c] for c in EVAL_COLUMNS} for r in records])
     columns = list(dict.fromkeys([*EVAL_COLUMNS, *(c for r in rows for c in r)]))
-    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
-    # One config per method: the table holds every method evaluated into it.
-    config = {**(previous.config.get("methods", {}) if previous else {})}
-    config[records[0]["method"]] = {k: v for k, v in vars(args).items() if k != "func"}
-    store.write_table(key, table, stage="evaluate", config={"methods": config}, metadata={"records": rows})
+    try:
+        writer.write(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]))
+        writer.commit({"records": rows})
+    except BaseException:
+        writer.abort()
+        raise
     log.info("evaluate: %d rows for %s (%d in all, %d methods) at %s", len(records), records[0]["method"], len(rows),
              len({r["method"] for r in rows}), store.uri_of(key))
     print(json.dumps({"results": store.uri_of(key), "records": records}, indent=2))
