@@ -98,6 +98,7 @@ def run_rlds(args) -> int:
 
 
 def run_metaworld(args) -> int:
+    from distcur import progress
     from distcur.config import load_config
     from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
     from distcur.store import Store
@@ -118,7 +119,7 @@ def run_metaworld(args) -> int:
     if args.heldout_demos < 0:
         raise ValueError(f"--heldout-demos must be >= 0, got {args.heldout_demos}")
     store = Store(args.out)
-    info = generate_metaworld(config, store, address=args.address, progress=True)
+    info = generate_metaworld(config, store, address=args.address, progress=progress.enabled())
     if args.heldout_demos:
         from distcur.data import steps_key
         from distcur.pipeline import heldout_source, write_heldout_target
