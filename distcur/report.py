@@ -350,13 +350,16 @@ def scores_figure(plt, groups: dict[str, dict[str, np.ndarray]]):
     """Per scorer, box plots of its scores' percentile ranks by episode outcome and target task vs other."""
     methods = list(groups)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 1.5), 3.8))
-    w = 0.19
-    for g, ((name, _, _), colour) in enumerate(zip(OUTCOME_GROUPS, GROUP_COLOURS)):
+    # only the groups some scorer has steps of (the hard prior has no successful target-task episode)
+    present = [(name, colour) for (name, _, _), colour in zip(OUTCOME_GROUPS, GROUP_COLOURS)
+               if any(len(groups[m].get(name, ())) for m in methods)]
+    w = 0.8 / max(len(present), 1)
+    for g, (name, colour) in enumerate(present):
         pos, data = [], []
         for i, m in enumerate(methods):
             vals = groups[m].get(name)
             if vals is not None and len(vals):
-                pos.append(i + (g - 1.5) * w)
+                pos.append(i + (g - (len(present) - 1) / 2) * w)
                 data.append(vals)
         if data:
             bp = ax.boxplot(data, positions=pos, widths=w * 0.9, showfliers=False, patch_artist=True,
