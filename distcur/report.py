@@ -47,13 +47,15 @@ OUTCOME_GROUPS = (("other task, successful", False, True), ("other task, failed"
 GROUP_COLOURS = ("#008856", "#BE0032", "#0067A5", "#F38400")
 
 
-def _png(fig) -> str:
+def _png(fig) -> tuple[str, int]:
+    """(data URI of the figure at DPI, its width in CSS pixels at print size: 96 per inch)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    width_px = int.from_bytes(buf.getvalue()[16:20], "big")  # the PNG header's IHDR width
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), round(width_px * 96 / DPI)
 
 
 def _committed(store: Store, prefix: str, tail: str = "") -> list[str]:
@@ -493,8 +495,9 @@ def git_commit() -> str:
         return "unknown (not a git checkout)"
 
 
-def _figure(title: str, src: str, caption: str) -> str:
-    return (f"<figure><img src=\"{src}\" alt=\"{html.escape(title)}\">"
+def _figure(title: str, png: tuple[str, int], caption: str) -> str:
+    src, width = png
+    return (f"<figure><img src=\"{src}\" alt=\"{html.escape(title)}\" style=\"width:{width}px\">"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -586,7 +589,7 @@ def build_report(store: Store, runs: str | Sequence[str] | None = None) -> str:
              "figure{margin:1.5em 0}img{max-width:100%;height:auto;display:block}"
              "figcaption{font-size:0.9em;color:#333;margin-top:0.3em}pre{overflow-x:auto;font-size:0.85em}"
              "table{border-collapse:collapse;font-size:0.9em;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:2px 6px;text-align:right}th:first-child,td:first-child{text-align:left}")
+             "padding:2px 6px;text-align:right}th:first-child,td:first-child{text-align:left}table.meta td{text-align:left}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>distcur report: {html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
 
@@ -597,9 +600,10 @@ def _provenance(store: Store, col: Collection, targets: set[str]) -> str:
     items = [("store", store.uri), ("distcur", f"{__version__}, commit {git_commit()}"),
              ("generated", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
              ("target tasks", ", ".join(sorted(targets)) or "-"), ("seeds", ", ".join(map(str, seeds)) or "-")]
-    out = "<table>" + "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in items) + "</table>"
+    out = "<table class='meta'>" + "".join(f"<tr><th>{k}</th><td>{html.escape(v)}</td></tr>" for k, v in items) + "</table>"
     for run, m in col.evals.items():
-        made = f"distcur {m.distcur_version}, stage {m.stage}, {m.rows} rows, {m.wall_s:.0f} s"
+        wall = (m.metadata.get("timings_s") or {}).get("total", m.wall_s)  # the demo's whole run, when it says
+        made = f"distcur {m.distcur_version}, stage {m.stage}, {m.rows} rows, {wall:.0f} s"
         out += (f"<details><summary>eval run <code>{html.escape(run)}</code> ({html.escape(made)}): config"
                 f"</summary><pre>{html.escape(json.dumps(m.config, indent=1, sort_keys=True, default=str))}</pre>"
                 "</details>")
