@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from distcur import progress
 
@@ -34,10 +35,12 @@ class _BarSafeHandler(logging.StreamHandler):
 
 class _DropFalseAlarms(logging.Filter):
     """Ray Data warns "The Dataset job will hang unless more CPUs are freed" whenever every CPU is
-    busy at the moment it starts, which on a small machine is normal: the job waits and runs."""
+    busy at the moment it starts, which on a small machine is normal: the job waits and runs; and
+    "Progress bars disabled" when the quiet default turned them off on purpose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "will hang unless more CPUs" not in record.getMessage()
+        message = record.getMessage()
+        return "will hang unless more CPUs" not in message and "Progress bars disabled" not in message
 
 
 def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
@@ -52,7 +55,10 @@ def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
         return
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.data.dataset").addFilter(_DropFalseAlarms())
+    for name in ("ray.data.dataset", "ray.data._internal.progress"):
+        logging.getLogger(name).addFilter(_DropFalseAlarms())
+    # MetaWorld's scripted experts warn about their own gains on every import; nothing to act on.
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not progress.enabled():
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

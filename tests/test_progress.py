@@ -51,9 +51,13 @@ def test_quiet_ray_unless_verbose(monkeypatch):
         hang = logging.LogRecord("ray.data.dataset", logging.WARNING, "", 0,
                                  "Warning: ... The Dataset job will hang unless more CPUs are freed up.", None, None)
         assert not logging.getLogger("ray.data.dataset").filter(hang)
+        off = logging.LogRecord("ray.data._internal.progress", logging.WARNING, "", 0, "Progress bars disabled.", None,
+                                None)
+        assert not logging.getLogger("ray.data._internal.progress").filter(off)
     finally:
         for n, level in saved.items():
             logging.getLogger(n).setLevel(level)
-        for f in list(logging.getLogger("ray.data.dataset").filters):
-            logging.getLogger("ray.data.dataset").removeFilter(f)
+        for name in ("ray.data.dataset", "ray.data._internal.progress"):
+            for f in list(logging.getLogger(name).filters):
+                logging.getLogger(name).removeFilter(f)
         monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)

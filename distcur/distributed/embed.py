@@ -179,13 +179,17 @@ def _embedding_dim(store: Store, rels: list[str]) -> int:
 
 
 class _EmbedActor:
-    """One Ray Data actor: rebuilds the encoder once, then embeds batch after batch."""
+    """One Ray Data actor: loads the committed encoder once, then embeds batch after batch.
 
-    def __init__(self, registry_name: str, blob: bytes, num_threads: int = 1):
+    It reads the encoder from the store rather than taking its bytes as an argument: arguments
+    that large live in the object store, where a restarted actor may no longer find them (Ray
+    warns about it for every pool)."""
+
+    def __init__(self, store: Store, out_name: str, registry_name: str, num_threads: int = 1):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.encoder = encoder_from_bytes(registry_name, blob)
+        self.encoder = load_encoder(store, out_name, registry_name)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return embed_table(self.encoder, table)
@@ -220,7 +224,7 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
             [*KEY_COLUMNS, *encoder.columns])
         ds = ds.map_batches(
             _EmbedActor,
-            fn_constructor_kwargs={"registry_name": config.encoder, "blob": encoder.to_bytes(),
+            fn_constructor_kwargs={"store": store, "out_name": encoder.out_name, "registry_name": config.encoder,
                                    "num_threads": int(max(1, config.num_cpus_per_actor))},
             batch_size=config.batch_size,
             batch_format="pyarrow",
