@@ -248,7 +248,7 @@ def success_figure(plt, rows: list[dict], method_colour: dict[str, str]):
                                and r["success"] is not None and np.isfinite(r["success"])], float)
             ax.scatter(i + rng.uniform(-0.15, 0.15, len(vals)), vals, s=14, alpha=0.75, color=method_colour[s["method"]],
                        edgecolor="none", zorder=2)
-            lo, hi = s["success_ci"]
+            lo, hi = np.clip(s["success_ci"], 0, 1)  # a rate's interval, drawn within [0, 1]
             if np.isfinite(lo):
                 ax.errorbar(i, s["success_mean"], yerr=[[s["success_mean"] - lo], [hi - s["success_mean"]]], fmt="none",
                             ecolor="black", elinewidth=1, capsize=3, zorder=3)
@@ -278,7 +278,7 @@ def share_figure(plt, rows: list[dict], method_colour: dict[str, str]):
     for s in pts:
         x = round(100 * float(np.mean(frac[s["method"]])), 1)
         k = at[x] = at.get(x, -1) + 1
-        lo, hi = s["success_ci"]
+        lo, hi = np.clip(s["success_ci"], 0, 1)
         yerr = [[s["success_mean"] - lo], [hi - s["success_mean"]]] if np.isfinite(lo) else None
         ax.errorbar(x * 1.04 ** k if x else 0.05 * k, s["success_mean"], yerr=yerr, fmt="o", capsize=3, ms=5,
                     color=method_colour[s["method"]], label=s["method"])
@@ -521,7 +521,8 @@ def build_report(store: Store, runs: str | Sequence[str] | None = None) -> str:
         sections.append("<h2>Success</h2>")
         sections.append(_figure("success per method", _png(success_figure(plt, rows, method_colour)),
                                 "Rollout success per method: each point is one seed's policy, the bar its mean, the "
-                                "whiskers the 95% t-interval over seeds."))
+                                "whiskers the 95% t-interval over seeds (drawn within [0, 1]; with 2 seeds it is "
+                                "12.7 standard errors wide on each side)."))
         summary = success_summary(rows, "label")
         sections.append("<pre>" + html.escape(format_table(summary, paired_comparisons(rows, "label"))) + "</pre>")
         fig = share_figure(plt, rows, method_colour)
@@ -537,6 +538,13 @@ def build_report(store: Store, runs: str | Sequence[str] | None = None) -> str:
                 "Each policy's BC loss on target demos (the datamodels' proxy) against its rollout success." + where))
 
     comps = {label: m.metadata.get("composition") for label, m in sel_meta.items() if m.metadata.get("composition")}
+    if len(targets) == 1:  # a selection whose scores did not name the target counted no target-task steps
+        from distcur.composition import selection_composition
+
+        for label, m in sel_meta.items():
+            if label in comps and not m.metadata.get("target") and comps[label].get("selected_steps"):
+                sel = store.read_table(col.selections[label], columns=["source", "episode", "step"])
+                comps[label] = selection_composition(store, sel, next(iter(targets)))
     for label in dict.fromkeys(r["label"] for r in rows):
         if label not in comps and label.split(" [")[0] == "target_only":
             comps[label] = {"selected_steps": 0, "tasks": {}, "kinds": {}}
@@ -573,7 +581,8 @@ def build_report(store: Store, runs: str | Sequence[str] | None = None) -> str:
                                     "IWR's held-out likelihood of the target embedding over the bandwidth grid."))
 
     if col.datamodels:
-        stats = {label: store.manifest(key).metadata for label, key in col.datamodels.items()}
+        stats = {label: {**(store.manifest(col.scores[label]).metadata if label in col.scores else {}),
+                         **store.manifest(key).metadata} for label, key in col.datamodels.items()}
         fig = datamodel_figure(plt, stats)
         sections.append("<h2>Datamodels</h2>" + (_figure(
             "datamodel reliability", _png(fig),
