@@ -103,6 +103,16 @@ def test_unknown_run_names_what_is_there(store):
         collect(store, ["nope"])
 
 
+def test_composition_counts_the_target_when_the_scores_did_not_name_it(store):
+    """IWR's scores record no target: its selection's manifest counts no target-task step, the report does."""
+    table = store.read_table(selection_key("br"))  # episode 1: the target task's failed attempt
+    store.write_table(selection_key("nameless"), table, "select", {"level": "episode"},
+                      metadata=selection_metadata(store, table, 40, None))
+    page = build_report(store, ["nameless", "results"])
+    assert re.search(r"<td>nameless</td><td>episode</td><td>25.0%</td><td>10</td><td>0%</td><td>100%</td>"
+                     r"<td>100%</td>", page)
+
+
 def _png_size(uri: str) -> tuple[int, int]:
     data = base64.b64decode(uri.split(",", 1)[1])
     return struct.unpack(">II", data[16:24])
