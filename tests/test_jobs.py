@@ -215,7 +215,7 @@ def test_jobs_run_a_tiny_pipeline_into_the_store(ray_session, tmp_path, capsys):
     for stage in ("ingest", "rebalance"):
         assert common.main(stage, ["--config", config]) == 0, capsys.readouterr().err
     store = Store(store_uri)
-    assert sorted(list_sources(store)) == ["metaworld", "target-reach-v3"]
+    assert sorted(list_sources(store)) == ["metaworld", "target-reach-v3", "target-reach-v3-heldout"]
     prior = store.manifest(steps_key("metaworld"))
     target = store.manifest(steps_key("target-reach-v3"))
     assert prior.rows > 0 and prior.stage.startswith("ingest")

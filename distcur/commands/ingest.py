@@ -58,6 +58,9 @@ def register(sub) -> None:
                         "failures of at least 200 steps each, the target's own demos in the prior)")
     m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
     add_rerun_options(m)
+    m.add_argument("--heldout-demos", type=int, default=5,
+                   help="fresh expert demos of the target, never trained on, at steps/source=target-<task>-heldout: "
+                        "what `distcur evaluate` scores the proxy loss on (default 5, as `distcur demo`; 0: none)")
     m.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     m.set_defaults(func=run_metaworld)
 
@@ -102,6 +105,7 @@ def run_rlds(args) -> int:
 
 
 def run_metaworld(args) -> int:
+    from distcur import progress
     from distcur.config import load_config
     from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
 
@@ -118,6 +122,16 @@ def run_metaworld(args) -> int:
         source = {**datamil_options(), **given}
     config = load_config(MetaWorldPriorConfig, source, target=args.target, seed=args.seed,
                          tasks=tuple(args.tasks) if args.tasks else None)
-    info = generate_metaworld(config, output_store(args.out, args), address=args.address, progress=True)
+    if args.heldout_demos < 0:
+        raise ValueError(f"--heldout-demos must be >= 0, got {args.heldout_demos}")
+    store = output_store(args.out, args)
+    info = generate_metaworld(config, store, address=args.address, progress=progress.enabled())
+    if args.heldout_demos:
+        from distcur.data import steps_key
+        from distcur.pipeline import heldout_source, write_heldout_target
+
+        write_heldout_target(store, config, args.heldout_demos)
+        key = steps_key(heldout_source(config.target))
+        info["heldout"] = {"key": store.uri_of(key), "rows": store.manifest(key).rows}
     print(json.dumps(info, indent=2, default=str))
     return 0

@@ -2,7 +2,7 @@
 
     distcur train --store URI --target TARGET --selection SELECTION --out RUN [--config YAML] [--ray]
 
-Names map onto the store (``--store``, a folder or s3://bucket/prefix) as DESIGN.md lays it out:
+Names map onto the store (``--store``, a folder or s3://bucket/prefix) as docs/store.md lays it out:
 
 * ``--target``: a step source (``steps/source=<name>``), e.g. ``target-pick-place-wall-v3``; a
   bare task name ``pick-place-wall-v3`` means its ``target-<task>`` source.

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from distcur.datamodels.subsets import SubsetTrainingData, train_subset_models
 from distcur.policy.functional import AdamConfig, PolicySpec
+from distcur.progress import bar
 from distcur.store import Store
 
 log = logging.getLogger(__name__)
@@ -150,12 +151,14 @@ def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.nda
         }
         failed: dict[int, str] = {}
         pending = list(futures)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(ready[0])
-            except (ray.exceptions.RayError, OSError) as e:
-                failed[futures[ready[0]]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        with bar(total=len(pending), desc=f"datamodel {run} batches", unit="batch") as progress:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                try:
+                    ray.get(ready[0])
+                except (ray.exceptions.RayError, OSError) as e:
+                    failed[futures[ready[0]]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                progress.update()
         if failed:
             raise BatchesFailed(
                 f"datamodel {run}: {len(failed)} of {len(batches)} batches failed {sorted(failed)} "

@@ -145,6 +145,8 @@ def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
     if store.is_done(key, "fit-encoder", stage_config, inputs):
         log.info("encoder %s already fit with this config and inputs: loading it", key)
         return load_encoder(store, encoder.out_name, config.encoder), store.manifest(key)
+    # the writer's clock starts before the fit, so the manifest's wall_s is the stage's whole time
+    writer = store.writer(key, "fit-encoder", stage_config, inputs)
     summary: dict = {}
     if encoder.needs_fit:
         if not fit_sources:
@@ -152,7 +154,6 @@ def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
                              "(fit_sources is empty; target-* sources are excluded by default)")
         sample = sample_steps(store, fit_sources, encoder.columns, config.max_fit_rows, config.seed)
         summary = encoder.fit(sample)
-    writer = store.writer(key, "fit-encoder", stage_config, inputs)
     rel = f"{writer.data_dir}/{ENCODER_FILE}"
     store.write_bytes(rel, encoder.to_bytes())
     writer.add_files([rel], rows=0)
@@ -182,16 +183,30 @@ def _embedding_dim(store: Store, rels: list[str]) -> int:
 
 
 class _EmbedActor:
-    """One Ray Data actor: rebuilds the encoder once, then embeds batch after batch."""
+    """One Ray Data actor: loads the committed encoder once, then embeds batch after batch.
 
-    def __init__(self, registry_name: str, blob: bytes, num_threads: int = 1):
+    It reads the encoder from the store rather than taking its bytes as an argument: arguments
+    that large live in the object store, where a restarted actor may no longer find them (Ray
+    warns about it for every pool)."""
+
+    def __init__(self, store: Store, out_name: str, registry_name: str, num_threads: int = 1):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.encoder = encoder_from_bytes(registry_name, blob)
+        self.encoder = load_encoder(store, out_name, registry_name)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return embed_table(self.encoder, table)
+
+
+def _embed_identity(store: Store, encoder: Encoder, encoder_manifest: Manifest, source: str,
+                    config: EmbedConfig) -> tuple[str, dict, dict[str, str]]:
+    """(key, stage config, inputs) of ``source``'s embedding table."""
+    key = embeddings_key(encoder.out_name, source)
+    stage_config = {"encoder": config.encoder, "encoder_fingerprint": encoder_manifest.fingerprint}
+    inputs = {steps_key(source): store.input_fingerprint(steps_key(source)),
+              encoder_key(encoder.out_name): encoder_manifest.fingerprint}
+    return key, stage_config, inputs
 
 
 def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, source: str,
@@ -199,10 +214,7 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
     """Embed every step of ``source`` through Ray Data; commit ``embeddings/<name>/source=<source>``."""
     import ray
 
-    key = embeddings_key(encoder.out_name, source)
-    stage_config = {"encoder": config.encoder, "encoder_fingerprint": encoder_manifest.fingerprint}
-    inputs = {steps_key(source): store.input_fingerprint(steps_key(source)),
-              encoder_key(encoder.out_name): encoder_manifest.fingerprint}
+    key, stage_config, inputs = _embed_identity(store, encoder, encoder_manifest, source, config)
     if store.is_done(key, "embed", stage_config, inputs):
         log.info("%s is up to date", key)
         return store.manifest(key)
@@ -212,15 +224,15 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
     actors = max(1, min(config.concurrency, int(spare // max(config.num_cpus_per_actor, 1e-3))))
     writer = store.writer(key, "embed", stage_config, inputs)
     try:
-        ds = ray.data.read_parquet(paths, filesystem=store.fs, columns=[*KEY_COLUMNS, *encoder.columns],
-                                   partitioning=None)
+        ds = ray.data.read_parquet(paths, filesystem=store.fs, partitioning=None).select_columns(
+            [*KEY_COLUMNS, *encoder.columns])
         ds = ds.map_batches(
             _EmbedActor,
-            fn_constructor_kwargs={"registry_name": config.encoder, "blob": encoder.to_bytes(),
+            fn_constructor_kwargs={"store": store, "out_name": encoder.out_name, "registry_name": config.encoder,
                                    "num_threads": int(max(1, config.num_cpus_per_actor))},
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=config.num_cpus_per_actor,
             num_gpus=config.num_gpus_per_actor or None,
         )
@@ -246,6 +258,10 @@ def run_embed(store: Store, config: EmbedConfig, address: str | None = None) -> 
 
     sources, _ = _default_sources(store, config)
     encoder, enc_manifest = fit_encoder(store, config)
+    identities = [_embed_identity(store, encoder, enc_manifest, s, config) for s in sources]
+    if all(store.is_done(key, "embed", stage_config, inputs) for key, stage_config, inputs in identities):
+        log.info("embeddings/%s: all %d sources up to date, skipped (Ray not started)", encoder.out_name, len(sources))
+        return {key: store.manifest(key) for key, _, _ in identities}
     ensure_ray(address)
     out = {}
     for src in sources:

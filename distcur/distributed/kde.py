@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distcur.distributed.session import ensure_ray
+from distcur.progress import bar
 from distcur.schema import EMBEDDING_SCHEMA, SCORE_SCHEMA, list_column_to_numpy
 from distcur.score.kde import (
     Whitening,
@@ -249,6 +250,11 @@ def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_ke
         rel = f"{writer.data_dir}/part-{i:05d}.parquet"
         pending.append(write.remote(store, rel, ids_i, lse_t, lse_p, const, lse_sq, max(s, 1), n))
     try:
+        with bar(total=len(pending), desc="IWR log-KDE blocks", unit="block") as progress:
+            remaining = list(pending)
+            while remaining:
+                ready, remaining = ray.wait(remaining, num_returns=1)
+                progress.update(len(ready))
         results = ray.get(pending)
     except BaseException:
         writer.abort()

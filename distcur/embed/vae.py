@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distcur.progress import bar
 from distcur.torchio import torch_load
 
 
@@ -123,15 +124,18 @@ def train_vae(state: np.ndarray, action: np.ndarray, config: VAEConfig | None = 
     s_t, a_t = torch.from_numpy(state), torch.from_numpy(action)
     history: dict[str, list[float]] = {"loss": [], "recon": [], "kl": []}
     model.train()
-    for it in range(config.train_steps):
-        idx = torch.randint(0, len(s_t), (min(config.batch_size, len(s_t)),), generator=gen)
-        terms = model.loss(s_t[idx], a_t[idx], generator=gen)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        opt.step()
-        if it % 50 == 0 or it == config.train_steps - 1:
-            for k in history:
-                history[k].append(float(terms[k].detach()))
+    with bar(total=config.train_steps, desc="VAE fit", unit="step") as progress:
+        for it in range(config.train_steps):
+            idx = torch.randint(0, len(s_t), (min(config.batch_size, len(s_t)),), generator=gen)
+            terms = model.loss(s_t[idx], a_t[idx], generator=gen)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            if it % 50 == 0 or it == config.train_steps - 1:
+                for k in history:
+                    history[k].append(float(terms[k].detach()))
+                progress.set_postfix(loss=f"{history['loss'][-1]:.3f}", refresh=False)
+            progress.update()
     model.eval()
     return model, history
 

@@ -160,11 +160,14 @@ def _jobs(episodes: int, seeds: Sequence[int], envs_per_worker: int) -> list[tup
 
 
 def _run_jobs(policy, task, jobs, max_steps, onehot, parallel, address) -> list[dict]:
+    from distcur import progress
+
     if parallel:
         from distcur.distributed.metaworld import run_rollout_batches
 
-        return run_rollout_batches(policy, task, jobs, max_steps, onehot, address=address)
-    return [rollout_batch(policy, task, s, eps, max_steps, onehot) for s, eps in jobs]
+        return run_rollout_batches(policy, task, jobs, max_steps, onehot, address=address, progress=progress.enabled())
+    return [rollout_batch(policy, task, s, eps, max_steps, onehot)
+            for s, eps in progress.bar(jobs, desc=f"rollouts {task}", unit="batch")]
 
 
 def evaluate_success(

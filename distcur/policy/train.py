@@ -43,6 +43,7 @@ from distcur.policy.functional import (
     tanh_gaussian_nll,
 )
 from distcur.policy.sampler import MIXINGS, WEIGHTINGS, MixtureSampler
+from distcur.progress import bar
 from distcur.schema import SELECTION_SCHEMA, list_column_to_numpy
 from distcur.store import Manifest, Store
 
@@ -423,6 +424,7 @@ def train_policy(
                                                       "inputs": dict(data.inputs)}}
         return ckpt.make_state(params, spec, normalizer, step, opt_state, meta)
 
+    progress = bar(total=cfg.steps, initial=start, desc="policy training", unit="step", disable=rank != 0)
     for step in range(start, cfg.steps):
         idx, w = sampler.batch(step)
         w_t = torch.from_numpy(w)
@@ -436,10 +438,13 @@ def train_policy(
         if done % cfg.log_every == 0 or done == cfg.steps:
             history.append({"step": done, "loss": acc_sum / acc_n})
             acc_sum, acc_n = 0.0, 0
+            progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
+        progress.update()
         if checkpoint_fn is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             checkpoint_fn(state_at(done))
         if on_step is not None:
             on_step(done)
+    progress.close()
     return params, normalizer, history
 
 

@@ -1,4 +1,4 @@
-"""Loss-relative (DRO) group weighting, DoReMi / Re-Mix style (METHODS.md §4).
+"""Loss-relative (DRO) group weighting, DoReMi / Re-Mix style (docs/methods.md, Balanced BC).
 
 A reference policy is trained on group-balanced data. A proxy policy is then trained with
 group weights alpha that follow the proxy's per-group excess loss over the reference:
@@ -30,6 +30,7 @@ from distcur.policy.functional import (
     policy_forward,
     tanh_gaussian_nll,
 )
+from distcur.progress import bar
 from distcur.rebalance.frequency import frequency_weights
 from distcur.rebalance.group import check_alpha, check_groups
 
@@ -179,7 +180,7 @@ def dro_rebalance(
     alpha = np.full(G, 1.0 / G)
     history = np.zeros((cfg.steps, G))
     excess_hist = np.zeros((cfg.steps, G))
-    for t in range(cfg.steps):
+    for t in bar(range(cfg.steps), desc="DRO rebalancing", unit="step"):
         idx = torch.as_tensor(stratified_batch(members, per_group, rng))
         o, a, g = obs_t[idx], act_t[idx], group_t[idx]
         with torch.no_grad():

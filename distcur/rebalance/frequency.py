@@ -1,4 +1,4 @@
-"""Group-frequency weighting: every group weighs the same in expectation (METHODS.md §4).
+"""Group-frequency weighting: every group weighs the same in expectation (docs/methods.md, Balanced BC).
 
 Sampling q(s, a) = p(s, a) / rho_g, where rho_g is group g's share of the data, gives each of
 the G groups total probability 1/G whatever its size.

@@ -1,4 +1,4 @@
-"""Groups of state-action pairs for rebalancing (METHODS.md §4).
+"""Groups of state-action pairs for rebalancing (docs/methods.md, Balanced BC).
 
 A group is a sub-behaviour whose share of the data should not decide its share of the policy:
 a task, a source, or a cluster found without labels. Groups come from labels when the data has

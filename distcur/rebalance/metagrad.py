@@ -1,4 +1,4 @@
-"""Meta-gradient rebalancing (METHODS.md §4, the seed paper's method).
+"""Meta-gradient rebalancing (docs/methods.md, Balanced BC; the seed paper's method).
 
 Group weights alpha = softmax(theta) on the simplex; a batch holds the same number of samples
 from every group and sample i weighs G alpha_{g(i)}, so the batch loss is sum_g alpha_g L_g.
@@ -35,6 +35,7 @@ from distcur.policy.functional import (
     init_params,
     make_train_step,
 )
+from distcur.progress import bar
 from distcur.rebalance.dro import check_finite_inputs, stratified_batch
 from distcur.rebalance.group import check_alpha, check_groups
 
@@ -170,7 +171,7 @@ def metagrad_rebalance(
     train_on([make_batch() for _ in range(cfg.warmup_steps)], alpha0)
     history, objective, val_losses = [_softmax(theta)], [], []
     scale: float | None = None
-    for r in range(cfg.outer_steps):
+    for r in bar(range(cfg.outer_steps), desc="meta-gradient rebalancing", unit="round"):
         alpha = _softmax(theta)
         batches = [make_batch() for _ in range(cfg.inner_steps)]
         w = torch.as_tensor(G * alpha, dtype=torch.float32)

@@ -48,7 +48,7 @@ class RebalanceConfig:
 
     method: str = "frequency"
     groups: str = "task"
-    sources: list[str] | None = None  # default: every source in the store
+    sources: list[str] | None = None  # default: every source in the store but held-out target demos
     k: int | None = None  # k-means: fixed k, or None to choose by silhouette over k_range
     k_range: tuple[int, int] = (2, 8)
     embeddings: str | None = None  # k-means on embeddings/<encoder>; None: on state-action pairs
@@ -174,7 +174,9 @@ def run_rebalance(store: Store | str, method: str | None = None, run: str = "reb
     cfg = config or RebalanceConfig()
     if method is not None and method != cfg.method:
         cfg = dataclasses.replace(cfg, method=method)
-    sources = list(cfg.sources) if cfg.sources else list_sources(store)
+    # held-out target demos (target-<task>-heldout, from `ingest metaworld`) define the proxy: never trained on
+    sources = list(cfg.sources) if cfg.sources else [s for s in list_sources(store)
+                                                     if not (s.startswith("target-") and s.endswith("-heldout"))]
     if not sources:
         raise FileNotFoundError(f"no step tables under {store.uri_of('steps')}")
     inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
