@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint bench clean chromium
 
 # Reinstall only when the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/distcur demo $(ARGS)
 
+# The report's browser test needs Chromium (Debian's package); without it that test is skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "no chromium: the report's browser test is skipped"
+
 # The whole suite but the slow end-to-end runs (one real end-to-end path stays in).
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
