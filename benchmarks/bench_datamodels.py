@@ -1,4 +1,4 @@
-"""DataMIL datamodel figures -> benchmarks/results/datamodels.json (BENCHMARKS.md §2, issue #5).
+"""DataMIL datamodel figures -> benchmarks/results/datamodels.json (docs/benchmarks.md, issue #5).
 
 All speed figures are ratios measured in this run, at the datamodel's default subset model
 (DatamodelConfig: MLP 128 x 128, batch 256, 39-d state, 4-d action), one torch thread per

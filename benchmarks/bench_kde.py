@@ -1,4 +1,4 @@
-"""Exact log-KDE speed (BENCHMARKS.md §2): distcur vs scipy, sklearn, plain numpy and the bare GEMM.
+"""Exact log-KDE speed (docs/benchmarks.md): distcur vs scipy, sklearn, plain numpy and the bare GEMM.
 
 N query points under M reference points in d dims, Gaussian kernel with covariance h^2 * Sigma
 (scipy's rule; h = Scott's factor). Every ratio is taken inside one repetition, so machine load

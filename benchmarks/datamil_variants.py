@@ -1,4 +1,4 @@
-"""DataMIL variants at BENCHMARKS.md §1's protocol policy, one (target, datamodel config) per call.
+"""DataMIL variants at docs/benchmarks.md's protocol policy, one (target, datamodel config) per call.
 
 Runs ``distcur demo``'s pipeline (:func:`distcur.pipeline.run_demo`) for the DataMIL methods
 only, on a store that already holds (or will generate) the demo prior, with DatamodelConfig

@@ -1,6 +1,6 @@
 """Step -> cluster id: the groups of steps that a datamodel scores together.
 
-A cluster is derived from the step table's keys, never stored by hand (DESIGN.md). Levels,
+A cluster is derived from the step table's keys, never stored by hand (docs/store.md). Levels,
 finest to coarsest:
 
 * ``step``     one step, ``(source, episode, step)``;

@@ -1,4 +1,4 @@
-"""The canonical step table (DESIGN.md) and its validation.
+"""The canonical step table (docs/store.md) and its validation.
 
 One row per environment step. ``episode`` is unique within ``source``; ``step`` counts from 0
 within an episode. Per-source metadata (dims, action statistics, control frequency) lives in
@@ -202,7 +202,7 @@ def source_metadata(table: pa.Table) -> dict[str, dict]:
     return out
 
 
-# A selection: which prior steps to train on and with what weight (DESIGN.md store layout,
+# A selection: which prior steps to train on and with what weight (docs/store.md,
 # selections/<run>/selection.parquet). Produced by select / datamodel / rebalance, consumed by train.
 SELECTION_SCHEMA = pa.schema(
     [

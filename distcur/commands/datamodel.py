@@ -1,6 +1,6 @@
 """``distcur datamodel``: DataMIL scores of the prior's clusters for a target task.
 
-Estimators (METHODS.md §3):
+Estimators (docs/methods.md):
 
 * ``regression``: m random cluster subsets, one small policy per subset (trained k at a time,
   batches spread over Ray tasks, resumable per batch), tau by regularised least squares,

@@ -1,4 +1,4 @@
-"""IWR: importance-weighted retrieval by a KDE density ratio (METHODS.md §2).
+"""IWR: importance-weighted retrieval by a KDE density ratio (docs/methods.md).
 
 ``log w(z) = log p_target(z) - log p_prior(z)`` with Gaussian KDEs, always in log space.
 

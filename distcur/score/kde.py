@@ -1,4 +1,4 @@
-"""Gaussian kernel density estimation in log space, blockwise (IWR's core, METHODS.md §2).
+"""Gaussian kernel density estimation in log space, blockwise (IWR's core, docs/methods.md).
 
 A Gaussian KDE with kernel covariance ``h^2 * Sigma`` (Sigma the sample covariance, ddof=1, the
 rule of ``scipy.stats.gaussian_kde``) is an isotropic KDE on whitened points ``y = L^-1 (x - mu)``
