@@ -485,7 +485,10 @@ def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str
             if ident(r) not in keys and not (drop_task_prefix and str(r["task"]).startswith(drop_task_prefix))]
     protocol = dict(current.get("protocol", {}))
     protocol.update(new.get("protocol", {}))
-    selections = {**current.get("selections", {}), **new.get("selections", {})}
+    # a run over some of the methods updates their entries and keeps the others'
+    selections = dict(current.get("selections", {}))
+    for where, methods in new.get("selections", {}).items():
+        selections[where] = {**selections.get(where, {}), **methods}
     out = {**current, "protocol": protocol, "results": kept + new["results"],
            **({"selections": selections} if selections else {})}
     tmp = f"{path}.tmp-{os.getpid()}"
