@@ -329,6 +329,9 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
         raise ValueError(f"STRAP: scoring must be one of {strap_lib.SCORINGS}, got {scoring!r}")
 
     steps = load_steps(store, [tsrc])
+    if len(steps) == 0:  # checked first: every later check of the target's shape would name a dim 0
+        raise ValueError(f"STRAP: the target set {store.uri_of(steps_key(tsrc))} is empty; need at least one "
+                         f"target demo of {target_task!r} (e.g. `distcur ingest metaworld --target {target_task}`)")
     emb = store.read_table(target_key, columns=["episode", "step", "z"])
     target_z = list_column_to_numpy(emb.column("z"), "z")
     if len(target_z) != len(steps):
