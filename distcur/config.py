@@ -40,6 +40,21 @@ _Loader.add_implicit_resolver(
 )
 
 
+# A job writes a stage's inline config to a temporary file headed by this comment (jobs/_common.py), so
+# errors name the job config file and section it came from, not a file that is gone when they are read.
+ORIGIN_COMMENT = "# distcur config from: "
+
+
+def config_origin(path: str | os.PathLike) -> str:
+    """What errors call the config file at ``path``: the job config section it was written from, else the path."""
+    try:
+        with open(path) as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return str(path)
+    return first[len(ORIGIN_COMMENT):].strip() if first.startswith(ORIGIN_COMMENT) else str(path)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     """The YAML document at ``path``; malformed YAML is a :class:`ConfigError` naming file and line."""
     with open(path) as f:
@@ -49,7 +64,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+            raise ConfigError(f"{config_origin(path)}: malformed YAML{at}: {problem}") from None
 
 
 class _Mismatch(Exception):
@@ -183,9 +198,10 @@ def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, **
         data = read_yaml(source)
         data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a YAML mapping at top level, got {type(data).__name__}")
+            raise ConfigError(f"{config_origin(source)}: expected a YAML mapping at top level, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(cls, data, str(source) if source is not None and not isinstance(source, dict) else cls.__name__)
+    return _build(cls, data, config_origin(source) if source is not None and not isinstance(source, dict)
+                  else cls.__name__)
 
 
 def to_dict(config: Any) -> dict:

@@ -48,6 +48,18 @@ def _where(source: str, episode: int | None = None, step: int | None = None, col
     return ", ".join(parts)
 
 
+RowKeys = tuple  # (source: str | (n,) array, episode: (n,) array, step: (n,) array)
+
+
+def describe_row(row: int, keys: RowKeys | None = None) -> str:
+    """Where row ``row`` of an array comes from: its source, episode and step when the caller knows
+    the array's keys (a row number alone cannot be looked up in the store), else the row number."""
+    if keys is None:
+        return f"row {row}"
+    source, episode, step = keys
+    return _where(str(source if isinstance(source, str) else source[row]), int(episode[row]), int(step[row]))
+
+
 def steps_table(columns: dict[str, Sequence | np.ndarray | pa.Array]) -> pa.Table:
     """Build a step table from column data, filling optional columns with nulls.
 

@@ -66,6 +66,11 @@ def _rebuild_hint(stage: str) -> str:
     return f"rebuild it by rerunning the stage that wrote it ({stage!r}) with --force"
 
 
+# What reading a Parquet file raises for bad bytes (a flipped byte in a footer's column name is a
+# UnicodeDecodeError) or an unreachable store.
+PARQUET_READ_ERRORS = (pa.ArrowInvalid, OSError, UnicodeDecodeError)
+
+
 def _is_damage(error: Exception) -> bool:
     """Whether a Parquet read error is the file's fault (bad bytes), not S3's or the network's."""
     return isinstance(error, pa.ArrowInvalid) or "AWS Error" not in str(error)
@@ -187,6 +192,22 @@ class Manifest:
             if name in d and (not isinstance(d[name], typ) or isinstance(d[name], bool)):
                 article = "an" if typ is int else "a"
                 raise DamagedTableError(f"{where}: manifest key {name!r} is {d[name]!r}, expected {article} {typ.__name__}")
+        # the readers use these as paths and numbers: a wrong type there is damage, not a crash later
+        if not all(isinstance(f, str) and f for f in d["files"]):
+            raise DamagedTableError(f"{where}: manifest key 'files' is {d['files']!r}, expected a list of file names")
+        twice = sorted({f for f in d["files"] if d["files"].count(f) > 1})
+        if twice:  # a reader would read that part twice: more rows, or the same count and wrong data
+            raise DamagedTableError(f"{where}: the manifest lists file(s) {twice} more than once")
+        part_types = {"size": int, "rows": int, "sha256": str}
+        for rel, info in d.get("parts", {}).items():
+            bad = not isinstance(info, dict) or any(
+                info.get(k) is not None and (not isinstance(info[k], t) or isinstance(info[k], bool))
+                for k, t in part_types.items())
+            if bad:  # rows is null for a part that is not Parquet (an encoder's bytes)
+                raise DamagedTableError(f"{where}: manifest part {rel!r} is {info!r}, expected "
+                                        "{'size': int, 'sha256': str, 'rows': int or null}")
+        if not d["files"] and d["rows"]:
+            raise DamagedTableError(f"{where}: the manifest says rows={d['rows']} but names no data files")
         return cls(**d)
 
 
@@ -244,7 +265,7 @@ class TableWriter:
         for rel in rels:
             try:
                 infos[rel] = self.parts.get(rel) or _part_info(fs, self.store.path(rel))
-            except (pa.ArrowInvalid, OSError) as e:
+            except PARQUET_READ_ERRORS as e:
                 raise DamagedTableError(f"{where}: cannot commit, part {self.store.uri_of(rel)} does not read back "
                                         f"({e}); rerun the stage") from e
         counted = [i["rows"] for i in infos.values()]
@@ -460,7 +481,7 @@ class Store:
         for rel in m.files:
             try:
                 pq.read_table(self.path(rel), filesystem=self.fs, page_checksum_verification=True)
-            except (pa.ArrowInvalid, OSError):
+            except PARQUET_READ_ERRORS:
                 bad = self.uri_of(rel)
                 break
         return DamagedTableError(f"{self.uri_of(key)}: cannot read {bad} ({error}); {_rebuild_hint(m.stage)}")
@@ -473,7 +494,7 @@ class Store:
         try:
             table = pq.ParquetDataset(paths, filesystem=self.fs, filters=filters, partitioning=None,
                                       page_checksum_verification=True).read(columns=columns)
-        except (pa.ArrowInvalid, OSError) as e:
+        except PARQUET_READ_ERRORS as e:
             raise self._unreadable(key, m, e) from e
         if filters is None and table.num_rows != m.rows:
             raise DamagedTableError(f"{self.uri_of(key)}: its parts hold {table.num_rows} rows but the manifest "
@@ -487,7 +508,7 @@ class Store:
             try:
                 pf = pq.ParquetFile(self.fs.open_input_file(self.path(rel)), page_checksum_verification=True)
                 yield from pf.iter_batches(batch_size=batch_size, columns=columns)
-            except (pa.ArrowInvalid, OSError) as e:
+            except PARQUET_READ_ERRORS as e:
                 if not _is_damage(e):
                     raise
                 raise DamagedTableError(f"{self.uri_of(key)}: cannot read {self.uri_of(rel)} ({e}); "
@@ -531,7 +552,7 @@ class Store:
             if rel.endswith(".parquet"):
                 try:
                     got["rows"] = pq.read_metadata(self.path(rel), filesystem=self.fs).num_rows
-                except (pa.ArrowInvalid, OSError) as e:
+                except PARQUET_READ_ERRORS as e:
                     problems.append(f"{where}: unreadable Parquet ({e})")
             for what in ("size", "sha256", "rows"):
                 if want.get(what) is not None and got[what] is not None and got[what] != want[what]:

@@ -27,8 +27,9 @@ positional. Values: ``null`` leaves the stage's default; booleans set flags (``s
 gives ``--no-x``); lists fill multi-value (``nargs``) or repeatable
 (``append``) options; a mapping given to a single-value option (a stage's own ``--config``
 YAML, e.g. ``ingest: {command: metaworld, config: {success_per_task: 2}}``) is written to a
-temporary YAML file whose path is passed; anything else is passed as its string. A list given
-to a single-value option is an error, never silently joined.
+temporary YAML file whose path is passed (the stage's errors name the job config file and
+section instead); anything else is passed as its string. A list given to a single-value option
+is an error, never silently joined.
 
 Entry point: ``python jobs/<stage>.py --config FILE [--set KEY=VALUE ...] [--dry-run]``.
 ``--set`` overrides (or adds) a key of the stage's section (every entry when it is a list),
@@ -116,11 +117,17 @@ def _scalar(value: Any, where: str) -> str:
 
 
 def _yaml_file(value: dict, tmpdir: str | None, where: str) -> str:
-    """Write an inline mapping to a YAML file under ``tmpdir``; its path stands for the value."""
+    """Write an inline mapping to a YAML file under ``tmpdir``; its path stands for the value.
+
+    The file is headed by ``where`` (:data:`distcur.config.ORIGIN_COMMENT`), which the stage's errors
+    name instead of the temporary path."""
+    from distcur.config import ORIGIN_COMMENT
+
     if tmpdir is None:
         raise ValueError(f"{where}: a mapping value needs a directory to write it to (tmpdir)")
     fd, path = tempfile.mkstemp(prefix="job-", suffix=".yaml", dir=tmpdir)
     with os.fdopen(fd, "w") as f:
+        f.write(f"{ORIGIN_COMMENT}{' '.join(where.split())}\n")
         yaml.safe_dump(value, f, sort_keys=False)
     return path
 

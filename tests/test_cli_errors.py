@@ -52,14 +52,19 @@ def test_verify_reports_intact_and_damaged_tables(store, capsys):
     assert code == 1 and "0 of 1" in err
 
 
-def test_force_recomputes_a_stage(store, capsys):
-    args = ["select", "--store", store.uri, "--scores", "run", "--run", "sel", "--top", "50"]
+def assert_force_recomputes(store: Store, args: list[str], key: str) -> None:
+    """A rerun of ``args`` leaves ``key`` up to date; with --force it is recommitted, same fingerprint."""
     assert main(args) == 0
-    first = store.manifest(selection_key("sel"))
-    assert main(args) == 0 and store.manifest(selection_key("sel")).created == first.created  # up to date
+    first = store.manifest(key)
+    assert main(args) == 0 and store.manifest(key).created == first.created  # up to date
     assert main([*args, "--force"]) == 0
-    again = store.manifest(selection_key("sel"))
+    again = store.manifest(key)
     assert again.created > first.created and again.fingerprint == first.fingerprint
+
+
+def test_force_recomputes_a_stage(store, capsys):
+    assert_force_recomputes(store, ["select", "--store", store.uri, "--scores", "run", "--run", "sel", "--top", "50"],
+                            selection_key("sel"))
     capsys.readouterr()
 
 
@@ -120,3 +125,25 @@ def test_s3_network_error_names_endpoint_and_bucket(monkeypatch, capsys):
     code, _, err = run_cli(capsys, "verify", "--store", "s3://some-bucket/prefix")
     line = one_error_line(err, "verify")
     assert code == 2 and f"S3 endpoint {endpoint}, bucket 'some-bucket'" in line
+
+
+def test_force_retrains_a_finished_policy_and_evaluate_takes_it(tmp_path, capsys):
+    import numpy as np
+
+    from distcur.data import eval_key, policy_key, steps_key
+    from distcur.schema import steps_table
+
+    store = Store(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    step = np.tile(np.arange(10), 2)
+    store.write_table(steps_key("target-reach-v3"), steps_table({
+        "source": "target-reach-v3", "episode": np.repeat([0, 1], 10), "step": step,
+        "state": rng.normal(size=(20, 4)), "action": rng.normal(size=(20, 2)), "is_first": step == 0,
+        "is_last": step == 9, "is_terminal": step == 9}), "ingest", {})
+    assert_force_recomputes(store, ["train", "--store", store.uri, "--target", "reach-v3", "--selection", "none",
+                                    "--out", "p", "--steps", "3"], policy_key("p"))
+    evaluate = ["evaluate", "p", "--task", "reach-v3", "--store", store.uri, "--episodes", "0", "--no-ray",
+                "--in-sample-proxy"]
+    assert main([*evaluate, "--force"]) == 0
+    assert "force" not in store.manifest(eval_key("p")).config["methods"]["p"]
+    capsys.readouterr()

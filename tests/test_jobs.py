@@ -121,6 +121,17 @@ def test_job_config_file_errors_name_the_file_and_key(tmp_path):
         common.section_entries(common.load_job_config(bad), "score", str(bad))
 
 
+def test_inline_stage_config_errors_name_the_job_config_and_section(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"common": {"store": str(tmp_path / "store")},
+                                    "embed": {"config": {"batch_size": "many"}}}))
+    assert common.main("embed", ["--config", str(path)]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distcur embed: error:")]
+    assert error.startswith(f"distcur embed: error: {path}: embed: config: batch_size = 'many' is a str, but "
+                            "EmbedConfig.batch_size expects")
+    assert "distcur-job-" not in error  # not the temporary file, gone by the time the error is read
+
+
 def _section_cases():
     cases = []
     for path in CONFIGS:

@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--envs-per-worker", type=int, default=10, help="environments stepped together per Ray task")
     p.add_argument("--no-ray", action="store_true", help="run the rollouts in this process")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    # Every stage takes --force, so a job's `common: {force: true}` and scripts work alike on all of them.
+    p.add_argument("--force", action="store_true",
+                   help="accepted like every stage's: evaluate never skips, it always reruns the rollouts and proxy")
     p.set_defaults(func=run)
 
 
@@ -127,7 +130,7 @@ def run(args) -> int:
     previous = store.manifest(key)
     # One config per method: the table holds every method evaluated into it.
     config = {**(previous.config.get("methods", {}) if previous else {})}
-    config[args.method or args.policy] = {k: v for k, v in vars(args).items() if k != "func"}
+    config[args.method or args.policy] = {k: v for k, v in vars(args).items() if k not in ("func", "force")}
     writer = store.writer(key, "evaluate", {"methods": config})  # its clock times the whole stage
     records = evaluate_policy(store, args.policy, args.task, args.episodes, args.seeds, args.method,
                               args.proxy_source, args.proxy_episodes, args.envs_per_worker,

@@ -12,6 +12,7 @@ Names map onto the store (``--store``, a folder or s3://bucket/prefix) as docs/s
   ``--prior-store`` (default: the same store).
 * ``--out``: the run name; the policy goes to ``policies/<run>/policy.pt`` (+ manifest.json,
   checkpoints/). A rerun resumes from the latest checkpoint; a finished identical run is skipped.
+  ``--force`` trains it again from step 0 (resuming would restart from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 
+from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def register(sub) -> None:
                    help="Ray Train checkpoint storage (with --ray; default <store>/policies/<run>/ray)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    add_rerun_options(p)
     p.set_defaults(func=run)
 
 
@@ -94,25 +97,28 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(TrainConfig, args.config, steps=args.steps, seed=args.seed, alpha=args.alpha,
                       batch_size=args.batch_size)
-    store = Store(args.store)
+    store = output_store(args.store, args)
+    # a forced run starts over: resuming a finished run's checkpoints would recompute nothing
+    fresh = args.fresh or args.force
     prior_store = Store(args.prior_store) if args.prior_store else store
     target = resolve_target(store, args.target)
     selection, allow_empty = resolve_selection(store, prior_store, args.selection)
     if args.ray:
         from distcur.distributed.train import train_policy_ray
 
-        if args.fresh:
+        if fresh:
             store.delete_dir(f"{policy_key(args.out)}/ray")
         manifest = train_policy_ray(
             args.store, args.out, target, cfg, selection=selection, prior_store_uri=args.prior_store,
             allow_empty_selection=allow_empty, num_workers=args.workers, max_failures=args.max_failures,
             storage_path=args.storage_path, torch_threads=args.threads or 1, address=args.address,
+            force=args.force, verify=args.verify,
         )
     else:
         table = read_selection(store, selection) if isinstance(selection, str) else selection
         data = load_training_data(store, target, table, prior_store, allow_empty_selection=allow_empty)
         log.info("training %s: %d target + %d prior steps", args.out, data.n_target, data.n_prior)
-        manifest = train_to_store(store, args.out, data, cfg, resume=not args.fresh)
+        manifest = train_to_store(store, args.out, data, cfg, resume=not fresh)
     print(json.dumps({"policy": store.uri_of(f"{policy_key(args.out)}/policy.pt"), "target": target,
                       "selection": args.selection, "rows": manifest.rows, "wall_s": manifest.wall_s,
                       "history_tail": manifest.metadata.get("history", [])}, indent=2))

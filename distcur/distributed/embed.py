@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distcur.data import embeddings_key, list_sources, steps_key
-from distcur.embed.encoders import Batch, Encoder, build_encoder, encoder_from_bytes
-from distcur.schema import EMBEDDING_SCHEMA, list_column_to_numpy
+from distcur.embed.encoders import SAMPLE_KEYS, Batch, Encoder, build_encoder, encoder_from_bytes
+from distcur.schema import EMBEDDING_SCHEMA, describe_row, list_column_to_numpy
 from distcur.store import Manifest, Store
 from distcur.torchio import UnreadableFileError
 
@@ -81,8 +81,8 @@ def embed_table(encoder: Encoder, table: pa.Table) -> pa.Table:
     z = np.ascontiguousarray(z, dtype=np.float32)
     if table.num_rows and not np.isfinite(z).all():
         row = int(np.argmax(~np.isfinite(z).all(1)))
-        ep, st = table.column("episode")[row].as_py(), table.column("step")[row].as_py()
-        raise ValueError(f"encoder {encoder.name!r} produced a non-finite embedding at episode={ep}, step={st}")
+        keys = tuple(table.column(c).to_numpy(zero_copy_only=False) for c in ("source", "episode", "step"))
+        raise ValueError(f"encoder {encoder.name!r} produced a non-finite embedding at {describe_row(row, keys)}")
     dim = z.shape[1] if z.ndim == 2 else 0
     offsets = pa.array(np.arange(0, len(z) * dim + 1, max(dim, 1), dtype=np.int32)[: len(z) + 1])
     z_col = pa.ListArray.from_arrays(offsets, pa.array(z.ravel(), pa.float32()))
@@ -152,7 +152,8 @@ def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
         if not fit_sources:
             raise ValueError(f"encoder {config.encoder!r} must be fit but no prior source is given "
                              "(fit_sources is empty; target-* sources are excluded by default)")
-        sample = sample_steps(store, fit_sources, encoder.columns, config.max_fit_rows, config.seed)
+        sample = sample_steps(store, fit_sources, (*encoder.columns, *SAMPLE_KEYS), config.max_fit_rows,
+                              config.seed)
         summary = encoder.fit(sample)
     rel = f"{writer.data_dir}/{ENCODER_FILE}"
     store.write_bytes(rel, encoder.to_bytes())

@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 
 from distcur.distributed.session import ensure_ray
 from distcur.progress import bar
-from distcur.schema import EMBEDDING_SCHEMA, SCORE_SCHEMA, list_column_to_numpy
+from distcur.schema import EMBEDDING_SCHEMA, SCORE_SCHEMA, describe_row, list_column_to_numpy
 from distcur.score.kde import (
     Whitening,
+    check_points,
     combine_log_partials,
     log_kde_partial_sums,
     moments,
@@ -103,17 +104,20 @@ def read_ranges(store: Store, ranges: list[RowRange], columns: list[str]) -> pa.
     return pa.concat_tables(parts)
 
 
-def _z(table: pa.Table, ranges: list[RowRange]) -> np.ndarray:
+def _z(store: Store, table: pa.Table, ranges: list[RowRange]) -> np.ndarray:
     where = ", ".join(sorted({r.key for r in ranges}))
     z = list_column_to_numpy(table.column("z"), f"column 'z' of {where}")
     if not np.isfinite(z).all():
         row, col = np.argwhere(~np.isfinite(z))[0]
-        raise ValueError(f"{where}: non-finite z[{col}] at row {row} of the shard")
+        # the moments round reads only z: the keys are read again here, on the error path alone
+        ids = table if "step" in table.column_names else read_ranges(store, ranges, list(ID_COLUMNS))
+        keys = tuple(ids.column(c).to_numpy(zero_copy_only=False) for c in ID_COLUMNS)
+        raise ValueError(f"{where}: non-finite z[{col}] at {describe_row(int(row), keys)}")
     return z
 
 
 def _shard_moments(store: Store, ranges: list[RowRange]):
-    z = _z(read_ranges(store, ranges, ["z"]), ranges)
+    z = _z(store, read_ranges(store, ranges, ["z"]), ranges)
     return moments(z) + (sorted({r.key for r in ranges}),)
 
 
@@ -125,7 +129,7 @@ def _load_shard(store: Store, ranges: list[RowRange], white: Whitening, target_w
     ``target_y`` [n_t, d]: the target points whitened by it; the log-sums are [rows of the shard].
     """
     table = read_ranges(store, ranges, list(ID_COLUMNS) + ["z"])
-    z = _z(table, ranges)
+    z = _z(store, table, ranges)
     y = white.apply(z)
     lse_t = log_kde_partial_sums(y if target_white is None else target_white.apply(z), target_y, h_t)
     return y, table.select(list(ID_COLUMNS)), y[sub_local], y[probe_local], lse_t
@@ -194,12 +198,12 @@ def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_ke
     if store.is_done(out_key, "score", config, inputs):
         return store.manifest(out_key)
     t0 = time.time()
-    target_tab = store.read_table(target_key, columns=["source", "episode", "z"])
+    target_tab = store.read_table(target_key, columns=["source", "episode", "step", "z"])
     if target_tab.num_rows == 0:
         raise ValueError(f"target embeddings {store.uri_of(target_key)} are empty: nothing to retrieve for")
     target_z = list_column_to_numpy(target_tab.column("z"), f"column 'z' of {target_key}")
-    if not np.isfinite(target_z).all():
-        raise ValueError(f"target embeddings {target_key}: non-finite values in column 'z'")
+    check_points(target_z, f"target embeddings {target_key}",
+                 keys=tuple(target_tab.column(c).to_numpy(zero_copy_only=False) for c in ID_COLUMNS))
     shards, n = plan_shards(store, prior_keys, num_shards)
     k = len(shards)
 

@@ -112,7 +112,7 @@ def _nearest_raw_part(store: Store, path: str, column: str, target: np.ndarray, 
         feats = list_column_to_numpy(rb.column(column), column)
         source, episode, step = _keys(rb)
         try:
-            raw = -min_distances(feats, target, block)
+            raw = -min_distances(feats, target, block, prior_keys=(source, episode, step))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
@@ -155,15 +155,18 @@ def run_nearest(store: Store, method: str, target_task: str, out_key: str, prior
         return store.manifest(out_key)
     if table_kind == "steps":
         t = load_steps(store, [tsrc])
-        target = t.state if column == "state" else t.action
+        target, target_keys = (t.state if column == "state" else t.action), (tsrc, t.episode, t.step)
     else:
-        target = list_column_to_numpy(store.read_table(key_of(tsrc), columns=["z"]).column("z"), "z")
+        emb = store.read_table(key_of(tsrc), columns=["episode", "step", "z"])
+        target = list_column_to_numpy(emb.column("z"), "z")
+        target_keys = (tsrc, emb.column("episode").to_numpy(), emb.column("step").to_numpy())
     if len(target) == 0:
         raise ValueError(f"{method}: the target set {key_of(tsrc)} is empty; need at least one target step")
     for key in prior_keys.values():
         dim = _feature_dim(store, key, column)
         if dim is not None:
-            check_features(np.zeros((0, dim)), target, f"{method}: {column} of {key} vs {key_of(tsrc)}")
+            check_features(np.zeros((0, dim)), target, f"{method}: {column} of {key} vs {key_of(tsrc)}",
+                           target_keys=target_keys)
 
     ensure_ray(address)
     writer = store.writer(out_key, STAGE, config, inputs)
@@ -326,6 +329,9 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
         raise ValueError(f"STRAP: scoring must be one of {strap_lib.SCORINGS}, got {scoring!r}")
 
     steps = load_steps(store, [tsrc])
+    if len(steps) == 0:  # checked first: every later check of the target's shape would name a dim 0
+        raise ValueError(f"STRAP: the target set {store.uri_of(steps_key(tsrc))} is empty; need at least one "
+                         f"target demo of {target_task!r} (e.g. `distcur ingest metaworld --target {target_task}`)")
     emb = store.read_table(target_key, columns=["episode", "step", "z"])
     target_z = list_column_to_numpy(emb.column("z"), "z")
     if len(target_z) != len(steps):
@@ -339,7 +345,7 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
     if steps.state.shape[1] <= max(position_dims, default=0):
         raise ValueError(f"STRAP: position_dims {position_dims} exceed the target state dim {steps.state.shape[1]}")
     segments = strap_lib.target_segments(z_aligned, steps.state[:, list(position_dims)], steps.episode, steps.step,
-                                         threshold, min_length)
+                                         threshold, min_length, source=tsrc)
     for key in prior_keys.values():
         dim = _feature_dim(store, key, "z")
         if dim is not None and dim != target_z.shape[1]:

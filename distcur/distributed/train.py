@@ -107,6 +107,8 @@ def train_policy_ray(
     torch_threads: int = 1,
     on_step: Callable[[int], None] | None = None,
     address: str | None = None,
+    force: bool = False,
+    verify: bool = False,
 ) -> Manifest:
     """Train ``policies/<run>`` under ``TorchTrainer`` (CPU workers) and return its manifest.
 
@@ -114,14 +116,15 @@ def train_policy_ray(
     table, or None (target-only). ``storage_path``: where Ray Train keeps checkpoints (local
     path or s3://; default ``<store>/policies/<run>/ray``). ``on_step(step)`` is called in every
     worker after each step (progress, fault injection in tests). A finished run with the same
-    config and inputs is skipped (checked against the manifest, like every stage).
+    config and inputs is skipped (checked against the manifest, like every stage), unless ``force``;
+    with ``verify`` only when its files also verify (the store's ``force`` / ``verify_done``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    store = Store(store_uri)
+    store = Store(store_uri, force=force, verify_done=verify)
     prior_uri = prior_store_uri or store_uri
     if selection is not None and not isinstance(selection, str | pa.Table):
         raise ValueError(f"selection must be a store key, a table or None, got {type(selection).__name__}")

@@ -29,6 +29,9 @@ import numpy as np
 
 from distcur.embed.vae import VAEConfig, train_vae, vae_embed, vae_from_bytes, vae_to_bytes
 
+# The embed stage's fit sample also carries each row's keys, so a fit can name a bad step.
+SAMPLE_KEYS = ("source", "episode", "step")
+
 Batch = dict[str, np.ndarray]  # step columns: state/action (n, d) float32; image (n,) object of bytes
 
 
@@ -53,7 +56,8 @@ class Encoder(ABC):
         """(n, dim) float32 embeddings of the n steps in ``batch``."""
 
     def fit(self, sample: Batch) -> dict:
-        """Learn from a sample of prior steps; returns a JSON-able training summary."""
+        """Learn from a sample of prior steps (``columns`` and, from the embed stage, :data:`SAMPLE_KEYS`);
+        returns a JSON-able training summary."""
         return {}
 
     @property
@@ -146,7 +150,8 @@ class VAEEncoder(Encoder):
     def fit(self, sample: Batch) -> dict:
         state = _float_column(sample, "state", self.name)
         action = _float_column(sample, "action", self.name)
-        self.model, self.history = train_vae(state, action, self.vae_config)
+        keys = tuple(sample[c] for c in SAMPLE_KEYS) if all(c in sample for c in SAMPLE_KEYS) else None
+        self.model, self.history = train_vae(state, action, self.vae_config, keys)
         return {"rows": len(state), "final_loss": self.history["loss"][-1],
                 "final_recon": self.history["recon"][-1], "final_kl": self.history["kl"][-1]}
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from distcur.progress import bar
+from distcur.schema import RowKeys, describe_row
 from distcur.torchio import torch_load
 
 
@@ -97,11 +98,13 @@ class StateActionVAE(nn.Module):
         return {"loss": recon + self.config.kl_weight * kl, "recon": recon, "kl": kl}
 
 
-def train_vae(state: np.ndarray, action: np.ndarray, config: VAEConfig | None = None) -> tuple[StateActionVAE, dict]:
+def train_vae(state: np.ndarray, action: np.ndarray, config: VAEConfig | None = None,
+              keys: RowKeys | None = None) -> tuple[StateActionVAE, dict]:
     """Fit a VAE on a sample of steps.
 
     Args:
         state: (n, ds) float array; action: (n, da) float array (n >= 2).
+        keys: the sample rows' (source, episode, step), named when a row is not finite.
     Returns:
         (model in eval mode, history {"loss": [...], "recon": [...], "kl": [...]} every 50 steps).
     """
@@ -115,7 +118,7 @@ def train_vae(state: np.ndarray, action: np.ndarray, config: VAEConfig | None = 
     for name, arr in (("state", state), ("action", action)):
         if not np.isfinite(arr).all():
             row = int(np.argmax(~np.isfinite(arr).all(1)))
-            raise ValueError(f"train_vae: non-finite {name} at sample row {row}")
+            raise ValueError(f"train_vae: non-finite {name} at {describe_row(row, keys)}")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     model = StateActionVAE(state.shape[1], action.shape[1], config)

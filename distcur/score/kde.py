@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distcur.schema import RowKeys, describe_row
 from distcur.score._fastexp import OVERFLOW, exp2_row_sums
 
 # One block of exponents, block_queries x block_refs float32 per worker thread (1 MiB: L2/L3-resident
@@ -70,8 +71,10 @@ class Whitening:
         return np.ascontiguousarray(solve_triangular(self.chol, centred, lower=True).T, dtype=np.float32)
 
 
-def check_points(x: np.ndarray, name: str, dim: int | None = None, min_rows: int = 1) -> np.ndarray:
-    """``x`` as a finite 2-D array; errors name ``name`` and what was expected."""
+def check_points(x: np.ndarray, name: str, dim: int | None = None, min_rows: int = 1,
+                 keys: RowKeys | None = None) -> np.ndarray:
+    """``x`` as a finite 2-D array; errors name ``name``, what was expected and (given the rows'
+    ``keys``, see :func:`distcur.schema.describe_row`) the source, episode and step of a bad row."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array [n, d], got shape {x.shape}")
@@ -84,7 +87,7 @@ def check_points(x: np.ndarray, name: str, dim: int | None = None, min_rows: int
     bad = ~np.isfinite(x)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise ValueError(f"{name}: non-finite value {x[row, col]} at row {row}, dimension {col}")
+        raise ValueError(f"{name}: non-finite value {x[row, col]} at {describe_row(int(row), keys)}, dimension {col}")
     return x
 
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from distcur.schema import RowKeys, describe_row
+
 # method -> (which table the features come from, column)
 NEAREST_FEATURES = {"sr": ("steps", "state"), "ar": ("steps", "action"), "br": ("embeddings", "z")}
 
 
-def check_features(prior: np.ndarray, target: np.ndarray, what: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """Validate a (N, d) prior and a (M, d) target: 2-D, same d, M >= 1, all finite."""
+def check_features(prior: np.ndarray, target: np.ndarray, what: str = "features", prior_keys: RowKeys | None = None,
+                   target_keys: RowKeys | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a (N, d) prior and a (M, d) target: 2-D, same d, M >= 1, all finite.
+
+    ``prior_keys`` / ``target_keys``: the rows' (source, episode, step), named by a non-finite error."""
     prior = np.asarray(prior)
     target = np.asarray(target)
     if prior.ndim != 2 or target.ndim != 2:
@@ -27,16 +32,18 @@ def check_features(prior: np.ndarray, target: np.ndarray, what: str = "features"
                          "they must come from the same encoder / column")
     if target.shape[1] == 0:
         raise ValueError(f"{what}: zero-dimensional features")
-    for name, arr in (("prior", prior), ("target", target)):
+    for name, arr, keys in (("prior", prior, prior_keys), ("target", target, target_keys)):
         finite = np.isfinite(arr).all(1)
         if not finite.all():
-            raise ValueError(f"{what}: non-finite value in {name} row {int(np.argmin(finite))}")
+            raise ValueError(f"{what}: non-finite value in {name} at {describe_row(int(np.argmin(finite)), keys)}")
     return prior, target
 
 
-def min_distances(prior: np.ndarray, target: np.ndarray, block: int = 1024) -> np.ndarray:
-    """(N,) float64 Euclidean distance from each prior row to its nearest target row."""
-    prior, target = check_features(prior, target)
+def min_distances(prior: np.ndarray, target: np.ndarray, block: int = 1024,
+                  prior_keys: RowKeys | None = None) -> np.ndarray:
+    """(N,) float64 Euclidean distance from each prior row to its nearest target row (``prior_keys``:
+    see :func:`check_features`)."""
+    prior, target = check_features(prior, target, prior_keys=prior_keys)
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     out = np.empty(len(prior), np.float64)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distcur.schema import describe_row
+
 DEFAULT_THRESHOLD = 5e-3
 DEFAULT_MIN_LENGTH = 20
 DEFAULT_TOP_K = 100
@@ -235,13 +237,16 @@ def step_scores_from_matches(source: str, episode: np.ndarray, step: np.ndarray,
 
 
 def target_segments(z: np.ndarray, positions: np.ndarray, episode: np.ndarray, step: np.ndarray,
-                    threshold: float = DEFAULT_THRESHOLD, min_length: int = DEFAULT_MIN_LENGTH) -> list[np.ndarray]:
-    """Query sub-trajectories (embedding arrays) of all target demos, demo by demo."""
+                    threshold: float = DEFAULT_THRESHOLD, min_length: int = DEFAULT_MIN_LENGTH,
+                    source: str = "target") -> list[np.ndarray]:
+    """Query sub-trajectories (embedding arrays) of all target demos, demo by demo (``source``: theirs,
+    named in errors)."""
     z = np.asarray(z)
     if len(z) == 0:
         raise ValueError("STRAP: the target set is empty; need at least one target demo")
     if not np.isfinite(z).all():
-        raise ValueError(f"STRAP: non-finite target embedding at row {int(np.argmin(np.isfinite(z).all(1)))}")
+        row = int(np.argmin(np.isfinite(z).all(1)))
+        raise ValueError(f"STRAP: non-finite target embedding at {describe_row(row, (source, episode, step))}")
     segments = []
     for idx in split_episodes(episode, step):
         for s, e in segment_by_speed(positions[idx], threshold, min_length):

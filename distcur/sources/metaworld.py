@@ -437,9 +437,10 @@ def generate_episode(cfg: MetaWorldPriorConfig, spec: EpisodeSpec) -> tuple[Roll
             if ro.succeeded:
                 stats["expert_successes"] += 1
                 return ro.cut(ro.success_step + 1), stats
-        raise RuntimeError(
-            f"metaworld: the scripted expert of {spec.task!r} failed {MAX_ATTEMPTS} times in a row "
-            f"(episode {spec.episode} of source {spec.source!r}, noise {cfg.success_noise}); lower success_noise"
+        raise ValueError(  # a config the expert cannot meet: the CLI's one-line error, not a traceback
+            f"metaworld: the scripted expert of task {spec.task!r} did not finish episode {spec.episode} of source "
+            f"{spec.source!r} within max_steps={cfg.max_steps} in {MAX_ATTEMPTS} attempts (success_noise="
+            f"{cfg.success_noise}); raise max_steps (at most {MAX_PATH_LENGTH}) or lower success_noise"
         )
     if cfg.kind == "datamil":
         return _datamil_failure(cfg, spec, stats)

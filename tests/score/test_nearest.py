@@ -44,7 +44,7 @@ def test_mismatched_dims_empty_target_and_nan_fail_clearly():
         nearest_scores(prior, np.zeros((0, 3)))
     bad = prior.copy()
     bad[2, 1] = np.nan
-    with pytest.raises(ValueError, match="non-finite value in prior row 2"):
+    with pytest.raises(ValueError, match="non-finite value in prior at row 2"):
         nearest_scores(bad, np.zeros((1, 3)))
 
 

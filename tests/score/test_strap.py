@@ -196,3 +196,11 @@ def test_run_strap_equals_in_process_with_episodes_split_across_parts(tmp_path, 
     assert {x.episode for x in kept} <= {0, 1} and np.isfinite(got.column("score").to_numpy()).all()
     with pytest.raises(FileNotFoundError, match="embeddings/vae"):
         score(store, "strap", "reach", "strap-bad")  # default encoder vae was never embedded
+    from distcur.data import embeddings_key
+    from distcur.schema import EMBEDDING_SCHEMA, STEP_SCHEMA
+
+    store.write_table(steps_key("target-empty"), STEP_SCHEMA.empty_table(), "ingest", {})
+    store.write_table(embeddings_key("state", "target-empty"), EMBEDDING_SCHEMA.empty_table(), "embed", {})
+    with pytest.raises(ValueError, match=r"STRAP: the target set .*steps/source=target-empty is empty; need at least one "
+                                         r"target demo of 'empty'"):
+        score(store, "strap", "empty", "strap-empty", encoder="state")

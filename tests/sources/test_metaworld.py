@@ -12,6 +12,7 @@ from distcur.sources.metaworld import (
     EpisodeSpec,
     MetaWorldPriorConfig,
     generate_chunk,
+    generate_episode,
     generate_metaworld,
     make_envs,
     reset_env,
@@ -160,6 +161,15 @@ def test_target_is_added_to_tasks():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MetaWorldPriorConfig(**kwargs)
+
+
+def test_expert_that_cannot_finish_within_max_steps_names_episode_task_and_both_remedies():
+    cfg = small_config(max_steps=3, failed_max_steps=3)
+    spec = EpisodeSpec(source=PRIOR_SOURCE, episode=4, task="reach-v3", role="success", index=0)
+    with pytest.raises(ValueError, match=r"expert of task 'reach-v3' did not finish episode 4 of source 'metaworld' "
+                                         r"within max_steps=3 in 8 attempts \(success_noise=0.1\); raise max_steps "
+                                         r"\(at most 500\) or lower success_noise"):
+        generate_episode(cfg, spec)
 
 
 def test_envs_match_metaworld_mt1():
