@@ -255,28 +255,21 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
 
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     """Commit the selection of a baseline (all data) under ``selections/<run>-<kind>``."""
+    from distcur.distributed.score import default_prior_sources
     from distcur.policy.train import baseline_selection
     from distcur.select import selection_metadata
 
     run = f"{cfg.run}-{kind}"
     key = selection_key(run)
-    inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in prior_sources_of(store)}
+    sources = default_prior_sources(store)
+    inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
     if not store.is_done(key, "select", {"baseline": kind}, inputs):
-        table = baseline_selection(store, kind)
+        table = baseline_selection(store, kind, sources=sources)
+        prior_steps = sum(store.manifest(steps_key(s)).rows for s in sources)
         store.write_table(key, table, "select", {"baseline": kind}, inputs,
                           metadata={"method": kind, "target": cfg.target,
-                                    **selection_metadata(store, table, prior_steps_of(store), cfg.target)})
+                                    **selection_metadata(store, table, prior_steps, cfg.target)})
     return run
-
-
-def prior_sources_of(store: Store) -> list[str]:
-    from distcur.distributed.score import default_prior_sources
-
-    return default_prior_sources(store)
-
-
-def prior_steps_of(store: Store) -> int:
-    return sum(store.manifest(steps_key(s)).rows for s in prior_sources_of(store))
 
 
 def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_run: str | None, seed: int) -> dict:
@@ -425,14 +418,17 @@ def selection_diagnostics(store: Store, selections: dict[str, str | None], targe
         if not run:
             continue
         m = store.manifest(selection_key(run))
-        table = store.read_table(selection_key(run), columns=["source", "episode", "step"])
-        # recomputed with the demo's target: a selection manifest whose score run did not name one
-        # (older IWR runs) has no target shares
-        out[method] = {"level": m.config.get("level", "all" if method == "all" else None),
-                       "selected_fraction": m.metadata.get("selected_fraction"),
-                       "composition": selection_composition(store, table, target)}
+        composition = m.metadata.get("composition")
+        table = None
         if method != "all":
-            tables[method] = table
+            table = tables[method] = store.read_table(selection_key(run), columns=["source", "episode", "step"])
+        if composition is None or m.metadata.get("target") != target:
+            # made before its score run named the target (older IWR runs): no target shares stored
+            table = table if table is not None else store.read_table(selection_key(run),
+                                                                     columns=["source", "episode", "step"])
+            composition = selection_composition(store, table, target)
+        out[method] = {"level": m.config.get("level", "all" if method == "all" else None),
+                       "selected_fraction": m.metadata.get("selected_fraction"), "composition": composition}
     for method, overlaps in pairwise_jaccard(tables).items():
         out[method]["jaccard"] = overlaps
     return out

@@ -189,10 +189,10 @@ METAGRAD_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_options(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_options(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -202,14 +202,14 @@ def make_config(source: str | dict | None = None, full: bool = False, metagrad_p
     then the YAML/dict, then overrides."""
     data: dict = {}
     if full:
-        data = _merge(data, FULL_PRESET)
+        data = merge_options(data, FULL_PRESET)
     if metagrad_preset is not None:
         if metagrad_preset not in METAGRAD_PRESETS:
             raise ValueError(f"metagrad_preset must be one of {sorted(METAGRAD_PRESETS)}, "
                              f"got {metagrad_preset!r}")
-        data = _merge(data, METAGRAD_PRESETS[metagrad_preset])
+        data = merge_options(data, METAGRAD_PRESETS[metagrad_preset])
     try:
-        return load_config(DatamodelConfig, _merge(data, _read(source)), **overrides)
+        return load_config(DatamodelConfig, merge_options(data, _read(source)), **overrides)
     except ConfigError as e:
         if isinstance(source, str | os.PathLike):
             raise ConfigError(f"{source}: {e}") from None
@@ -472,7 +472,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.lds_independent_seeds is not None:
         nested["regression"] = {"lds_independent_seeds": args.lds_independent_seeds}
     inject = {None: None, "auto": "auto", "true": True, "false": False}[args.inject_target]
-    cfg = make_config(_merge(_read(args.config), nested), args.full, args.metagrad_preset,
+    cfg = make_config(merge_options(_read(args.config), nested), args.full, args.metagrad_preset,
                       cluster=args.cluster, horizon=args.horizon, address=args.address,
                       estimator=args.estimator, proxy=args.proxy, cross_fit=args.cross_fit,
                       inject_target=inject)

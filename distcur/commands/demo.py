@@ -79,13 +79,13 @@ def run(args) -> int:
     if args.iwr_kernel:
         cfg.iwr = {**cfg.iwr, "kernel": args.iwr_kernel}
     if args.datamodel_config:
-        from distcur.commands.datamodel import _merge
+        from distcur.commands.datamodel import merge_options
         from distcur.config import read_yaml
 
         given = read_yaml(args.datamodel_config) or {}
         if not isinstance(given, dict):
             raise ValueError(f"{args.datamodel_config}: expected a YAML mapping of DatamodelConfig options")
-        cfg.datamodel = _merge(cfg.datamodel, given)
+        cfg.datamodel = merge_options(cfg.datamodel, given)
     if args.datamodel_proxy:
         cfg.datamodel = {**cfg.datamodel, "proxy": args.datamodel_proxy}
     table = run_demo(cfg)
