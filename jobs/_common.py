@@ -217,8 +217,11 @@ def entry_argv(
     positionals = [a for a in parser._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
     positional_dests = {a.dest for a in positionals}
     options: dict[str, Any] = {}
+    # a common option the entry already sets under another of its names (ingest's --store is --out)
+    entry_dests = {a.dest for a in (_option_action(parser, k)[0] for k in entry) if a is not None}
     for key, value in common.items():
-        if key in positional_dests or _option_action(parser, key)[0] is not None:
+        action = _option_action(parser, key)[0]
+        if key in positional_dests or (action is not None and action.dest not in entry_dests):
             options[key] = value
     options.update(entry)
 
