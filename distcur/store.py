@@ -93,6 +93,17 @@ def _part_info(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     return {"size": info.size, "sha256": _sha256_of(fs, path), "rows": rows}
 
 
+def schema_columns(schema: str) -> list[str]:
+    """The top-level column names of a schema as a manifest records it (``str(pa.Schema)``)."""
+    names = []
+    for line in schema.splitlines():
+        if line.startswith("-- "):  # "-- schema metadata --": the fields are above it
+            break
+        if line and not line[0].isspace() and ": " in line:
+            names.append(line.split(": ", 1)[0])
+    return names
+
+
 def fingerprint(obj: Any) -> str:
     """Stable sha256 of a JSON-serialisable object (dict key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
@@ -410,6 +421,28 @@ class Store:
         counted = [m.parts.get(f, {}).get("rows") for f in m.files]
         if m.parts and counted and None not in counted and sum(counted) != m.rows:
             return f"the manifest says rows={m.rows} but records parts of {sum(counted)} rows in all"
+        return self._footer_damage(m)
+
+    def _footer_damage(self, m: Manifest) -> str | None:
+        """What is wrong with the Parquet footers of ``m``'s parts (unreadable, another row count,
+        other columns than the manifest's schema), or None. One small read per part: damage that
+        keeps a part's size is found here; a changed data page only by :meth:`verify`'s checksums."""
+        columns = schema_columns(m.schema)
+        for rel in m.files:
+            if not rel.endswith(".parquet"):
+                continue
+            try:
+                meta = pq.read_metadata(self.path(rel), filesystem=self.fs)
+            except PARQUET_READ_ERRORS as e:
+                if not _is_damage(e):
+                    raise
+                return f"part {self.uri_of(rel)} has an unreadable Parquet footer ({e})"
+            want = m.parts.get(rel, {}).get("rows")
+            if want is not None and meta.num_rows != want:
+                return f"part {self.uri_of(rel)}'s footer says {meta.num_rows} rows but the manifest records {want}"
+            got = meta.schema.to_arrow_schema().names
+            if columns and got != columns:
+                return f"part {self.uri_of(rel)} has columns {got} but the manifest's schema has {columns}"
         return None
 
     def is_done(self, key: str, stage: str, config: dict, inputs: dict[str, str]) -> bool:

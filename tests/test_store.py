@@ -200,13 +200,22 @@ def test_damage_is_noticed_and_named(store):
         store.read_table(KEY)
     assert any("unreadable Parquet" in p for p in store.verify(KEY))
 
-    overwrite_part(store, part, good[:-9] + b"x" * 9)  # same size, broken footer
-    assert store.is_done(KEY, "test", cfg, {})  # sizes match: only reading or verify can tell
-    assert not Store(store.uri, verify_done=True).is_done(KEY, "test", cfg, {})  # a stage's --verify
-    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+    overwrite_part(store, part, good[:-9] + b"x" * 9)  # same size, broken footer: each part's footer is read
+    assert not store.is_done(KEY, "test", cfg, {})
+    footer = f"{re.escape(store.uri_of(part))} has an unreadable Parquet footer"
+    with pytest.raises(DamagedTableError, match=footer):
         store.read_table(KEY)
-    with pytest.raises(DamagedTableError, match=f"cannot read {re.escape(store.uri_of(part))}"):
+    with pytest.raises(DamagedTableError, match=footer):
         list(store.iter_batches(KEY))
+
+    # same size, a column renamed in the footer: it would read, as another table
+    start = len(good) - int.from_bytes(good[-8:-4], "little") - 8
+    overwrite_part(store, part, good[:start] + good[start:].replace(b"episode", b"epizode"))
+    assert pa.parquet.read_table(store.path(part), filesystem=store.fs).column_names == ["epizode", "x"]
+    assert not store.is_done(KEY, "test", cfg, {})
+    with pytest.raises(DamagedTableError, match=r"has columns \['epizode', 'x'\] but the manifest's schema has "
+                                                r"\['episode', 'x'\]"):
+        store.read_table(KEY)
 
     # same size, a flipped byte in a data page: the page CRC (on read) and the sha256 (verify) tell
     at = pa.parquet.read_metadata(pa.BufferReader(good)).row_group(0).column(1).data_page_offset + 1
