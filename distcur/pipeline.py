@@ -363,12 +363,14 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
     return [done[job] if job in done else fresh[job] for job in jobs]
 
 
-def run_demo(cfg: DemoConfig) -> pa.Table:
-    """Run every stage; returns (and commits at ``evals/<run>``) one row per (method, seed)."""
+def run_demo(cfg: DemoConfig, force: bool = False) -> pa.Table:
+    """Run every stage; returns (and commits at ``evals/<run>``) one row per (method, seed).
+
+    Every stage and policy job already committed with the same config is reused, unless ``force``."""
     from distcur.distributed.session import ensure_ray
 
     t_start = time.time()
-    store = Store(cfg.store)
+    store = Store(cfg.store, force=force)
     ensure_ray(cfg.address)
     timings: dict[str, float] = {}
 

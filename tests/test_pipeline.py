@@ -85,3 +85,21 @@ def test_added_seeds_train_only_the_new_jobs(demo_run):
         assert rows[(m, 1)]["train_s"] > 0
     store = Store(cfg.store)
     assert store.manifest(job_key(cfg.run, "sr", 1)).stage == "demo-job"
+
+
+def test_force_recomputes_every_stage_and_job(demo_run):
+    """``distcur demo --force``: nothing is reused, not the prior, the scores nor a committed job.
+    A one-method, one-seed run of its own (run "forced") in the module's store."""
+    from distcur.data import scores_key, steps_key
+
+    cfg, _ = demo_run
+    small = dataclasses.replace(cfg, run="forced", methods=("random",), seeds=(0,))
+    first = run_demo(small)
+    store = Store(cfg.store)
+    keys = [steps_key("metaworld"), scores_key("forced-random"), job_key("forced", "random", 0)]
+    before = {k: store.manifest(k).created for k in keys}
+    assert run_demo(small).to_pylist() == first.to_pylist()  # resumed: nothing rewritten
+    assert {k: store.manifest(k).created for k in keys} == before
+    forced = run_demo(small, force=True)
+    assert all(store.manifest(k).created > before[k] for k in keys)
+    assert forced.column("success").to_pylist() == first.column("success").to_pylist()

@@ -45,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--variant", default=None, metavar="NAME",
                    help="with --record: label these records as a variant of the default settings (kept beside them)")
     p.add_argument("--report", action="store_true", help="also write the HTML report into the store")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="DemoConfig options (prior, vae, datamodel, ...; docs/tutorial.md); the flags above win over it")
+    p.add_argument("--force", action="store_true",
+                   help="recompute every stage and policy job even when the store holds them")
     p.set_defaults(func=run)
 
 
@@ -73,8 +77,15 @@ def run(args) -> int:
              "max_steps": args.max_steps, "prior_kind": args.prior, "budget_percent": args.budget,
              "retrieval_level": args.retrieval_level, "cotrain": False if args.no_cotrain else None,
              "mixing": args.mixing}
-    # Explicit options win over --protocol-policy's settings.
-    overrides = {**(PROTOCOL_POLICY if args.protocol_policy else {}), **{k: v for k, v in given.items() if v is not None}}
+    from_file = {}
+    if args.config:  # checked against DemoConfig's field types here, so errors name the file and key
+        from distcur.config import load_config, read_yaml
+
+        load_config(DemoConfig, args.config)
+        from_file = read_yaml(args.config) or {}
+    # Explicit options win over the config file, which wins over --protocol-policy's settings.
+    overrides = {**(PROTOCOL_POLICY if args.protocol_policy else {}), **from_file,
+                 **{k: v for k, v in given.items() if v is not None}}
     cfg = DemoConfig.full(**overrides) if args.full else DemoConfig(**overrides)
     if args.iwr_kernel:
         cfg.iwr = {**cfg.iwr, "kernel": args.iwr_kernel}
@@ -88,7 +99,7 @@ def run(args) -> int:
         cfg.datamodel = merge_options(cfg.datamodel, given)
     if args.datamodel_proxy:
         cfg.datamodel = {**cfg.datamodel, "proxy": args.datamodel_proxy}
-    table = run_demo(cfg)
+    table = run_demo(cfg, force=args.force)
     print()
     print(f"distcur demo: target {cfg.target}, {cfg.prior_kind} prior, {len(cfg.seeds)} seeds x {cfg.episodes} "
           f"episodes, budget {cfg.budget_percent:g}% of prior steps, "
