@@ -131,7 +131,7 @@ def test_iwr_scores_survive_losing_a_node(cluster, tmp_path):
     assert a.equals(b)
 
 
-@pytest.mark.slow
+# In `make test` (the node-loss check every change gets); the IWR one above is in the slow set.
 def test_datamodel_batches_survive_losing_a_node(cluster, tmp_path):
     from distcur.datamodels.subsets import SubsetTrainingData, subset_masks
     from distcur.distributed.datamodels import (
