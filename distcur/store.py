@@ -11,7 +11,8 @@ a directory and never sees a half-written table. A writer puts every part under 
 ``_data-<version>/`` prefix (invisible until the manifest points at it), then replaces the
 manifest atomically (local: ``os.replace``; S3: a single PUT, which S3 makes visible
 atomically). A stage whose manifest records the same config and input fingerprints, and whose
-parts are all there with their recorded sizes, is skipped: a rerun resumes for free.
+parts are all there with their recorded sizes and Parquet footers that read with the recorded
+rows and columns, is skipped: a rerun resumes for free (``verify`` also checks every sha256).
 
 Several writers and readers of one key (two machines on a shared S3 store) stay safe because
 no version is deleted while anything may still use it:
