@@ -478,6 +478,7 @@ def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str
     def ident(r: dict) -> tuple:
         return r["task"], r.get("prior"), r["method"], r["seed"], r.get("variant")
 
+    _check_same_protocol(path, current, new)
     keys = {ident(r) for r in new["results"]}
     kept = [r for r in current.get("results", [])
             if ident(r) not in keys and not (drop_task_prefix and str(r["task"]).startswith(drop_task_prefix))]
@@ -493,6 +494,40 @@ def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+
+
+# The protocol entries every default (non-variant) record of one file shares, and in them the
+# settings that change a result; seeds and per-target entries (the prior's task list) may differ.
+SHARED_PROTOCOL = {"evaluation": ("episodes", "max_steps", "proxy"), "policy": None,
+                   "selection": ("budget_percent", "retrieval_level", "tie_seed", "iwr"), "datamodel": None}
+
+
+def _check_same_protocol(path: str | os.PathLike, current: dict, new: dict) -> None:
+    """Refuse to merge default records made under another protocol than the file's (it would
+    rewrite the protocol the other records were measured under); such a run is a ``--variant``
+    or goes to another file."""
+    if not any("variant" not in r for r in current.get("results", [])):
+        return
+    old, given = current.get("protocol", {}), new.get("protocol", {})
+    for entry, fields in SHARED_PROTOCOL.items():
+        if entry not in old or entry not in given:
+            continue
+        a, b = old[entry], given[entry]
+        names = fields or sorted(set(a) | set(b))
+        differ = [f"{entry}.{n}: {b.get(n)!r} (file: {a.get(n)!r})" for n in names if a.get(n) != b.get(n)]
+        if differ:
+            raise ValueError(f"{path}: these results were made under another protocol than the file's records "
+                             f"({'; '.join(differ)}); record them with --variant NAME or into another file")
+
+
+def check_recordable(path: str | os.PathLike, new: dict) -> None:
+    """Before a long run: would :func:`merge_quality_json` accept ``new`` (its protocol) into ``path``?"""
+    try:
+        with open(path) as f:
+            current = json.load(f)
+    except FileNotFoundError:
+        return
+    _check_same_protocol(path, current, new)
 
 
 def _datamodel_protocol(cfg: DemoConfig) -> dict:

@@ -2,6 +2,7 @@
 datamodels, co-training, rollouts), checked for what it must produce, and resumed for free."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -103,3 +104,24 @@ def test_force_recomputes_every_stage_and_job(demo_run):
     forced = run_demo(small, force=True)
     assert all(store.manifest(k).created > before[k] for k in keys)
     assert forced.column("success").to_pylist() == first.column("success").to_pylist()
+
+
+def test_recording_refuses_another_protocol_unless_a_variant(tmp_path):
+    from distcur.pipeline import merge_quality_json
+
+    path = tmp_path / "quality.json"
+    rec = {"task": "t", "prior": "hard", "method": "br", "seed": 0, "success": 0.5}
+    protocol = {"evaluation": {"episodes": 50, "max_steps": 500, "seeds": [0, 1, 2], "proxy": "p"},
+                "policy": {"hidden": [400, 400, 400]}, "prior_hard": {"tasks": ["a", "t"]}}
+    merge_quality_json(path, {"protocol": protocol, "results": [rec]})
+    # other seeds and another target's prior tasks are the same protocol
+    same = {**protocol, "evaluation": {**protocol["evaluation"], "seeds": [0, 1, 2, 3, 4]},
+            "prior_hard": {"tasks": ["a", "u"]}}
+    merge_quality_json(path, {"protocol": same, "results": [{**rec, "task": "u"}]})
+    fewer = {**protocol, "evaluation": {**protocol["evaluation"], "episodes": 20}}
+    with pytest.raises(ValueError, match=r"evaluation.episodes: 20 \(file: 50\).*--variant"):
+        merge_quality_json(path, {"protocol": fewer, "results": [{**rec, "task": "v"}]})
+    assert len(json.load(open(path))["results"]) == 2
+    merge_quality_json(path, {"protocol": {"variant/short": fewer["evaluation"]},
+                              "results": [{**rec, "task": "v", "variant": "short"}]})
+    assert json.load(open(path))["protocol"]["evaluation"]["episodes"] == 50

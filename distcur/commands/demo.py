@@ -60,6 +60,7 @@ def run(args) -> int:
     from distcur.pipeline import (
         PROTOCOL_POLICY,
         DemoConfig,
+        check_recordable,
         merge_quality_json,
         protocol_of,
         quality_records,
@@ -99,6 +100,8 @@ def run(args) -> int:
         cfg.datamodel = merge_options(cfg.datamodel, given)
     if args.datamodel_proxy:
         cfg.datamodel = {**cfg.datamodel, "proxy": args.datamodel_proxy}
+    if args.record and not args.variant:  # fail now, not after hours of training
+        check_recordable(args.record, {"protocol": protocol_of(cfg)})
     table = run_demo(cfg, force=args.force)
     print()
     print(f"distcur demo: target {cfg.target}, {cfg.prior_kind} prior, {len(cfg.seeds)} seeds x {cfg.episodes} "
