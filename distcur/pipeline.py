@@ -164,7 +164,7 @@ def ingest(cfg: DemoConfig, store: Store) -> dict:
     from distcur.sources.metaworld import generate_metaworld
 
     prior_cfg = cfg.prior_config()
-    info = generate_metaworld(prior_cfg, store, address=cfg.address, progress=False)
+    info = generate_metaworld(prior_cfg, store, address=cfg.address)  # a bar only where bars are drawn
     write_heldout_target(store, prior_cfg, cfg.heldout_demos)
     return info
 
