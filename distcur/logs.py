@@ -3,8 +3,9 @@
 Ray logs through its own handlers (``propagate=False``) and resets the levels of the ``ray``
 and ``ray.data`` loggers when it starts, so the quiet default sets what survives that: the
 levels of Ray's child loggers, ``RAY_DATA_LOG_LEVEL`` (read when Ray Data configures its
-logger) and, without a terminal, no Ray Data progress bars (printed as one line per update
-otherwise). Warnings and errors, workers' task errors included, are still shown.
+logger) and no Ray Data progress bars (one line per update without a terminal, lines per
+operator left on a terminal; the stage's own distcur bar shows the progress instead).
+Warnings and errors, workers' task errors included, are still shown.
 """
 
 from __future__ import annotations
@@ -60,5 +61,6 @@ def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
     # MetaWorld's scripted experts warn about their own gains on every import; nothing to act on.
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-    if not progress.enabled():
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Data's bars are one line per update without a terminal, and one line per operator that stays
+    # on it at a terminal; distcur's own bar over the stage moves instead (-v shows Ray Data's).
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
