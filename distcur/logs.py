@@ -34,6 +34,12 @@ class _BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+FALSE_ALARMS = ("will hang unless more CPUs", "Progress bars disabled", "Token authentication is enabled")
+# the loggers those come from (a logger's filters see only its own records, not its children's)
+FALSE_ALARM_LOGGERS = ("ray.data.dataset", "ray.data._internal.progress",
+                       "ray._private.authentication.authentication_token_setup")
+
+
 class _DropFalseAlarms(logging.Filter):
     """Ray Data warns "The Dataset job will hang unless more CPUs are freed" whenever every CPU is
     busy at the moment it starts, which on a small machine is normal: the job waits and runs; and
@@ -41,7 +47,7 @@ class _DropFalseAlarms(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "will hang unless more CPUs" not in message and "Progress bars disabled" not in message
+        return not any(alarm in message for alarm in FALSE_ALARMS)
 
 
 def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
@@ -56,7 +62,7 @@ def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
         return
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for name in ("ray.data.dataset", "ray.data._internal.progress"):
+    for name in FALSE_ALARM_LOGGERS:
         logging.getLogger(name).addFilter(_DropFalseAlarms())
     # MetaWorld's scripted experts warn about their own gains on every import; nothing to act on.
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)

@@ -369,7 +369,11 @@ def run_demo(cfg: DemoConfig) -> pa.Table:
 
     t_start = time.time()
     store = Store(cfg.store)
-    ensure_ray(cfg.address)
+    from distcur import progress
+
+    # Ray's start takes seconds (more on a loaded machine) and prints nothing in the quiet default
+    with progress.bar(total=None, desc="starting Ray", bar_format="{desc} {elapsed}"):
+        ensure_ray(cfg.address)
     timings: dict[str, float] = {}
 
     t0 = time.time()
