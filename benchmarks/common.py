@@ -70,6 +70,36 @@ def repeat(fn: Callable[[], float], runs: int = 3) -> dict[str, Any]:
     return summarize([fn() for _ in range(runs)])
 
 
+class TreeRss:
+    """Peak summed RSS of a process and all its descendants (Ray's raylet and workers included),
+    sampled with psutil each time :meth:`sample` is called."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak_total = self.peak_single = 0
+
+    def sample(self) -> bool:
+        """One sample; False once the root process is gone."""
+        import psutil
+
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        total = 0
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += rss
+            self.peak_single = max(self.peak_single, rss)
+        self.peak_total = max(self.peak_total, total)
+        return True
+
+
 def peak_rss_of_command(cmd: Sequence[str], interval_s: float = 0.05, env: dict | None = None,
                         timeout_s: float = 3600, stderr: Any = subprocess.DEVNULL) -> dict[str, Any]:
     """Run ``cmd`` in a fresh process; peak summed RSS of it and all its descendants.
@@ -78,34 +108,94 @@ def peak_rss_of_command(cmd: Sequence[str], interval_s: float = 0.05, env: dict 
     count); ``stderr`` is where its stderr goes (a file object, or DEVNULL). Returns
     ``{"peak_rss_bytes", "peak_single_rss_bytes", "wall_s", "returncode", "stdout"}``.
     """
-    import psutil
-
     t0 = time.time()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=stderr, text=True,
                             env={**os.environ, **(env or {})})
-    root = psutil.Process(proc.pid)
-    peak_total = peak_single = 0
+    rss = TreeRss(proc.pid)
     while proc.poll() is None:
-        total = 0
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
+        if not rss.sample():
             break
-        for p in procs:
-            try:
-                rss = p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            total += rss
-            peak_single = max(peak_single, rss)
-        peak_total = max(peak_total, total)
         if time.time() - t0 > timeout_s:
             proc.kill()
             raise TimeoutError(f"{cmd} ran past {timeout_s}s")
         time.sleep(interval_s)
     stdout = proc.communicate()[0]
-    return {"peak_rss_bytes": peak_total, "peak_single_rss_bytes": peak_single,
+    return {"peak_rss_bytes": rss.peak_total, "peak_single_rss_bytes": rss.peak_single,
             "wall_s": round(time.time() - t0, 3), "returncode": proc.returncode, "stdout": stdout}
+
+
+def output_figures(chunks: Sequence[tuple[float, bytes]], wall_s: float) -> dict[str, Any]:
+    """What a terminal saw of a run, from its output ``chunks`` ((seconds since the start, bytes)
+    in arrival order) and the run's ``wall_s``.
+
+    ``lines``: newlines received (a progress bar redrawn in place with ``\\r`` adds none);
+    ``longest_silence_s``: the longest stretch without output, counting the start to the first
+    chunk and the last chunk to the exit (the user watches those too), with ``silence_at_s``
+    where it began."""
+    times = [0.0, *(t for t, _ in chunks), wall_s]
+    gaps = [(b - a, a) for a, b in zip(times, times[1:])]
+    longest, at = max(gaps)
+    return {"lines": sum(c.count(b"\n") for _, c in chunks), "longest_silence_s": round(longest, 2),
+            "silence_at_s": round(at, 2), "chunks": len(chunks), "output_bytes": sum(len(c) for _, c in chunks)}
+
+
+def run_in_pty(cmd: Sequence[str], env: dict | None = None, timeout_s: float = 3600, rss_interval_s: float = 0.2,
+               size: tuple[int, int] = (24, 100)) -> dict[str, Any]:
+    """Run ``cmd`` with stdin, stdout and stderr on a pseudo-terminal of ``size`` (rows, columns),
+    as a user's terminal runs it, reading the master side as output arrives.
+
+    Returns :func:`output_figures`' fields plus ``{"output" (bytes), "chunks_at" ([(s, bytes)]),
+    "wall_s", "returncode", "peak_rss_bytes", "peak_single_rss_bytes"}`` (RSS of the whole
+    process tree, sampled every ``rss_interval_s``)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+    t0 = time.time()
+    try:
+        proc = subprocess.Popen(list(cmd), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+    finally:
+        os.close(slave)
+    rss = TreeRss(proc.pid)
+    chunks: list[tuple[float, bytes]] = []
+    next_sample = 0.0
+    exited_at = None
+    try:
+        while True:
+            now = time.time() - t0
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is None and now >= next_sample:
+                rss.sample()
+                next_sample = now + rss_interval_s
+            if now > timeout_s:
+                proc.kill()
+                raise TimeoutError(f"{cmd} ran past {timeout_s}s")
+            # after the exit, read what is left; a daemon the command left behind may hold the terminal open
+            if exited_at is not None and now - exited_at > 2.0:
+                break
+            ready, _, _ = select.select([master], [], [], max(0.01, min(rss_interval_s, next_sample - now)))
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every process holding the terminal has closed it
+                data = b""
+            if not data:
+                break
+            chunks.append((time.time() - t0, data))
+        returncode = proc.wait()
+        wall_s = exited_at if exited_at is not None else time.time() - t0
+    finally:
+        os.close(master)
+    return {**output_figures(chunks, wall_s), "output": b"".join(c for _, c in chunks), "chunks_at": chunks,
+            "wall_s": round(wall_s, 3), "returncode": returncode, "peak_rss_bytes": rss.peak_total,
+            "peak_single_rss_bytes": rss.peak_single}
 
 
 def write_result(name: str, payload: dict[str, Any]) -> str:

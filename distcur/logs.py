@@ -3,8 +3,9 @@
 Ray logs through its own handlers (``propagate=False``) and resets the levels of the ``ray``
 and ``ray.data`` loggers when it starts, so the quiet default sets what survives that: the
 levels of Ray's child loggers, ``RAY_DATA_LOG_LEVEL`` (read when Ray Data configures its
-logger) and, without a terminal, no Ray Data progress bars (printed as one line per update
-otherwise). Warnings and errors, workers' task errors included, are still shown.
+logger) and no Ray Data progress bars (one line per update without a terminal, lines per
+operator left on a terminal; the stage's own distcur bar shows the progress instead).
+Warnings and errors, workers' task errors included, are still shown.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class _BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+FALSE_ALARMS = ("will hang unless more CPUs", "Progress bars disabled", "Token authentication is enabled")
+# the loggers those come from (a logger's filters see only its own records, not its children's)
+FALSE_ALARM_LOGGERS = ("ray.data.dataset", "ray.data._internal.progress",
+                       "ray._private.authentication.authentication_token_setup")
+
+
 class _DropFalseAlarms(logging.Filter):
     """Ray Data warns "The Dataset job will hang unless more CPUs are freed" whenever every CPU is
     busy at the moment it starts, which on a small machine is normal: the job waits and runs; and
@@ -40,7 +47,7 @@ class _DropFalseAlarms(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "will hang unless more CPUs" not in message and "Progress bars disabled" not in message
+        return not any(alarm in message for alarm in FALSE_ALARMS)
 
 
 def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
@@ -55,10 +62,11 @@ def setup_logging(verbose: bool = False, show_progress: bool = True) -> None:
         return
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    for name in ("ray.data.dataset", "ray.data._internal.progress"):
+    for name in FALSE_ALARM_LOGGERS:
         logging.getLogger(name).addFilter(_DropFalseAlarms())
     # MetaWorld's scripted experts warn about their own gains on every import; nothing to act on.
     warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-    if not progress.enabled():
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Data's bars are one line per update without a terminal, and one line per operator that stays
+    # on it at a terminal; distcur's own bar over the stage moves instead (-v shows Ray Data's).
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

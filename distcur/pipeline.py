@@ -164,7 +164,7 @@ def ingest(cfg: DemoConfig, store: Store) -> dict:
     from distcur.sources.metaworld import generate_metaworld
 
     prior_cfg = cfg.prior_config()
-    info = generate_metaworld(prior_cfg, store, address=cfg.address, progress=False)
+    info = generate_metaworld(prior_cfg, store, address=cfg.address)  # a bar only where bars are drawn
     write_heldout_target(store, prior_cfg, cfg.heldout_demos)
     return info
 
@@ -371,7 +371,11 @@ def run_demo(cfg: DemoConfig, force: bool = False) -> pa.Table:
 
     t_start = time.time()
     store = Store(cfg.store, force=force)
-    ensure_ray(cfg.address)
+    from distcur import progress
+
+    # Ray's start takes seconds (more on a loaded machine) and prints nothing in the quiet default
+    with progress.bar(total=None, desc="starting Ray", bar_format="{desc} {elapsed}"):
+        ensure_ray(cfg.address)
     timings: dict[str, float] = {}
 
     t0 = time.time()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distcur import progress
-from distcur.logs import RAY_LOGGERS, setup_logging
+from distcur.logs import FALSE_ALARM_LOGGERS, RAY_LOGGERS, setup_logging
 
 
 @pytest.mark.parametrize(("flag", "expected"), [("0", False), ("off", False), ("1", True)])
@@ -54,10 +54,13 @@ def test_quiet_ray_unless_verbose(monkeypatch):
         off = logging.LogRecord("ray.data._internal.progress", logging.WARNING, "", 0, "Progress bars disabled.", None,
                                 None)
         assert not logging.getLogger("ray.data._internal.progress").filter(off)
+        token = logging.LogRecord(FALSE_ALARM_LOGGERS[-1], logging.WARNING, "", 0,
+                                  "Token authentication is enabled for this Ray cluster. Set ...", None, None)
+        assert not logging.getLogger(FALSE_ALARM_LOGGERS[-1]).filter(token)
     finally:
         for n, level in saved.items():
             logging.getLogger(n).setLevel(level)
-        for name in ("ray.data.dataset", "ray.data._internal.progress"):
+        for name in FALSE_ALARM_LOGGERS:
             for f in list(logging.getLogger(name).filters):
                 logging.getLogger(name).removeFilter(f)
         monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)

@@ -295,6 +295,7 @@ def datamil_metagrad_scores(
     n_clusters: int,
     proxy_fn: Callable[[Params], torch.Tensor],
     cfg: MetagradRunConfig,
+    on_iteration: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean d proxy / d w_i per cluster, (C,), and how many iterations scored it, (C,).
 
@@ -303,6 +304,7 @@ def datamil_metagrad_scores(
     the target rows and the non-candidate clusters, then K steps where the candidates join the
     batches at weight 0 and the proxy is differentiated with respect to their weights. A
     negative mean (the proxy is a loss) means that up-weighting the cluster helps.
+    ``on_iteration()`` is called after each iteration (a progress bar's update).
     """
     cluster_np = cluster.numpy()
     total = np.zeros(n_clusters)
@@ -337,6 +339,8 @@ def datamil_metagrad_scores(
                                         lrs[n_fwd:])
         total[candidates] += dw.numpy()[candidates]
         count[candidates] += 1
+        if on_iteration is not None:
+            on_iteration()
     mean = np.divide(total, np.maximum(count, 1))
     return mean, count
 
@@ -399,6 +403,7 @@ def datamil_reference_scores(
     n_clusters: int,
     proxy_fn: Callable[[Params], torch.Tensor],
     cfg: MetagradRunConfig,
+    on_iteration: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The reference recipe (module docstring): (score (C,), the mean of each cluster's non-zero
     meta-gradients, 0 if none; count (C,), how many there were; the pool size after each iteration).
@@ -407,7 +412,7 @@ def datamil_reference_scores(
     the pool). Each iteration starts from the same initialisation (``cfg.seed``), as the
     reference's, and draws ``candidate_fraction`` of all clusters (in the pool or not) as its
     candidates. Memory: the special batch's graph holds ``cfg.chunk_rows`` rows at a time (None:
-    every candidate row at once).
+    every candidate row at once). ``on_iteration()`` is called after each iteration.
     """
     cluster_np = cluster.numpy()
     total = np.zeros(n_clusters)
@@ -441,4 +446,6 @@ def datamil_reference_scores(
         count[nz] += 1
         pool = update_pool(pool, scores, cfg.pool_percentiles)
         pool_sizes.append(int(pool.sum()))
+        if on_iteration is not None:
+            on_iteration()
     return np.divide(total, np.maximum(count, 1)), count, pool_sizes

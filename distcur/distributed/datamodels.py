@@ -142,16 +142,19 @@ def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.nda
     todo = np.flatnonzero(~done)
     log.info("datamodel %s: %d of %d batches complete, training %d", run, int(done.sum()), len(batches), len(todo))
     if len(todo):
-        ensure_ray(address)
-        remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_and_store_batch)
-        data_ref = ray.put(data)
-        futures = {
-            remote.remote(store, run, int(i), batches[i], batch_masks[i], data_ref, settings, inputs, fault_marker): int(i)
-            for i in todo
-        }
-        failed: dict[int, str] = {}
-        pending = list(futures)
-        with bar(total=len(pending), desc=f"datamodel {run} batches", unit="batch") as progress:
+        # the bar opens before Ray starts and the training data goes to the object store (seconds
+        # on a loaded machine), so a terminal never waits without output
+        with bar(total=len(todo), desc=f"datamodel {run} batches", unit="batch") as progress:
+            ensure_ray(address)
+            remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_and_store_batch)
+            data_ref = ray.put(data)
+            futures = {
+                remote.remote(store, run, int(i), batches[i], batch_masks[i], data_ref, settings, inputs,
+                              fault_marker): int(i)
+                for i in todo
+            }
+            failed: dict[int, str] = {}
+            pending = list(futures)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 try:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from distcur.data import embeddings_key, list_sources, steps_key
 from distcur.embed.encoders import SAMPLE_KEYS, Batch, Encoder, build_encoder, encoder_from_bytes
+from distcur.progress import bar
 from distcur.schema import EMBEDDING_SCHEMA, describe_row, list_column_to_numpy
 from distcur.store import Manifest, Store
 from distcur.torchio import UnreadableFileError
@@ -265,6 +266,10 @@ def run_embed(store: Store, config: EmbedConfig, address: str | None = None) -> 
         return {key: store.manifest(key) for key, _, _ in identities}
     ensure_ray(address)
     out = {}
-    for src in sources:
-        out[embeddings_key(encoder.out_name, src)] = embed_source(store, encoder, enc_manifest, src, config)
+    # Ray Data's own bars are off at a quiet terminal (distcur.logs); this one moves while each source's
+    # Ray Data job runs
+    with bar(total=len(sources), desc=f"embedding ({encoder.out_name})", unit="source") as sources_bar:
+        for src in sources:
+            out[embeddings_key(encoder.out_name, src)] = embed_source(store, encoder, enc_manifest, src, config)
+            sources_bar.update()
     return out

@@ -7,23 +7,22 @@ are reused, so each keeps one pool of environments per task (built on first use)
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 
+from distcur import progress
 from distcur.distributed.session import ensure_ray
 
 
-def _gather(refs: list, progress: bool, label: str) -> list:
-    """Results of ``refs`` in order, with a progress bar on stderr as they finish."""
-    if not progress:
+def _gather(refs: list, show: bool, label: str) -> list:
+    """Results of ``refs`` in order, with a progress bar on stderr as they finish (where bars are
+    drawn at all: :func:`distcur.progress.enabled`)."""
+    if not show:
         return ray.get(refs)
-    from tqdm import tqdm
-
     pending = list(refs)
-    with tqdm(total=len(refs), desc=label, unit="task", file=sys.stderr, leave=False) as bar:
+    with progress.bar(total=len(refs), desc=label, unit="task") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
