@@ -18,10 +18,13 @@ def prior_store(tmp_path_factory):
     return store
 
 
-def test_grid_runs_every_point_and_commits_results(prior_store, ray_session):
+def test_grid_runs_every_point_and_commits_results(prior_store, ray_session, monkeypatch, capsys):
+    monkeypatch.setenv("DISTCUR_PROGRESS", "1")  # as at a terminal: a bar over the trials
     cfg = SweepConfig(store=prior_store.uri, methods=("sr", "random"), top_percents=(25.0, 50.0), alphas=(0.5,),
                       train_steps=40, report_every=10, grace_period=1, hidden=(16,), batch_size=32)
     table = run_sweep(cfg)
+    bars = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "sweep sweep trials" in ln]
+    assert bars and all("/4 [" in ln for ln in bars) and any(f"| {n}/4 [" in ln for ln in bars for n in (1, 2, 3, 4))
     rows = table.to_pylist()
     assert sorted((r["method"], r["top_percent"]) for r in rows) == [
         ("random", 25.0), ("random", 50.0), ("sr", 25.0), ("sr", 50.0)]

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from distcur.config import to_dict
 from distcur.data import target_source
+from distcur.progress import bar
 from distcur.store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,27 @@ def run_sweep(cfg: SweepConfig) -> pa.Table:
     experiment = f"{cfg.run}-{fingerprint({'config': config, 'inputs': inputs})[:8]}"
     path = f"{tune_dir}/{experiment}"
     t0 = time.time()
+    trials_bar = bar(total=len(grid), desc=f"sweep {cfg.run} trials", unit="trial")
+
+    class TrialBar(tune.Callback):
+        """Tune's trial events as a distcur bar (Tune's own table reporter prints pages of lines).
+        Tune saves its run config with the experiment: the bar itself is not saved with it."""
+
+        def __init__(self, progress):
+            self.progress = progress
+
+        def __getstate__(self):
+            return {}
+
+        def __setstate__(self, state):
+            self.progress = None
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if self.progress is not None:
+                self.progress.update()
+
+        on_trial_error = on_trial_complete
+
     if tune.Tuner.can_restore(path, storage_filesystem=store.fs):
         log.info("sweep %s: resuming the Tune experiment at %s", cfg.run, path)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=store.fs)
@@ -175,9 +197,10 @@ def run_sweep(cfg: SweepConfig) -> pa.Table:
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                         max_concurrent_trials=cfg.max_concurrent),
             run_config=tune.RunConfig(name=experiment, storage_path=tune_dir, storage_filesystem=store.fs,
-                                      verbose=0),
+                                      verbose=0, callbacks=[TrialBar(trials_bar)]),
         )
-    grid_results = tuner.fit()
+    with trials_bar:
+        grid_results = tuner.fit()
     rows = []
     for result in grid_results:
         if result.error is not None:
