@@ -87,7 +87,7 @@ def score_table(n: int = 40) -> pa.Table:
 def scored_store(root: str) -> Store:
     store = Store(root)
     store.write_table(scores_key("run"), score_table(), stage="score", config={"method": "random"}, rows_per_part=16)
-    store.write_table(steps_key("prior"), pa.table({"x": [1]}), stage="ingest")
+    store.write_table(steps_key("prior"), score_table().select(["source", "episode", "step"]), stage="ingest")
     return store
 
 

@@ -520,8 +520,17 @@ class Store:
                 break
         return DamagedTableError(f"{self.uri_of(key)}: cannot read {bad} ({error}); {_rebuild_hint(m.stage)}")
 
+    def _check_columns(self, key: str, m: Manifest, columns: list[str] | None) -> None:
+        """A column the table does not have is the caller's mistake, not damage: say which."""
+        have = schema_columns(m.schema)
+        missing = [c for c in columns or () if have and c not in have]
+        if missing:
+            raise ValueError(f"{self.uri_of(key)} (written by '{m.stage}') has no column(s) {missing}; "
+                             f"its columns: {have}")
+
     def read_table(self, key: str, columns: list[str] | None = None, filters=None) -> pa.Table:
         m = self._intact_manifest(key)
+        self._check_columns(key, m, columns)
         if not m.files:
             raise FileNotFoundError(f"table {self.uri_of(key)} has no data files")
         paths = [self.path(f) for f in m.files]
@@ -538,6 +547,7 @@ class Store:
     def iter_batches(self, key: str, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
         """Stream a table part by part (bounded memory)."""
         m = self._intact_manifest(key)
+        self._check_columns(key, m, columns)
         for rel in m.files:
             try:
                 pf = pq.ParquetFile(self.fs.open_input_file(self.path(rel)), page_checksum_verification=True)

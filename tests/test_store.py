@@ -337,3 +337,12 @@ def test_concurrent_writers_in_processes(store, tmp_path, grace):
         assert a.returncode != 0 and "DamagedTableError" in err and "cannot commit, part" in err
         assert store.read_table(KEY).num_rows == 6
     assert store.verify(KEY) == []
+
+
+def test_reading_a_column_the_table_lacks_says_so(store):
+    store.write_table(KEY, table(4), stage="ingest")
+    with pytest.raises(ValueError, match=r"has no column\(s\) \['step'\]; its columns: \['episode', 'x'\]") as e:
+        store.read_table(KEY, columns=["episode", "step"])
+    assert not isinstance(e.value, DamagedTableError)  # nothing to rebuild
+    with pytest.raises(ValueError, match=r"no column\(s\) \['step'\]"):
+        next(store.iter_batches(KEY, columns=["step"]))
