@@ -62,6 +62,73 @@ def summarize(results: list[dict], selections: dict) -> dict:
     return out
 
 
+DATAMIL = ("datamodel-regression", "datamodel-metagrad")
+
+
+def _paired(a: dict[tuple, float], b: dict[tuple, float]) -> dict | None:
+    """Mean and 95% t-interval of a - b over the (target, seed) pairs both have."""
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return None
+    d = np.array([a[k] - b[k] for k in keys])
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"mean": float(d.mean()), "ci": [float(d.mean() - half), float(d.mean() + half)], "pairs": len(d)}
+
+
+def across_targets(results: list[dict]) -> dict:
+    """Per prior, over the targets every compared method was run on: each method's success averaged
+    over targets (each target's mean over its seeds), and the issue's goals as paired differences
+    over (target, seed): DataMIL's better estimator (on average) minus the best similarity method
+    (on average), IWR minus BR, the best method minus random."""
+    by_prior: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("prior") is None or r.get("variant") or str(r["task"]).startswith("imbalanced/"):
+            continue
+        by_prior.setdefault(r["prior"], []).append(r)
+    out = {}
+    for prior, rows in sorted(by_prior.items()):
+        targets = sorted({r["task"] for r in rows})
+        per = {}  # method -> {(task, seed): success}
+        for r in rows:
+            per.setdefault(r["method"], {})[(r["task"], r["seed"])] = r["success"]
+        everywhere = [m for m, v in per.items() if {t for t, _ in v} == set(targets)]
+        mean = {m: float(np.mean([np.mean([x for (t, _), x in per[m].items() if t == task]) for task in targets]))
+                for m in everywhere}
+        sims = [m for m in everywhere if m in SIMILARITY_METHODS]
+        dms = [m for m in everywhere if m in DATAMIL]
+        best_sim = max(sims, key=mean.get) if sims else None
+        best_dm = max(dms, key=mean.get) if dms else None
+        curation = [m for m in everywhere if m not in ("all", "target_only", "oracle", "random", "random-episode",
+                                                       "random-subtraj")]
+        best = max(curation, key=mean.get) if curation else None
+        out[prior] = {
+            "targets": targets, "methods": dict(sorted(mean.items(), key=lambda kv: -kv[1])),
+            "best_similarity": best_sim, "best_datamil": best_dm, "best_curation": best,
+            "datamil_minus_best_similarity": _paired(per[best_dm], per[best_sim]) if best_dm and best_sim else None,
+            "iwr_minus_br": _paired(per["iwr"], per["br"]) if "iwr" in mean and "br" in mean else None,
+            "best_minus_random": _paired(per[best], per["random"]) if best and "random" in mean else None,
+            "curation_below_random": sorted(m for m in curation if "random" in mean and mean[m] < mean["random"]),
+        }
+    return out
+
+
+def markdown_across(across: dict) -> str:
+    lines = []
+    for prior, a in across.items():
+        def d(key, a=a):
+            v = a[key]
+            return "-" if v is None else f"{v['mean']:+.3f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}] ({v['pairs']} pairs)"
+        lines += [f"**{prior} prior, averaged over {', '.join(a['targets'])}**", "",
+                  "| method | mean success over targets |", "|---|---|"]
+        lines += [f"| {m} | {v:.3f} |" for m, v in a["methods"].items()]
+        lines += ["", f"- DataMIL ({a['best_datamil']}) - best similarity ({a['best_similarity']}): "
+                  f"{d('datamil_minus_best_similarity')}",
+                  f"- IWR - BR: {d('iwr_minus_br')}",
+                  f"- best curation method ({a['best_curation']}) - random: {d('best_minus_random')}",
+                  f"- curation methods below random: {', '.join(a['curation_below_random']) or 'none'}", ""]
+    return "\n".join(lines)
+
+
 def markdown(summary: dict) -> str:
     lines = []
     for name, s in summary.items():
@@ -91,12 +158,15 @@ def main() -> int:
     with open(args.results) as f:
         data = json.load(f)
     summary = summarize(data["results"], data.get("selections", {}))
+    across = across_targets(data["results"])
     tmp = f"{args.out}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump({"source": os.path.basename(args.results), "summary": summary}, f, indent=1, sort_keys=True)
+        json.dump({"source": os.path.basename(args.results), "summary": summary, "across_targets": across}, f,
+                  indent=1, sort_keys=True)
     os.replace(tmp, args.out)
     if args.markdown:
         print(markdown(summary))
+        print(markdown_across(across))
     return 0
 
 
