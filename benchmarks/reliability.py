@@ -87,7 +87,10 @@ def score_table(n: int = 40) -> pa.Table:
 def scored_store(root: str) -> Store:
     store = Store(root)
     store.write_table(scores_key("run"), score_table(), stage="score", config={"method": "random"}, rows_per_part=16)
-    store.write_table(steps_key("prior"), score_table().select(["source", "episode", "step"]), stage="ingest")
+    steps = score_table().select(["source", "episode", "step"])
+    steps = steps.append_column("task", pa.array(["reach-v3"] * steps.num_rows)).append_column(
+        "success", pa.array([e % 2 == 0 for e in steps.column("episode").to_pylist()]))
+    store.write_table(steps_key("prior"), steps, stage="ingest")
     return store
 
 
