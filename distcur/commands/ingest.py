@@ -85,6 +85,15 @@ def register(sub) -> None:
                    help="demos per read task (default: one task per file)")
     h.set_defaults(func=run_hdf5)
 
+    q = kinds.add_parser("parquet", help="your own step table: a Parquet/Arrow file or a folder of them")
+    q.add_argument("path", help="a .parquet/.arrow/.feather file or a folder of them (local or s3://)")
+    _common_file_options(q)
+    q.add_argument("--map", nargs="+", required=True, metavar="CANONICAL=COLUMN[,COLUMN...]",
+                   help="canonical column = your column (a list column) or several scalar columns joined by commas, "
+                        "e.g. state=obs.state action=act episode=ep_id step=t task=instruction; episode, state and "
+                        "action are required; also step, task, reward, image, is_terminal, success")
+    q.set_defaults(func=run_parquet)
+
 
 def _common_file_options(p, source_required: bool = True) -> None:
     p.add_argument("--source", required=source_required, help="source name in the store")
@@ -113,6 +122,18 @@ def _print_result(result, store, t0: float) -> int:
         "wall_s": round(time.time() - t0, 2),
     }, indent=2))
     return 0
+
+
+def run_parquet(args) -> int:
+    from distcur.sources.parquet import ingest_parquet, parse_mapping
+    from distcur.store import Store
+
+    t0 = time.time()
+    mapping = parse_mapping(args.map)
+    store = Store(args.out)
+    result = ingest_parquet(args.path, store, args.source, mapping, mapper=_mapper(args), force=args.force,
+                            rows_per_part=args.rows_per_part)
+    return _print_result(result, store, t0)
 
 
 def run_hdf5(args) -> int:
