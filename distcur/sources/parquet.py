@@ -24,7 +24,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distcur.schema import STEP_SCHEMA, StepValidationError
-from distcur.sources.common import Mapper, PartWriter, ShardResult, SourceFormatError, commit_shards, episode_flags
+from distcur.sources.common import (
+    Mapper,
+    PartWriter,
+    ShardResult,
+    SourceFormatError,
+    commit_shards,
+    episode_flags,
+)
 from distcur.sources.rlds import IngestResult
 from distcur.store import Store, fingerprint, resolve
 
