@@ -94,6 +94,17 @@ def register(sub) -> None:
                         "action are required; also step, task, reward, image, is_terminal, success")
     q.set_defaults(func=run_parquet)
 
+    lr = kinds.add_parser("lerobot", help="a LeRobot v3 dataset root (local or s3://)")
+    lr.add_argument("root", help="dataset root holding meta/info.json, meta/tasks.parquet, meta/episodes/, data/")
+    _common_file_options(lr)
+    lr.add_argument("--state-key", default="observation.state", help="feature used as state")
+    lr.add_argument("--action-key", default="action", help="feature used as action")
+    lr.add_argument("--image-key", default=None, help="an image feature kept (encoded) in image; videos are not read")
+    lr.add_argument("--reader", default="auto", choices=("auto", "ray-lerobot", "files"),
+                    help="ray-lerobot: ray.data.read_lerobot (needs the lerobot package >= 0.5, Python >= 3.12); "
+                         "files: one task per data file; auto (default): ray-lerobot when it can run, else files")
+    lr.set_defaults(func=run_lerobot)
+
 
 def _common_file_options(p, source_required: bool = True) -> None:
     p.add_argument("--source", required=source_required, help="source name in the store")
@@ -133,6 +144,18 @@ def run_parquet(args) -> int:
     store = Store(args.out)
     result = ingest_parquet(args.path, store, args.source, mapping, mapper=_mapper(args), force=args.force,
                             rows_per_part=args.rows_per_part)
+    return _print_result(result, store, t0)
+
+
+def run_lerobot(args) -> int:
+    from distcur.sources.lerobot import LeRobotConfig, ingest_lerobot
+    from distcur.store import Store
+
+    t0 = time.time()
+    config = LeRobotConfig(state_key=args.state_key, action_key=args.action_key, image_key=args.image_key)
+    store = Store(args.out)
+    result = ingest_lerobot(args.root, store, args.source, config, mapper=_mapper(args), reader=args.reader,
+                            force=args.force, rows_per_part=args.rows_per_part)
     return _print_result(result, store, t0)
 
 
