@@ -76,6 +76,12 @@ def describe(error: BaseException, args: argparse.Namespace) -> str | None:
     cause = getattr(error, "cause", None)
     if type(error).__module__.startswith("ray.") and isinstance(cause, BaseException):
         error = cause
+    from distcur.deps import EXTRA_OF, MissingDependencyError, install_hint
+
+    if isinstance(error, MissingDependencyError):
+        return str(error)
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRA_OF:
+        return f"the optional package {error.name.split('.')[0]!r} is not installed: {install_hint(error.name)}"
     if isinstance(error, ValueError):
         return " ".join(str(error).split("\n"))
     if isinstance(error, OSError):

@@ -195,7 +195,8 @@ def select_steps(scores: pa.Table, config: SelectConfig) -> pa.Table:
 
 
 def run_select(store: Store, scores_run: str, out_run: str, config: SelectConfig | None = None,
-               export_lerobot: bool = False) -> Manifest:
+               export_lerobot: bool = False, dense: bool = True, alpha: float | None = None,
+               export_hdf5_mask: str | None = None) -> Manifest:
     """Select from ``scores/<scores_run>``; commit ``selections/<out_run>`` (and its LeRobot export)."""
     config = config or SelectConfig()
     in_key, out_key = scores_key(scores_run), selection_key(out_run)
@@ -215,7 +216,9 @@ def run_select(store: Store, scores_run: str, out_run: str, config: SelectConfig
             **selection_metadata(store, table, n_steps, target),
         })
     if export_lerobot:
-        export_lerobot_weights(store, out_run)
+        export_lerobot_weights(store, out_run, dense=dense, alpha=alpha)
+    if export_hdf5_mask:
+        export_hdf5_masks(store, out_run, export_hdf5_mask)
     return manifest
 
 
@@ -265,10 +268,14 @@ def episode_offsets(store: Store, sources: list[str]) -> tuple[dict[str, tuple[i
     return out, offset
 
 
-def export_lerobot_weights(store: Store, run: str, sources: list[str] | None = None) -> Manifest:
+def export_lerobot_weights(store: Store, run: str, sources: list[str] | None = None, dense: bool = True,
+                           alpha: float | None = None) -> Manifest:
     """Write ``selections/<run>/lerobot``: ``index, weight`` over the prior laid end to end.
 
-    ``sources`` default to every source that was scored (recorded by :func:`run_select`).
+    ``sources`` default to every source that was scored (recorded by :func:`run_select`). When
+    they were ingested from LeRobot datasets (``distcur ingest lerobot``) the export is in the
+    datasets' own frame order instead, see :func:`export_lerobot_native`. ``alpha`` (the target
+    share of a co-training batch, :class:`distcur.policy.train.TrainConfig`) is recorded.
     """
     sel_key = selection_key(run)
     selection = store.read_table(sel_key)
@@ -282,7 +289,16 @@ def export_lerobot_weights(store: Store, run: str, sources: list[str] | None = N
     inputs = {sel_key: store.input_fingerprint(sel_key), **{steps_key(s): store.input_fingerprint(steps_key(s))
                                                             for s in sources}}
     out_key = lerobot_key(run)
+    native = {s: store.manifest(steps_key(s)) for s in sources}
+    native = {s: m.metadata.get(s, {}) for s, m in native.items() if m is not None and m.stage == LEROBOT_STAGE}
+    if native:
+        if len(native) != len(sources):
+            raise ValueError(f"export: sources {sorted(set(sources) - set(native))} were not ingested from a LeRobot "
+                             f"dataset but {sorted(native)} were; export a selection of one kind at a time")
+        return export_lerobot_native(store, out_key, selection, native, inputs, dense=dense, alpha=alpha)
     config = {"format": "lerobot", "sources": sources}
+    if alpha is not None:
+        config["alpha"] = alpha
     if store.is_done(out_key, "export", config, inputs):
         return store.manifest(out_key)
     offsets, total = episode_offsets(store, sources)
@@ -306,4 +322,145 @@ def export_lerobot_weights(store: Store, run: str, sources: list[str] | None = N
                  "increasing id, steps in order",
         "source_offsets": {s: int(offsets[s][0]) for s in sources},
         "total_frames": total,
+        **({"alpha": alpha} if alpha is not None else {}),
     })
+
+
+LEROBOT_STAGE = "ingest-lerobot"
+HDF5_STAGE = "ingest-hdf5"
+DEFAULT_ALPHA = 0.5  # TrainConfig.alpha's default: what a co-training run uses unless told
+LEROBOT_NATIVE_SCHEMA = pa.schema([pa.field("source", pa.string(), nullable=False),
+                                   pa.field("index", pa.int64(), nullable=False),
+                                   pa.field("episode_index", pa.int64(), nullable=False),
+                                   pa.field("frame_index", pa.int64(), nullable=False),
+                                   pa.field("weight", pa.float32(), nullable=False)])
+
+
+def _episode_table(meta: dict, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(episode_index, dataset_from_index, length) of a LeRobot-ingested source, by episode_index."""
+    info = meta.get("episode_info") or {}
+    if not info:
+        raise ValueError(f"export: {steps_key(source)} records no episode_info; re-ingest it with distcur ingest lerobot")
+    eps = np.array(sorted(int(k) for k in info), np.int64)
+    frm = np.array([info[str(e)]["from_index"] for e in eps.tolist()], np.int64)
+    length = np.array([info[str(e)]["length"] for e in eps.tolist()], np.int64)
+    return eps, frm, length
+
+
+def export_lerobot_native(store: Store, out_key: str, selection: pa.Table, metas: dict[str, dict],
+                          inputs: dict[str, str], dense: bool = True, alpha: float | None = None) -> Manifest:
+    """The export of a selection of LeRobot-ingested sources, in each dataset's own frame order.
+
+    Rows ``source, index, episode_index, frame_index, weight`` where ``index`` is the dataset's own
+    ``index`` column (``dataset_from_index`` of the episode + ``frame_index``, as ingest checked).
+    ``dense`` (the default): every frame of every source, weight 0 where not selected; sparse: only
+    the selected frames, and the manifest states the weight of the others (``fallback_weight``: 0).
+    """
+    alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"export: alpha (target share) must be in [0, 1], got {alpha}")
+    sources = sorted(metas)
+    config = {"format": "lerobot-native", "sources": sources, "dense": bool(dense), "alpha": alpha}
+    if store.is_done(out_key, "export", config, inputs):
+        return store.manifest(out_key)
+    src = np.asarray(selection.column("source").to_pylist(), dtype=object)
+    episode = selection.column("episode").to_numpy().astype(np.int64)
+    step = selection.column("step").to_numpy().astype(np.int64)
+    weight = selection.column("weight").to_numpy().astype(np.float32)
+    columns: dict[str, list] = {n: [] for n in LEROBOT_NATIVE_SCHEMA.names}
+    for s in sources:
+        eps, frm, length = _episode_table(metas[s], s)
+        rows = src == s
+        pos = np.searchsorted(eps, episode[rows])
+        bad = (pos >= len(eps)) | (eps[np.minimum(pos, len(eps) - 1)] != episode[rows])
+        bad |= ~bad & (step[rows] >= length[np.minimum(pos, len(eps) - 1)])
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"export: the selection names source={s!r}, episode={episode[rows][i]}, "
+                             f"step={step[rows][i]}, which is not a frame of {steps_key(s)}")
+        if dense:
+            ep_col = np.repeat(eps, length)
+            starts = np.concatenate([[0], np.cumsum(length)[:-1]])
+            fi = np.arange(int(length.sum()), dtype=np.int64) - np.repeat(starts, length)
+            w = np.zeros(len(fi), np.float32)
+            w[starts[pos] + step[rows]] = weight[rows]
+            idx = np.repeat(frm, length) + fi
+        else:
+            ep_col, fi, w = episode[rows], step[rows], weight[rows]
+            idx = frm[pos] + fi
+        columns["source"].append(np.full(len(idx), s, dtype=object))
+        columns["index"].append(idx)
+        columns["episode_index"].append(ep_col)
+        columns["frame_index"].append(fi)
+        columns["weight"].append(w)
+    table = pa.Table.from_arrays([pa.array(np.concatenate(v).tolist() if n == "source" else np.concatenate(v),
+                                           LEROBOT_NATIVE_SCHEMA.field(n).type)
+                                  for n, v in columns.items()], schema=LEROBOT_NATIVE_SCHEMA)
+    table = table.sort_by([("source", "ascending"), ("index", "ascending")])
+    return store.write_table(out_key, table, "export", config, inputs, metadata={
+        "index": "the LeRobot dataset's own `index` column (dataset_from_index of the episode + frame_index)",
+        "dense": bool(dense),
+        "fallback_weight": 0.0,  # the weight of every frame the export does not list (sparse) or lists with 0
+        "alpha": alpha,
+        "alpha_meaning": "target share of each co-training batch (TrainConfig.alpha); the rest is drawn from the "
+                         "prior frames by these weights",
+        "datasets": {s: metas[s].get("root") for s in sources},
+        "total_frames": {s: int(_episode_table(metas[s], s)[2].sum()) for s in sources},
+        "selected_frames": int(selection.num_rows),
+    })
+
+
+def hdf5_mask_dir(run: str) -> str:
+    return f"{selection_key(run)}/hdf5"
+
+
+def export_hdf5_masks(store: Store, run: str, key: str) -> dict[str, list[str]]:
+    """For each HDF5-ingested source of a selection: a COPY of each of its files, under
+    ``selections/<run>/hdf5/<source>/``, with ``mask/<key>`` = the demos that have a selected step
+    (weight > 0). The original files are only read. Returns {copy's URI: selected demo names}.
+    """
+    import os
+    import tempfile
+
+    from distcur.sources.hdf5 import write_mask_copy
+
+    if not key or "/" in key:
+        raise ValueError(f"export: --export-hdf5-mask needs a mask name without '/', got {key!r}")
+    sel_key = selection_key(run)
+    selection = store.read_table(sel_key)
+    src = np.asarray(selection.column("source").to_pylist(), dtype=object)
+    episode = selection.column("episode").to_numpy().astype(np.int64)
+    weight = selection.column("weight").to_numpy()
+    written: dict[str, list[str]] = {}
+    hdf5_sources = []
+    for s in sorted(set(src.tolist()) | set(store.manifest(sel_key).metadata.get("sources") or [])):
+        m = store.manifest(steps_key(s))
+        if m is None or m.stage != HDF5_STAGE:
+            continue
+        hdf5_sources.append(s)
+        meta = m.metadata.get(s, {})
+        info = meta.get("episode_info") or {}
+        chosen = set(episode[(src == s) & (weight > 0)].tolist())
+        by_file: dict[str, list[str]] = {f: [] for f in meta.get("files", [])}
+        for e in sorted(chosen):
+            if str(e) not in info:
+                raise ValueError(f"export: the selection names source={s!r}, episode={e}, which {steps_key(s)} "
+                                 "does not record")
+            by_file.setdefault(info[str(e)]["file"], []).append(info[str(e)]["demo"])
+        names = [os.path.basename(f) for f in by_file]
+        for f, demos in by_file.items():
+            name = os.path.basename(f) if names.count(os.path.basename(f)) == 1 else \
+                f"{names.index(os.path.basename(f))}-{os.path.basename(f)}"
+            rel = f"{hdf5_mask_dir(run)}/{s}/{name}"
+            if store.is_local:
+                write_mask_copy(f, store.path(rel), key, demos)
+            else:
+                with tempfile.TemporaryDirectory(prefix="distcur-hdf5-") as tmp:
+                    local = os.path.join(tmp, name)
+                    write_mask_copy(f, local, key, demos)
+                    with open(local, "rb") as fh:
+                        store.write_bytes(rel, fh.read())
+            written[store.uri_of(rel)] = demos
+    if not hdf5_sources:
+        raise ValueError(f"export: --export-hdf5-mask: no source of selection {sel_key} was ingested from HDF5")
+    return written

@@ -3,6 +3,9 @@
     distcur ingest rlds PATH --dataset NAME --out URI [--source NAME] [--split train ...]
     distcur ingest rlds PATH --dataset NAME --state-keys observation/state --action-keys action ...
     distcur ingest metaworld --target TASK --out URI [--config YAML] [--seed N] [--tasks T ...]
+    distcur ingest hdf5 FILE.hdf5 ... --source NAME [--obs-keys K ...] [--image-keys CAM ...] [--filter-key KEY]
+    distcur ingest parquet PATH --source NAME --map state=obs.state action=act episode=ep_id [step=t ...]
+    distcur ingest lerobot ROOT --source NAME [--state-key observation.state] [--action-key action]
 
 ``--store`` is the same option as ``--out`` (the name every other stage uses, so a job's
 ``common: {store: ...}`` reaches ingest too).
@@ -63,6 +66,111 @@ def register(sub) -> None:
                         "what `distcur evaluate` scores the proxy loss on (default 5, as `distcur demo`; 0: none)")
     m.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     m.set_defaults(func=run_metaworld)
+
+    h = kinds.add_parser("hdf5", help="robomimic / LIBERO HDF5 files (data/demo_N/{obs,actions,rewards,dones})")
+    h.add_argument("paths", nargs="+", metavar="PATH", help="HDF5 files (local or mounted paths)")
+    _common_file_options(h)
+    h.add_argument("--obs-keys", nargs="+", default=None,
+                   help="obs keys concatenated into state, in this order (default: every non-image obs key, sorted)")
+    h.add_argument("--action-key", default="actions", help="dataset of each demo holding the actions (default: actions)")
+    h.add_argument("--image-keys", nargs="*", default=(),
+                   help="camera obs keys (uint8 HxWx3, e.g. agentview_image); the first is kept, encoded, in image")
+    h.add_argument("--image-format", default="png", choices=("png", "jpeg"))
+    h.add_argument("--filter-key", default=None, help="ingest only the demos of mask/<KEY> (e.g. train, 20_percent)")
+    h.add_argument("--task", default=None,
+                   help="task of every demo (default: LIBERO's problem_info language_instruction, else the file name)")
+    h.add_argument("--control-frequency", type=float, default=None,
+                   help="Hz (default: env_args' control_freq when the file records it)")
+    h.add_argument("--demos-per-shard", type=int, default=None,
+                   help="demos per read task (default: one task per file)")
+    h.set_defaults(func=run_hdf5)
+
+    q = kinds.add_parser("parquet", help="your own step table: a Parquet/Arrow file or a folder of them")
+    q.add_argument("path", help="a .parquet/.arrow/.feather file or a folder of them (local or s3://)")
+    _common_file_options(q)
+    q.add_argument("--map", nargs="+", required=True, metavar="CANONICAL=COLUMN[,COLUMN...]",
+                   help="canonical column = your column (a list column) or several scalar columns joined by commas, "
+                        "e.g. state=obs.state action=act episode=ep_id step=t task=instruction; episode, state and "
+                        "action are required; also step, task, reward, image, is_terminal, success")
+    q.set_defaults(func=run_parquet)
+
+    lr = kinds.add_parser("lerobot", help="a LeRobot v3 dataset root (local or s3://)")
+    lr.add_argument("root", help="dataset root holding meta/info.json, meta/tasks.parquet, meta/episodes/, data/")
+    _common_file_options(lr)
+    lr.add_argument("--state-key", default="observation.state", help="feature used as state")
+    lr.add_argument("--action-key", default="action", help="feature used as action")
+    lr.add_argument("--image-key", default=None, help="an image feature kept (encoded) in image; videos are not read")
+    lr.add_argument("--reader", default="auto", choices=("auto", "ray-lerobot", "files"),
+                    help="ray-lerobot: ray.data.read_lerobot (needs the lerobot package >= 0.5, Python >= 3.12); "
+                         "files: one task per data file; auto (default): ray-lerobot when it can run, else files")
+    lr.set_defaults(func=run_lerobot)
+
+
+def _common_file_options(p, source_required: bool = True) -> None:
+    p.add_argument("--source", required=source_required, help="source name in the store")
+    p.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
+                   help="store URI (folder or s3://bucket/prefix)")
+    p.add_argument("--rows-per-part", type=int, default=100_000, help="steps per Parquet part (memory bound)")
+    p.add_argument("--force", action="store_true", help="re-ingest even when the committed output matches")
+    p.add_argument("--no-ray", action="store_true", help="read in this process instead of Ray Data (same output)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
+def _mapper(args):
+    if args.no_ray:
+        return None
+    from distcur.distributed.ingest import ray_mapper
+
+    return ray_mapper(args.address)
+
+
+def _print_result(result, store, t0: float) -> int:
+    m = result.manifest
+    meta = next(iter(m.metadata.values()), {})
+    print(json.dumps({
+        "key": result.key, "store": store.uri, "skipped": result.skipped, "rows": m.rows,
+        "episodes": meta.get("episodes"), "state_dim": meta.get("state_dim"), "action_dim": meta.get("action_dim"),
+        "wall_s": round(time.time() - t0, 2),
+    }, indent=2))
+    return 0
+
+
+def run_parquet(args) -> int:
+    from distcur.sources.parquet import ingest_parquet, parse_mapping
+    from distcur.store import Store
+
+    t0 = time.time()
+    mapping = parse_mapping(args.map)
+    store = Store(args.out)
+    result = ingest_parquet(args.path, store, args.source, mapping, mapper=_mapper(args), force=args.force,
+                            rows_per_part=args.rows_per_part)
+    return _print_result(result, store, t0)
+
+
+def run_lerobot(args) -> int:
+    from distcur.sources.lerobot import LeRobotConfig, ingest_lerobot
+    from distcur.store import Store
+
+    t0 = time.time()
+    config = LeRobotConfig(state_key=args.state_key, action_key=args.action_key, image_key=args.image_key)
+    store = Store(args.out)
+    result = ingest_lerobot(args.root, store, args.source, config, mapper=_mapper(args), reader=args.reader,
+                            force=args.force, rows_per_part=args.rows_per_part)
+    return _print_result(result, store, t0)
+
+
+def run_hdf5(args) -> int:
+    from distcur.sources.hdf5 import HDF5Config, ingest_hdf5
+    from distcur.store import Store
+
+    t0 = time.time()
+    config = HDF5Config(obs_keys=tuple(args.obs_keys) if args.obs_keys else None, action_key=args.action_key,
+                        image_keys=tuple(args.image_keys or ()), image_format=args.image_format,
+                        filter_key=args.filter_key, control_frequency=args.control_frequency, task=args.task)
+    store = Store(args.out)
+    result = ingest_hdf5(args.paths, store, args.source, config, mapper=_mapper(args), force=args.force,
+                         demos_per_shard=args.demos_per_shard, rows_per_part=args.rows_per_part)
+    return _print_result(result, store, t0)
 
 
 def rlds_config_from_args(args):

@@ -46,8 +46,11 @@ def fit_linear_datamodel(
     masks: np.ndarray, y: np.ndarray, penalty: str = "auto", cv_folds: int = 5, seed: int = 0
 ) -> DatamodelFit:
     """Fit tau (C,) from ``masks`` (m, C) bool and proxy losses ``y`` (m,); lambda by CV."""
-    from sklearn.linear_model import LassoCV, RidgeCV
-    from sklearn.model_selection import KFold
+    from distcur.deps import require
+
+    linear_model = require("sklearn.linear_model", "distcur datamodel")
+    LassoCV, RidgeCV = linear_model.LassoCV, linear_model.RidgeCV
+    KFold = require("sklearn.model_selection", "distcur datamodel").KFold
 
     if penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")

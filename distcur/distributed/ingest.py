@@ -1,4 +1,4 @@
-"""Ray Data glue for ingest: one read task per RLDS shard file.
+"""Ray Data glue for ingest: one read task per RLDS shard file (or HDF5 / Parquet / LeRobot shard).
 
 The work of a task (read, parse, convert, validate, write parts) is
 :func:`distcur.sources.rlds.ingest_shard`; this module only maps it over shards with Ray
@@ -70,6 +70,55 @@ def map_shards_ray_data(
         if row["error"]:
             raise _USER_ERRORS[row["error"]](row["message"])
         yield ShardResult.from_json(row["result"])
+
+
+# the file-based sources' own input errors, reported back the same way
+def _source_errors() -> dict[str, type]:
+    from distcur.deps import MissingDependencyError
+    from distcur.sources.common import SourceFormatError
+
+    return {e.__name__: e for e in (SourceFormatError, StepValidationError, MissingDependencyError)}
+
+
+def map_tasks_ray_data(task, shards: list, progress: bool = True, num_cpus: float = 1.0):
+    """Run ``task`` once per shard (any picklable object) as Ray Data tasks, one block per shard.
+
+    ``task`` returns a :class:`distcur.sources.common.ShardResult`; an input error raised in a task
+    (:class:`~distcur.sources.common.SourceFormatError`, a step validation error, a missing optional
+    package) is raised here with its own type and message, as on the ``--no-ray`` path.
+    """
+    import pickle
+
+    import ray
+
+    from distcur.sources.common import ShardResult
+
+    errors = _source_errors()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+    remote_args: dict = {"num_cpus": num_cpus}
+    if env:
+        remote_args["runtime_env"] = {"env_vars": env}
+
+    def run_shard(row: dict) -> dict:
+        try:
+            return {"result": task(pickle.loads(row["shard"])).to_bytes(), "error": "", "message": ""}
+        except tuple(errors.values()) as e:
+            return {"result": b"", "error": type(e).__name__, "message": str(e)}
+
+    items = [{"shard": pickle.dumps(s)} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(shards)).map(run_shard, **remote_args)
+    for row in ds.iter_rows():
+        if row["error"]:
+            raise errors[row["error"]](row["message"])
+        yield ShardResult.from_bytes(row["result"])
+
+
+def ray_mapper(address: str | None = None, progress: bool = True):
+    """The Ray Data mapper for :func:`distcur.sources.common.commit_shards` (joins or starts Ray)."""
+    ensure_ray(address)
+    return functools.partial(map_tasks_ray_data, progress=progress)
 
 
 def ingest_rlds_ray(
