@@ -11,7 +11,7 @@ JOBS ?= 2
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel
-	$(BIN)/pip install -q -e '.[sim,dev]'
+	$(BIN)/pip install -q -e '.[sim,hdf5,datamodel,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,6 +22,7 @@ The unit of work is a shard: one file, or a group of ``demos_per_shard`` of its 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -137,7 +138,7 @@ def open_hdf5(uri: str, config: HDF5Config) -> HDF5File:
         f = h5py.File(path, "r")
     except OSError as e:
         raise SourceFormatError(f"{uri}: not a readable HDF5 file ({e})") from e
-    with f:
+    with f, damaged_hdf5(uri):
         if "data" not in f:
             raise SourceFormatError(f"{uri}: no 'data' group: expected robomimic/LIBERO layout data/demo_N/...")
         data = f["data"]
@@ -177,6 +178,19 @@ def open_hdf5(uri: str, config: HDF5Config) -> HDF5File:
                         env_name=env_args.get("env_name"), size=os.path.getsize(path))
 
 
+@contextlib.contextmanager
+def damaged_hdf5(where: str):
+    """h5py's errors on a damaged file (cut short, a header overwritten) as one naming ``where``."""
+    from distcur.schema import StepValidationError
+
+    try:
+        yield
+    except (SourceFormatError, StepValidationError):  # already a clear message
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise SourceFormatError(f"{where}: damaged HDF5 file ({type(e).__name__}: {e})") from e
+
+
 def _is_image(dataset) -> bool:
     return dataset.dtype == np.uint8 and dataset.ndim == 4 and dataset.shape[-1] in (1, 3, 4)
 
@@ -194,7 +208,7 @@ def _array(group, key: str, where: str, t: int | None = None, ndim: tuple[int, .
 
 
 def demo_columns(demo, config: HDF5Config, obs_keys: list[str], source: str, episode: int, task: str,
-                 where: str) -> dict[str, Any]:
+                 where: str, keys_from: str = "the first demo") -> dict[str, Any]:
     """Step-table columns of one demo group (state from ``obs_keys``, first camera encoded)."""
     action = _array(demo, config.action_key, where, ndim=(1, 2))
     t = len(action)
@@ -203,6 +217,12 @@ def demo_columns(demo, config: HDF5Config, obs_keys: list[str], source: str, epi
     if "obs" not in demo:
         raise SourceFormatError(f"{where}: missing key 'obs'")
     obs = demo["obs"]
+    if config.obs_keys is None:  # keys inferred from the first demo: every demo must have the same ones
+        low_dim = sorted(k for k in obs.keys() if not _is_image(obs[k]))
+        if low_dim != sorted(obs_keys):
+            raise SourceFormatError(
+                f"{where}: obs keys {low_dim} differ from {sorted(obs_keys)}, those of {keys_from} (the state's "
+                f"default columns); name the keys every demo has with --obs-keys")
     parts = []
     for k in obs_keys:
         arr = _array(obs, k, f"{where}, obs", t, ndim=(1, 2, 3))
@@ -229,7 +249,8 @@ def demo_columns(demo, config: HDF5Config, obs_keys: list[str], source: str, epi
 
 
 def ingest_hdf5_shard(shard: HDF5Shard, config: HDF5Config, obs_keys: list[str], task: str, masks: dict,
-                      source: str, store: Store, data_dir: str, rows_per_part: int = 100_000) -> ShardResult:
+                      source: str, store: Store, data_dir: str, rows_per_part: int = 100_000,
+                      keys_from: str = "the first demo") -> ShardResult:
     """Read, convert, validate and write the demos of one shard; returns its parts and per-episode facts."""
     h5py = _h5py()
     writer = PartWriter(store, data_dir, shard.index, shard.uri, rows_per_part)
@@ -242,9 +263,12 @@ def ingest_hdf5_shard(shard: HDF5Shard, config: HDF5Config, obs_keys: list[str],
         for j, name in enumerate(shard.demos):
             eid = shard.first_episode + j
             where = f"{shard.uri}, demo {name!r} (episode {eid})"
-            if name not in f["data"]:
+            with damaged_hdf5(where):
+                present = name in f["data"]
+            if not present:
                 raise SourceFormatError(f"{where}: missing group data/{name}")
-            cols = demo_columns(f["data"][name], config, obs_keys, source, eid, task, where)
+            with damaged_hdf5(where):
+                cols = demo_columns(f["data"][name], config, obs_keys, source, eid, task, where, keys_from)
             writer.add(cols, where)
             info[str(eid)] = {"file": shard.uri, "demo": name, "steps": len(cols["episode"]),
                               "groups": sorted(k for k, names in masks.items() if name in names)}
@@ -300,7 +324,8 @@ def ingest_hdf5(
 
     def make_task(data_dir: str):
         return functools.partial(_shard_task, by_uri=by_uri, config=config, obs_keys=obs_keys, source=source,
-                                 store=store, data_dir=data_dir, rows_per_part=rows_per_part)
+                                 store=store, data_dir=data_dir, rows_per_part=rows_per_part,
+                                 keys_from=f"{files[0].uri}, demo {files[0].demos[0]!r}")
 
     def metadata(results: list[ShardResult]) -> dict:
         episodes = {k: v for r in results for k, v in r.episode_info.items()}
@@ -321,9 +346,10 @@ def ingest_hdf5(
 
 
 def _shard_task(shard: HDF5Shard, by_uri: dict, config: HDF5Config, obs_keys: list[str], source: str, store: Store,
-                data_dir: str, rows_per_part: int) -> ShardResult:
+                data_dir: str, rows_per_part: int, keys_from: str = "the first demo") -> ShardResult:
     f = by_uri[shard.uri]
-    return ingest_hdf5_shard(shard, config, obs_keys, f.task, f.masks, source, store, data_dir, rows_per_part)
+    return ingest_hdf5_shard(shard, config, obs_keys, f.task, f.masks, source, store, data_dir, rows_per_part,
+                             keys_from)
 
 
 def write_mask_copy(src_uri: str, dst_path: str, key: str, demos: list[str]) -> None:
