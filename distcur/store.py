@@ -199,7 +199,8 @@ class Manifest:
                          and f.default_factory is dataclasses.MISSING)
         if missing:
             raise DamagedTableError(f"{where}: manifest lacks key(s) {missing}")
-        expected = {"stage": str, "config": dict, "inputs": dict, "files": list, "rows": int, "parts": dict}
+        expected = {"stage": str, "config": dict, "inputs": dict, "files": list, "rows": int, "parts": dict,
+                    "schema": str}
         for name, typ in expected.items():
             if name in d and (not isinstance(d[name], typ) or isinstance(d[name], bool)):
                 article = "an" if typ is int else "a"

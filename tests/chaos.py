@@ -200,7 +200,8 @@ STAGE_OUTPUTS = {
 def kill_trials(work: str, trials_per_stage: int, seed: int, stages: tuple[Stage, ...] = STAGES) -> dict:
     """Run ``stages`` undisturbed (copying the store after each), then for each stage and trial: a
     copy of the store as it stood before that stage, the stage killed at a random moment of its
-    undisturbed duration, a rerun, and a comparison of every output up to that stage.
+    undisturbed duration (halved, up to twice, when the run ends before it), a rerun, and a
+    comparison of every output up to that stage.
 
     Returns {"walls": {stage: s}, "trials": [{stage, kill_at_s, killed, rerun_returncode,
     identical, differences}]}."""
@@ -226,14 +227,22 @@ def kill_trials(work: str, trials_per_stage: int, seed: int, stages: tuple[Stage
         done += STAGE_OUTPUTS[stage.name]
         for t in range(trials_per_stage):
             store = os.path.join(work, f"killed-{stage.name}-{t}")
-            if os.path.isdir(before[stage.name]):
-                shutil.copytree(before[stage.name], store)
             at = rng.uniform(0.15, 0.85) * walls[stage.name]
-            killed = run_stage(stage, store, config_dir, kill_after=at)
+            attempts = 0
+            while attempts < 3:  # a run faster than the undisturbed one may end before its kill
+                attempts += 1
+                shutil.rmtree(store, ignore_errors=True)
+                if os.path.isdir(before[stage.name]):
+                    shutil.copytree(before[stage.name], store)
+                killed = run_stage(stage, store, config_dir, kill_after=at)
+                if killed.killed:
+                    break
+                at /= 2
             rerun = run_stage(stage, store, config_dir)
             diff = (differences(keys_of(expected, done), keys_of(snapshot(store), done))
                     if rerun.returncode == 0 else [f"rerun failed ({rerun.returncode}): {rerun.output[-1500:]}"])
             trials.append({"stage": stage.name, "kill_at_s": round(at, 2), "killed": killed.killed,
+                           "attempts": attempts,
                            "rerun_returncode": rerun.returncode, "identical": not diff, "differences": diff[:10]})
             shutil.rmtree(store, ignore_errors=True)
     return {"walls": {k: round(v, 1) for k, v in walls.items()}, "trials": trials}

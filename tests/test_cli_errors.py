@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import free_port
 
@@ -74,8 +75,13 @@ def test_verify_option_rebuilds_a_same_size_corrupted_output(store, capsys):
     good = store.read_table(selection_key("sel"))
     part = store.manifest(selection_key("sel")).files[0]
     data = store.read_bytes(part)
-    store.write_bytes(part, data[:-12] + b"\0" * 12)  # same size: the listing cannot tell
-    assert main(args) == 0 and store.verify(selection_key("sel"))  # up to date by sizes: still damaged
+    store.write_bytes(part, data[:-12] + b"\0" * 12)  # same size, broken footer: a plain rerun reads footers
+    assert main(args) == 0 and store.verify(selection_key("sel")) == []
+    part = store.manifest(selection_key("sel")).files[0]  # the rebuilt version's
+    data = store.read_bytes(part)
+    at = pq.read_metadata(pa.BufferReader(data)).row_group(0).column(1).data_page_offset + 1
+    store.write_bytes(part, data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])  # same size, a data page flipped
+    assert main(args) == 0 and store.verify(selection_key("sel"))  # only the checksums can tell: still damaged
     assert main([*args, "--verify"]) == 0
     assert store.verify(selection_key("sel")) == [] and store.read_table(selection_key("sel")).equals(good)
     capsys.readouterr()
