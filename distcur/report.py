@@ -185,6 +185,12 @@ def paired_comparisons(results: pa.Table | list[dict], key: str = "method") -> d
             for m, v in by_method.items()}
 
 
+def _proxy_cell(value: float) -> str:
+    """12 characters: fixed point, or exponent notation when the value would not fit (an NLL that
+    blew up on a policy trained on 5 demos)."""
+    return f"{value:>12.3f}" if abs(value) < 1e6 else f"{value:>12.3g}"
+
+
 def format_table(rows: list[dict], paired: dict[str, dict[str, dict]] | None = None) -> str:
     """The comparison table as fixed-width text (what ``distcur demo`` prints); with ``paired``
     (:func:`paired_comparisons`), each method's difference to random and to the best similarity
@@ -196,7 +202,7 @@ def format_table(rows: list[dict], paired: dict[str, dict[str, dict]] | None = N
         head += f"{'vs ' + (d['reference'] if name == 'random' else 'best sim (' + d['reference'] + ')'):>30}"
     lines = [head]
     for r in sorted(rows, key=lambda r: -r["success_mean"]):
-        line = f"{r['method']:<24}{r['success_mean']:>10.3f}{r['success_se']:>9.3f}{r['seeds']:>7d}{r['proxy_loss']:>12.3f}"
+        line = f"{r['method']:<24}{r['success_mean']:>10.3f}{r['success_se']:>9.3f}{r['seeds']:>7d}{_proxy_cell(r['proxy_loss'])}"
         for name in refs:
             d = paired.get(r["method"], {}).get(name)
             cell = f"{d['mean']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d and d["seeds"] >= 2 else "-"
