@@ -202,14 +202,7 @@ def run_rlds(args) -> int:
         from distcur.distributed.ingest import ingest_rlds_ray
 
         result = ingest_rlds_ray(args.path, config, store, address=args.address, **kwargs)
-    m = result.manifest
-    meta = next(iter(m.metadata.values()), {})
-    print(json.dumps({
-        "key": result.key, "store": store.uri, "skipped": result.skipped, "rows": m.rows,
-        "episodes": meta.get("episodes"), "state_dim": meta.get("state_dim"), "action_dim": meta.get("action_dim"),
-        "wall_s": round(time.time() - t0, 2),
-    }, indent=2))
-    return 0
+    return _print_result(result, store, t0)
 
 
 def run_metaworld(args) -> int:

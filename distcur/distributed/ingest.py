@@ -44,18 +44,26 @@ S3_ENV_VARS = (
 _USER_ERRORS = {e.__name__: e for e in (RLDSFormatError, StepValidationError)}
 
 
+def _ray_data_setup(progress: bool, num_cpus: float) -> dict:
+    """Ray Data's progress bars on or off, and the map tasks' resources (plus the S3 endpoint
+    settings, never credentials, as their environment)."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
+    remote_args: dict = {"num_cpus": num_cpus}
+    if env:
+        remote_args["runtime_env"] = {"env_vars": env}
+    return remote_args
+
+
 def map_shards_ray_data(
     task: ShardTask, shards: list[Shard], progress: bool = True, num_cpus: float = 1.0
 ) -> Iterator[ShardResult]:
     """Run ``task`` once per shard as Ray Data tasks (one block, hence one task, per shard)."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
-    remote_args: dict = {"num_cpus": num_cpus}
-    if env:
-        remote_args["runtime_env"] = {"env_vars": env}
+    remote_args = _ray_data_setup(progress, num_cpus)
 
     def read_shard(row: dict) -> dict:
         try:
@@ -94,12 +102,7 @@ def map_tasks_ray_data(task, shards: list, progress: bool = True, num_cpus: floa
     from distcur.sources.common import ShardResult
 
     errors = _source_errors()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
-    remote_args: dict = {"num_cpus": num_cpus}
-    if env:
-        remote_args["runtime_env"] = {"env_vars": env}
+    remote_args = _ray_data_setup(progress, num_cpus)
 
     def run_shard(row: dict) -> dict:
         try:
