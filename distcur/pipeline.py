@@ -512,7 +512,8 @@ def _check_same_protocol(path: str | os.PathLike, current: dict, new: dict) -> N
     or goes to another file."""
     if not any("variant" not in r for r in current.get("results", [])):
         return
-    old, given = current.get("protocol", {}), new.get("protocol", {})
+    # compared as the file stores them (tuples are lists there)
+    old, given = current.get("protocol", {}), json.loads(json.dumps(new.get("protocol", {}), default=str))
     for entry, fields in SHARED_PROTOCOL.items():
         if entry not in old or entry not in given:
             continue

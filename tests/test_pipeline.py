@@ -114,6 +114,9 @@ def test_recording_refuses_another_protocol_unless_a_variant(tmp_path):
     protocol = {"evaluation": {"episodes": 50, "max_steps": 500, "seeds": [0, 1, 2], "proxy": "p"},
                 "policy": {"hidden": [400, 400, 400]}, "prior_hard": {"tasks": ["a", "t"]}}
     merge_quality_json(path, {"protocol": protocol, "results": [rec]})
+    # the same protocol as a run builds it (tuples), not as the file stores it (lists)
+    merge_quality_json(path, {"protocol": {**protocol, "policy": {"hidden": (400, 400, 400)}},
+                              "results": [{**rec, "seed": 1}]})
     # other seeds and another target's prior tasks are the same protocol
     same = {**protocol, "evaluation": {**protocol["evaluation"], "seeds": [0, 1, 2, 3, 4]},
             "prior_hard": {"tasks": ["a", "u"]}}
@@ -121,7 +124,7 @@ def test_recording_refuses_another_protocol_unless_a_variant(tmp_path):
     fewer = {**protocol, "evaluation": {**protocol["evaluation"], "episodes": 20}}
     with pytest.raises(ValueError, match=r"evaluation.episodes: 20 \(file: 50\).*--variant"):
         merge_quality_json(path, {"protocol": fewer, "results": [{**rec, "task": "v"}]})
-    assert len(json.load(open(path))["results"]) == 2
+    assert len(json.load(open(path))["results"]) == 3
     merge_quality_json(path, {"protocol": {"variant/short": fewer["evaluation"]},
                               "results": [{**rec, "task": "v", "variant": "short"}]})
     assert json.load(open(path))["protocol"]["evaluation"]["episodes"] == 50
