@@ -40,6 +40,8 @@ import pyarrow.compute as pc
 from distcur.composition import composition, selection_composition
 from distcur.data import scores_key, selection_key, steps_key
 from distcur.schema import SELECTION_SCHEMA
+from distcur.sources.hdf5 import STAGE as HDF5_STAGE
+from distcur.sources.lerobot import STAGE as LEROBOT_STAGE
 from distcur.store import Manifest, Store
 
 SELECT_LEVELS = ("step", "subtraj", "episode")
@@ -326,8 +328,6 @@ def export_lerobot_weights(store: Store, run: str, sources: list[str] | None = N
     })
 
 
-LEROBOT_STAGE = "ingest-lerobot"
-HDF5_STAGE = "ingest-hdf5"
 DEFAULT_ALPHA = 0.5  # TrainConfig.alpha's default: what a co-training run uses unless told
 LEROBOT_NATIVE_SCHEMA = pa.schema([pa.field("source", pa.string(), nullable=False),
                                    pa.field("index", pa.int64(), nullable=False),

@@ -370,23 +370,22 @@ def _metagrad(cfg: DatamodelConfig, folds: list[SubsetTrainingData], spec: Polic
     adam = AdamConfig(lr=mg.lr if mg.lr is not None else cfg.lr)
     scores, counts, pools = [], [], []
     # each iteration trains a policy on the driver for seconds: one bar over every fold's iterations
-    iterations_bar = bar(total=sum(iters), desc=f"meta-gradient iterations ({mg.recipe})", unit="it")
-    for f, data in enumerate(folds):
-        run_cfg = mg.run_config(iters[f], cfg.batch_size, target_fraction, cfg.seed + 7919 * f)
-        proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), cfg.proxy)
-        args = (spec, adam, torch.as_tensor(data.obs), torch.as_tensor(data.act), torch.as_tensor(data.group),
-                data.n_clusters, proxy_fn, run_cfg)
-        if mg.recipe == "datamil":
-            grads, count, pool_sizes = datamil_reference_scores(*args, on_iteration=iterations_bar.update)
-            pools.append(pool_sizes)
-        else:
-            grads, count = datamil_metagrad_scores(*args, on_iteration=iterations_bar.update)
-        if n_folds > 1:
-            sd = float(grads[count > 0].std()) if (count > 0).any() else 0.0
-            grads = grads / sd if sd > 0 else grads
-        scores.append(grads)
-        counts.append(count)
-    iterations_bar.close()
+    with bar(total=sum(iters), desc=f"meta-gradient iterations ({mg.recipe})", unit="it") as iterations_bar:
+        for f, data in enumerate(folds):
+            run_cfg = mg.run_config(iters[f], cfg.batch_size, target_fraction, cfg.seed + 7919 * f)
+            proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), cfg.proxy)
+            args = (spec, adam, torch.as_tensor(data.obs), torch.as_tensor(data.act), torch.as_tensor(data.group),
+                    data.n_clusters, proxy_fn, run_cfg)
+            if mg.recipe == "datamil":
+                grads, count, pool_sizes = datamil_reference_scores(*args, on_iteration=iterations_bar.update)
+                pools.append(pool_sizes)
+            else:
+                grads, count = datamil_metagrad_scores(*args, on_iteration=iterations_bar.update)
+            if n_folds > 1:
+                sd = float(grads[count > 0].std()) if (count > 0).any() else 0.0
+                grads = grads / sd if sd > 0 else grads
+            scores.append(grads)
+            counts.append(count)
     grads, count = np.mean(scores, axis=0), np.sum(counts, axis=0)
     meta = {"recipe": mg.recipe, "iterations": int(sum(iters)), "folds": n_folds,
             "min_count": int(count.min()), "max_count": int(count.max())}

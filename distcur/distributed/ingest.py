@@ -10,10 +10,8 @@ immutable parts to the store and returns their paths and statistics.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
 
 from distcur.distributed.session import ensure_ray
 from distcur.schema import StepValidationError
@@ -44,40 +42,40 @@ S3_ENV_VARS = (
 _USER_ERRORS = {e.__name__: e for e in (RLDSFormatError, StepValidationError)}
 
 
-def _ray_data_setup(progress: bool, num_cpus: float) -> dict:
-    """Ray Data's progress bars on or off, and the map tasks' resources (plus the S3 endpoint
-    settings, never credentials, as their environment)."""
+def _map_ray_data(task, shards: list, errors: dict[str, type], progress: bool, num_cpus: float) -> Iterator:
+    """Run ``task`` once per shard (any picklable object) as Ray Data tasks, one block (hence one
+    task) per shard, and yield its results (picklable) in shard order. An input error of a type in
+    ``errors`` raised in a task is raised here with its own type and message, as without Ray."""
+    import pickle
+
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
+    # the S3 endpoint settings, never credentials, as the tasks' environment
     env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
     remote_args: dict = {"num_cpus": num_cpus}
     if env:
         remote_args["runtime_env"] = {"env_vars": env}
-    return remote_args
+
+    def run_shard(row: dict) -> dict:
+        try:
+            return {"result": pickle.dumps(task(pickle.loads(row["shard"]))), "error": "", "message": ""}
+        except tuple(errors.values()) as e:
+            return {"result": b"", "error": type(e).__name__, "message": str(e)}
+
+    items = [{"shard": pickle.dumps(s)} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(shards)).map(run_shard, **remote_args)
+    for row in ds.iter_rows():
+        if row["error"]:
+            raise errors[row["error"]](row["message"])
+        yield pickle.loads(row["result"])
 
 
 def map_shards_ray_data(
     task: ShardTask, shards: list[Shard], progress: bool = True, num_cpus: float = 1.0
 ) -> Iterator[ShardResult]:
-    """Run ``task`` once per shard as Ray Data tasks (one block, hence one task, per shard)."""
-    import ray
-
-    remote_args = _ray_data_setup(progress, num_cpus)
-
-    def read_shard(row: dict) -> dict:
-        try:
-            return {"result": task(Shard(**json.loads(row["shard"]))).to_json(), "error": "", "message": ""}
-        except tuple(_USER_ERRORS.values()) as e:
-            return {"result": "", "error": type(e).__name__, "message": str(e)}
-
-    items = [{"shard": json.dumps(asdict(s))} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(shards))
-    ds = ds.map(read_shard, **remote_args)
-    for row in ds.iter_rows():
-        if row["error"]:
-            raise _USER_ERRORS[row["error"]](row["message"])
-        yield ShardResult.from_json(row["result"])
+    """Run an RLDS shard ``task`` once per shard as Ray Data tasks (one per shard)."""
+    return _map_ray_data(task, shards, _USER_ERRORS, progress, num_cpus)
 
 
 # the file-based sources' own input errors, reported back the same way
@@ -89,33 +87,10 @@ def _source_errors() -> dict[str, type]:
 
 
 def map_tasks_ray_data(task, shards: list, progress: bool = True, num_cpus: float = 1.0):
-    """Run ``task`` once per shard (any picklable object) as Ray Data tasks, one block per shard.
-
-    ``task`` returns a :class:`distcur.sources.common.ShardResult`; an input error raised in a task
-    (:class:`~distcur.sources.common.SourceFormatError`, a step validation error, a missing optional
-    package) is raised here with its own type and message, as on the ``--no-ray`` path.
-    """
-    import pickle
-
-    import ray
-
-    from distcur.sources.common import ShardResult
-
-    errors = _source_errors()
-    remote_args = _ray_data_setup(progress, num_cpus)
-
-    def run_shard(row: dict) -> dict:
-        try:
-            return {"result": task(pickle.loads(row["shard"])).to_bytes(), "error": "", "message": ""}
-        except tuple(errors.values()) as e:
-            return {"result": b"", "error": type(e).__name__, "message": str(e)}
-
-    items = [{"shard": pickle.dumps(s)} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(shards)).map(run_shard, **remote_args)
-    for row in ds.iter_rows():
-        if row["error"]:
-            raise errors[row["error"]](row["message"])
-        yield ShardResult.from_bytes(row["result"])
+    """Run a file source's ``task`` (returning a :class:`distcur.sources.common.ShardResult`) once
+    per shard as Ray Data tasks; its input errors (:class:`~distcur.sources.common.SourceFormatError`,
+    a step validation error, a missing optional package) are raised here as on the ``--no-ray`` path."""
+    return _map_ray_data(task, shards, _source_errors(), progress, num_cpus)
 
 
 def ray_mapper(address: str | None = None, progress: bool = True):
