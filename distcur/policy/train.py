@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from distcur.config import to_dict
-from distcur.data import list_sources, load_steps, policy_key, selection_key, steps_key
+from distcur.data import is_target_source, list_sources, load_steps, policy_key, selection_key, steps_key
 from distcur.policy import checkpoint as ckpt
 from distcur.policy.functional import (
     AdamConfig,
@@ -303,7 +303,7 @@ def baseline_selection(
         return SELECTION_SCHEMA.empty_table()
     if kind == "random" and (fraction is None or not 0 < fraction <= 1):
         raise ValueError(f"random baseline needs a fraction in (0, 1], got {fraction}")
-    sources = sources if sources is not None else [s for s in list_sources(store) if not s.startswith("target-")]
+    sources = sources if sources is not None else [s for s in list_sources(store) if not is_target_source(s)]
     if not sources:
         raise FileNotFoundError(f"no prior step sources in {store.uri} for the {kind!r} baseline")
     parts = [store.read_table(steps_key(s), columns=["source", "episode", "step"]) for s in sources]
