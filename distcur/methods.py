@@ -13,7 +13,7 @@ Kinds:
 
 The scorer configs hold only what a user chooses; a value is parsed and checked once, here (for
 example IWR's bandwidth: a rule name, or a number given as a string on the command line).
-This module imports only the scorers' constants: no Ray, no store.
+This module is light (no torch, no Ray, no store): the CLI builds its flags from it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from distcur.score.iwr import BANDWIDTH_RULES
-from distcur.score.iwr import KERNELS as IWR_KERNELS
-from distcur.score.iwr import MODES as IWR_MODES
 from distcur.score.strap import DEFAULT_MIN_LENGTH, DEFAULT_THRESHOLD, DEFAULT_TOP_K
 from distcur.score.strap import SCORINGS as STRAP_SCORINGS
 
@@ -102,6 +99,11 @@ class RandomConfig:
         if self.level not in RANDOM_LEVELS or self.horizon < 1:
             raise ValueError(f"random: level must be one of {RANDOM_LEVELS} and horizon >= 1, got {self.level!r}, "
                              f"{self.horizon}")
+
+
+BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
+IWR_MODES = ("exact", "subsample")
+IWR_KERNELS = ("shared-prior", "per-set")
 
 
 def parse_bandwidth(value: str | float) -> str | float:

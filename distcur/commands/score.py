@@ -40,9 +40,21 @@ def register(sub) -> None:
     p.add_argument("--prior-sources", nargs="+", default=None, help="prior sources (default: all non-target)")
     for f, methods in option_fields().values():
         p.add_argument(_flag(f), **_argument(f, methods))
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="the method's options (the fields of its config in distcur.methods); the flags above win")
     add_rerun_options(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
+
+
+def _options_file(path: str, method: str) -> dict:
+    """The method options in the YAML at ``path``, checked against the method's config class
+    (unknown keys and wrong types are errors naming the file)."""
+    from distcur.config import load_config, read_yaml
+    from distcur.methods import get
+
+    cfg = load_config(get(method).config, path)
+    return {k: getattr(cfg, k) for k in read_yaml(path) or {}}
 
 
 def run(args) -> int:
@@ -53,6 +65,8 @@ def run(args) -> int:
     unused = sorted(_flag(options[n][0]) for n in given if args.method not in options[n][1])
     if unused:
         raise ValueError(f"option(s) {unused} do not apply to --method {args.method}")
+    if args.config:
+        given = {**_options_file(args.config, args.method), **given}
     m = score(output_store(args.store, args), args.method, args.target, args.run, prior_sources=args.prior_sources,
               address=args.address, **given)
     print(json.dumps({"scores": f"scores/{args.run}", "rows": m.rows, "method": args.method,

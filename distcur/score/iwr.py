@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distcur.methods import IWR_KERNELS as KERNELS
 from distcur.score.kde import (
     Whitening,
     bandwidth_factor,
@@ -44,9 +45,6 @@ from distcur.score.kde import (
 )
 from distcur.store import Manifest, Store
 
-BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
-MODES = ("exact", "subsample")
-KERNELS = ("shared-prior", "per-set")
 HELDOUT_FOLDS = 5
 
 
