@@ -283,7 +283,7 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     t0 = time.time()
     params, normalizer, history = train_policy(data, tcfg)
     train_s = time.time() - t0
-    policy = TrainedPolicy(params, _spec(data, tcfg), normalizer)
+    policy = TrainedPolicy(params, data.policy_spec(tcfg.hidden), normalizer)
     t0 = time.time()
     success = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(seed,), max_steps=cfg.max_steps,
                                envs_per_worker=cfg.episodes, parallel=False)[0]
@@ -292,12 +292,6 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
             "success": success["success"], "proxy_loss": proxy, "selected_steps": int(data.n_prior),
             "train_s": round(train_s, 2), "eval_s": round(time.time() - t0, 2),
             "final_train_loss": history[-1]["loss"] if history else None}
-
-
-def _spec(data, tcfg):
-    from distcur.policy.functional import PolicySpec
-
-    return PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=tcfg.hidden)
 
 
 RESULT_SCHEMA = pa.schema([

@@ -106,7 +106,6 @@ def _trial(config: dict) -> None:
 
     from distcur.evaluate.proxy import load_heldout
     from distcur.policy import checkpoint as ckpt
-    from distcur.policy.functional import PolicySpec
     from distcur.policy.loaded import TrainedPolicy
     from distcur.policy.proxy import policy_proxy
     from distcur.policy.train import TrainConfig, load_training_data, read_selection, train_policy
@@ -118,7 +117,7 @@ def _trial(config: dict) -> None:
     heldout = load_heldout(store, config["heldout"])
     tcfg = TrainConfig(hidden=cfg.hidden, batch_size=cfg.batch_size, steps=cfg.train_steps, alpha=config["alpha"],
                        seed=cfg.seed, checkpoint_every=cfg.report_every)
-    spec = PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=tcfg.hidden)
+    spec = data.policy_spec(tcfg.hidden)
 
     def report_proxy(state: dict) -> None:
         params, _, normalizer = ckpt.unpack(state)

@@ -131,6 +131,10 @@ class TrainingData:
     def n_prior(self) -> int:
         return len(self.prior_weight)
 
+    def policy_spec(self, hidden: tuple[int, ...]) -> PolicySpec:
+        """The shape of a policy trained on these arrays, with ``hidden`` layer widths."""
+        return PolicySpec(state_dim=self.obs.shape[1], action_dim=self.act.shape[1], hidden=tuple(hidden))
+
     def fit_normalizer(self, action_bounds: tuple[float, float] | None) -> Normalizer:
         """State/action statistics of the training data (target + every selected prior step)."""
         return Normalizer.fit(self.obs, self.act, action_bounds)
@@ -391,7 +395,7 @@ def train_policy(
     (progress, fault injection). With ``world_size > 1`` (Ray Train) each worker takes the
     rows ``rank::world_size`` of every global batch and ``all_reduce`` sums gradients.
     """
-    spec = PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=cfg.hidden)
+    spec = data.policy_spec(cfg.hidden)
     config_dict = json.loads(json.dumps(to_dict(cfg)))
     if resume_from is not None:
         _check_resume(resume_from, cfg, spec)
@@ -450,7 +454,7 @@ def train_policy(
 
 def final_state(params: Params, normalizer: Normalizer, cfg: TrainConfig, data: TrainingData, history: list[dict]) -> dict:
     """The checkpoint dict of a finished policy (no optimiser state)."""
-    spec = PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=cfg.hidden)
+    spec = data.policy_spec(cfg.hidden)
     meta = {"config": json.loads(json.dumps(to_dict(cfg))), "history": history,
             "data": {"n_target": data.n_target, "n_prior": data.n_prior, "inputs": dict(data.inputs)}}
     return ckpt.make_state(params, spec, normalizer, cfg.steps, None, meta)
