@@ -30,6 +30,9 @@ def register(sub) -> None:
                         "or each set's own (per-set, as two scipy gaussian_kde)")
     p.add_argument("--num-shards", type=int, default=None, help="iwr: prior shards for the KDE partial sums")
     p.add_argument("--subsample", type=int, default=None, help="iwr: reference subsample size in subsample mode")
+    p.add_argument("--kde-executor", default=None, choices=("tasks", "ray-data"),
+                   help="iwr: how the KDE partial sums run on Ray, a grid of Ray tasks (tasks, default) or a "
+                        "Ray Data dataset of query blocks (ray-data); the same scores either way")
     add_rerun_options(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
@@ -40,7 +43,7 @@ _OPTIONS = {
     "sr": ("block",), "ar": ("block",), "br": ("block", "encoder"),
     "strap": ("encoder", "k", "threshold", "min_length"),
     "random": ("seed",),
-    "iwr": ("encoder", "bandwidth", "iwr_kernel", "mode", "num_shards", "subsample"),
+    "iwr": ("encoder", "bandwidth", "iwr_kernel", "mode", "num_shards", "subsample", "kde_executor"),
 }
 _ALL = sorted({o for opts in _OPTIONS.values() for o in opts})
 
@@ -59,6 +62,8 @@ def run(args) -> int:
             pass
     if "iwr_kernel" in given:
         given["kernel"] = given.pop("iwr_kernel")
+    if "kde_executor" in given:
+        given["executor"] = given.pop("kde_executor")
     opts = {**given, "prior_sources": args.prior_sources, "address": args.address}
     m = score(output_store(args.store, args), args.method, args.target, args.run, **opts)
     print(json.dumps({"scores": f"scores/{args.run}", "rows": m.rows, "method": args.method,

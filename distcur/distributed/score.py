@@ -392,7 +392,7 @@ def score(store: Store, method: str, target_task: str, out_run: str, **opts) -> 
     ``address`` (Ray); sr/ar/br: ``block``, br: ``encoder``; strap: ``encoder``, ``k``,
     ``threshold``, ``min_length``, ``position_dims``, ``scoring``, ``padding``; random: ``seed``,
     ``level``, ``horizon``; iwr: ``encoder``, ``bandwidth``, ``kernel`` ("shared-prior" or "per-set"),
-    ``mode``, ``num_shards``, ``subsample``.
+    ``mode``, ``num_shards``, ``subsample``, ``executor`` ("tasks" or "ray-data").
     """
     out_key = scores_key(out_run)
     if method in NEAREST_FEATURES:
