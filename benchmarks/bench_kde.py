@@ -11,7 +11,14 @@ shared by the peers of that repetition cancels; the JSON reports median/min/max 
 - scipy ``gaussian_kde.logpdf``, sklearn ``KernelDensity(rtol=0, atol=0)`` on whitened points,
   plain numpy (float64, blockwise, scipy logsumexp): timed on a subset of the queries, scaled linearly.
 
+Ray Data vs task grid (``ray_data_kde_overhead``): wall time of the whole IWR stage
+(:func:`distcur.score.iwr.run_iwr`, exact mode, N prior x N prior log-KDE plus the target KDE) with
+``executor="ray-data"`` over ``executor="tasks"`` at N = 200k prior steps (d = 16, a 2000-step target,
+default shards), runs in the order tasks, ray-data, ray-data, tasks, ... so drifting load cancels;
+each run's scores table must equal the first task-grid run's.
+
 Usage: python benchmarks/bench_kde.py [--queries 200000] [--refs 20000] [--dims 16 64] [--repeats 3]
+       [--parts kernel ray-data]   (a part run alone updates only its keys of kde.json)
 """
 
 from __future__ import annotations
@@ -189,8 +196,72 @@ def machine() -> dict:
 
 
 def write(path: Path, result: dict) -> None:
+    """Update ``path`` with ``result``'s keys, atomically; keys it does not name (another part's) are kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**old, **result}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def ray_data_overhead(n: int, d: int, n_target: int, pairs: int, num_shards: int | None) -> dict:
+    """Wall time of IWR (exact) on the Ray Data executor over the task grid, ``pairs`` ABBA pairs of runs."""
+    import tempfile
+
+    import pyarrow as pa
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from iwr_kernels import embedding_table
+
+    from distcur.data import embeddings_key
+    from distcur.distributed.session import ensure_ray
+    from distcur.score.iwr import run_iwr
+    from distcur.store import Store
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+    steps = 50
+    prior = (rng.normal(size=(n, d)) @ a.T).reshape(n // steps, steps, d)
+    target = (rng.normal(size=(n_target, d)) * 0.5 @ a.T + 0.5).reshape(n_target // steps, steps, d)
+    ensure_ray(num_cpus=os.cpu_count())
+    walls: dict[str, list[float]] = {"tasks": [], "ray-data": []}
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(tmp)
+        prior_key, target_key = embeddings_key("bench", "prior"), embeddings_key("bench", "target")
+        store.write_table(prior_key, embedding_table(prior, "prior"), stage="embed", rows_per_part=50_000)
+        store.write_table(target_key, embedding_table(target, "target"), stage="embed")
+        small_key = embeddings_key("bench", "small")
+        store.write_table(small_key, embedding_table(prior[:40], "small"), stage="embed")
+        for executor in walls:  # warm-up: worker processes, Ray Data's executor, the numba kernel's cache
+            run_iwr(store, [small_key], target_key, f"scores/warm-{executor}", num_shards=2, executor=executor)
+        reference: pa.Table | None = None
+        order = [e for _ in range(pairs) for e in ("tasks", "ray-data", "ray-data", "tasks")][: 2 * pairs]
+        for i, executor in enumerate(order):
+            key = f"scores/{executor}-{i}"
+            load = os.getloadavg()
+            t = time.perf_counter()
+            m = run_iwr(store, [prior_key], target_key, key, num_shards=num_shards, executor=executor)
+            wall = time.perf_counter() - t
+            table = store.read_table(key).sort_by([("source", "ascending"), ("episode", "ascending"),
+                                                   ("step", "ascending")])
+            reference = table if reference is None else reference
+            walls[executor].append(wall)
+            runs.append({"executor": executor, "wall_s": wall, "compute_s": m.metadata["compute_s"],
+                         "num_shards": m.metadata["num_shards"], "scores_equal_first_task_grid": table.equals(reference),
+                         "loadavg_before": load, "loadavg_after": os.getloadavg()})
+            print(json.dumps(runs[-1]), flush=True)
+    return {
+        "ray_data_kde_overhead": sum(walls["ray-data"]) / sum(walls["tasks"]),
+        "ray_data_kde": {
+            "what": "wall of run_iwr(executor='ray-data') / run_iwr(executor='tasks'), exact IWR, sums over the runs",
+            "prior_steps": n, "target_steps": n_target, "dim": d, "num_shards": runs[0]["num_shards"],
+            "ray_cpus": os.cpu_count(), "order": order,
+            "overhead_per_pair": [rd / tg for tg, rd in zip(walls["tasks"], walls["ray-data"], strict=True)],
+            "wall_s": walls, "scores_equal": all(r["scores_equal_first_task_grid"] for r in runs), "runs": runs,
+            "goal": "<= 1.15",
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numpy-queries", type=int, default=10_000)
     p.add_argument("--gemm-queries", type=int, default=16_384)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--parts", nargs="+", choices=("kernel", "ray-data"), default=["kernel", "ray-data"],
+                   help="kernel: the log-KDE vs scipy / sklearn / numpy / GEMM; ray-data: ray_data_kde_overhead")
+    p.add_argument("--ray-data-prior", type=int, default=200_000, help="ray-data: prior steps N")
+    p.add_argument("--ray-data-pairs", type=int, default=2, help="ray-data: (task grid, Ray Data) run pairs")
+    p.add_argument("--ray-data-shards", type=int, default=None, help="ray-data: shards (default: run_iwr's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     subsets = {"scipy": args.scipy_queries, "sklearn": args.sklearn_queries, "numpy": args.numpy_queries,
@@ -218,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine_before": machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if "ray-data" in args.parts:
+        overhead = ray_data_overhead(args.ray_data_prior, 16, 2000, args.ray_data_pairs, args.ray_data_shards)
+        overhead["ray_data_kde"]["machine_before"] = result["machine_before"]
+        overhead["ray_data_kde"]["machine_after"] = machine()
+        write(args.out, overhead)
+    if "kernel" not in args.parts:
+        print(f"wrote {args.out}")
+        return 0
     for d in args.dims:
         rng = np.random.default_rng(0)
         a = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
