@@ -24,6 +24,7 @@ Usage: python benchmarks/bench_kde.py [--queries 200000] [--refs 20000] [--dims 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -118,56 +119,52 @@ def best_time(fn, repeats: int = 50) -> float:
 
 
 def op_profile(q: np.ndarray, r: np.ndarray, h: float) -> dict:
-    """Time of each op of the log-KDE, single-threaded, in ns per query x reference pair (fastest of many).
+    """Time of each op of the log-KDE, single-threaded, in ns per query x reference pair.
 
-    One query block (the KDE's shape) against ``len(r)`` references: the GEMM per reference block, the
-    fused exp kernel, the first block's row maxima (the shift, once per query block), the GEMM + exp
-    loop, the whitening (per query, spread over the references) and the whole of
-    :func:`log_kde_partial_sums` on one query block (its reference-side setup, O(M d), then counts in
-    full: an upper bound); ``setup_and_python`` is what that adds to the loop.
+    Every op is timed alone on the KDE's block shape, fastest of many calls of ~50-150 us each (so
+    that some run uninterrupted even on a loaded machine): the GEMM of one block, the fused exp
+    kernel, the first block's row maxima (the shift, once per query block: spread over the reference
+    blocks), the Python of one block (GEMM + kernel called back to back, less the two), the
+    per-query-block setup (one 512 x 512 call of :func:`log_kde_partial_sums` less its GEMM, kernel
+    and shift) and the whitening, both spread over the ``len(r)`` references. Their sum predicts the
+    single-threaded GEMM fraction of an uninterrupted machine, ``predicted_gemm_fraction_1_thread``.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         white = whitening(r, "refs")
-        nq = min(len(q), BLOCK_QUERIES)  # one block: short enough for an uninterrupted run on a loaded machine
-        yq, yr = white.apply(q[:nq]), white.apply(r)
+        bq, br = BLOCK_QUERIES, BLOCK_REFS
+        yq, yr = white.apply(q[:bq]), white.apply(r[:br])
         m, d = len(r), q.shape[1]
-        qi = torch.from_numpy(yq[:BLOCK_QUERIES])
-        blocks = [torch.from_numpy(np.ascontiguousarray(yr[j : j + BLOCK_REFS].T)) for j in range(0, m, BLOCK_REFS)]
-        col = np.zeros(BLOCK_REFS, np.float32)
-        buf = torch.empty(BLOCK_QUERIES, BLOCK_REFS)
-        shift, tot = np.zeros(BLOCK_QUERIES, np.float32), np.zeros(BLOCK_QUERIES)
-        full = [b for b in blocks if b.shape[1] == BLOCK_REFS]
-        pairs_block = BLOCK_QUERIES * BLOCK_REFS
+        qi, rt = torch.from_numpy(yq), torch.from_numpy(np.ascontiguousarray(yr.T))
+        col = np.zeros(br, np.float32)
+        buf = torch.empty(bq, br)
+        shift, tot = np.zeros(bq, np.float32), np.zeros(bq)
+        pairs = bq * br
 
-        def gemm_loop():
-            for b in full:
-                torch.mm(qi, b, out=buf)
+        def gemm_exp():
+            torch.mm(qi, rt, out=buf)
+            exp2_row_sums(buf.numpy(), col, shift, tot)
 
-        def gemm_exp_loop():
-            for b in full:
-                torch.mm(qi, b, out=buf)
-                exp2_row_sums(buf.numpy(), col, shift, tot)
-
-        kernel = lambda: log_kde_partial_sums(yq, yr, h, threads=1)  # noqa: E731
-        kernel()
-        ns = lambda t, pairs: t / pairs * 1e9  # noqa: E731
-        gemm = ns(best_time(gemm_loop, 20), len(full) * pairs_block)
-        loop = ns(best_time(gemm_exp_loop, 20), len(full) * pairs_block)
-        out = {
-            "block": [BLOCK_QUERIES, BLOCK_REFS], "refs": m, "dim": d,
-            "gemm": gemm,
-            "exp_kernel": ns(best_time(lambda: exp2_row_sums(buf.numpy(), col, shift, tot), 200), pairs_block),
-            "first_block_shift": ns(best_time(lambda: (buf + torch.from_numpy(col)).amax(1), 200), pairs_block)
-            / len(blocks),
-            "gemm_plus_exp_loop": loop,
-            "whitening_per_query": ns(best_time(lambda: white.apply(q[:BLOCK_QUERIES]), 200), BLOCK_QUERIES * m),
-            "log_kde_partial_sums": ns(best_time(kernel, 30), nq * m),
-        }
-        out["gemm_gflops_1_thread"] = 2 * d / gemm
-        out["gemm_fraction_1_thread"] = gemm / out["log_kde_partial_sums"]
-        out["setup_and_python"] = out["log_kde_partial_sums"] - loop
+        one_block = lambda: log_kde_partial_sums(yq, yr, h, threads=1)  # noqa: E731
+        one_block()
+        ns = lambda fn: best_time(fn, 300) / pairs * 1e9  # noqa: E731
+        out = {"block": [bq, br], "refs": m, "dim": d,
+               "gemm": ns(lambda: torch.mm(qi, rt, out=buf)),
+               "exp_kernel": ns(lambda: exp2_row_sums(buf.numpy(), col, shift, tot)),
+               "shift_once_per_query_block": ns(lambda: (buf + torch.from_numpy(col)).amax(1))}
+        out["python_per_block"] = max(0.0, ns(gemm_exp) - out["gemm"] - out["exp_kernel"])
+        block_call = ns(one_block) - out["gemm"] - out["exp_kernel"] - out["shift_once_per_query_block"]
+        spread = br / m  # per-query-block costs over all M references
+        out["setup_per_query_block_spread"] = max(0.0, block_call) * spread
+        nw = min(len(q), 8 * bq)  # per query, at a size where its memory traffic shows
+        out["whitening_spread"] = best_time(lambda: white.apply(q[:nw]), 100) / (nw * m) * 1e9
+        out["shift_spread"] = out["shift_once_per_query_block"] * spread
+        total = (out["gemm"] + out["exp_kernel"] + out["python_per_block"] + out["shift_spread"]
+                 + out["setup_per_query_block_spread"] + out["whitening_spread"])
+        out["total"] = total
+        out["gemm_gflops_1_thread"] = 2 * d / out["gemm"]
+        out["predicted_gemm_fraction_1_thread"] = out["gemm"] / total
         return out
     finally:
         torch.set_num_threads(threads)
@@ -253,6 +250,15 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def kde_inputs(d: int, args) -> tuple[np.ndarray, np.ndarray, float]:
+    """(queries, refs, Scott's h) of dimension ``d``, seed 0 (``inputs.data`` of the results)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+    q = (rng.normal(size=(args.queries, d)) @ a.T).astype(np.float32)
+    r = (rng.normal(size=(args.refs, d)) @ a.T + 0.1).astype(np.float32)
+    return q, r, scott_factor(args.refs, d)
+
+
 def machine() -> dict:
     try:
         load = os.getloadavg()
@@ -300,10 +306,13 @@ def ray_data_overhead(n: int, d: int, n_target: int, pairs: int, num_shards: int
     steps = 50
     prior = (rng.normal(size=(n, d)) @ a.T).reshape(n // steps, steps, d)
     target = (rng.normal(size=(n_target, d)) * 0.5 @ a.T + 0.5).reshape(n_target // steps, steps, d)
+    import ray
+
     ensure_ray(num_cpus=os.cpu_count())
     walls: dict[str, list[float]] = {"tasks": [], "ray-data": []}
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        stack.callback(ray.shutdown)
         store = Store(tmp)
         prior_key, target_key = embeddings_key("bench", "prior"), embeddings_key("bench", "target")
         store.write_table(prior_key, embedding_table(prior, "prior"), stage="embed", rows_per_part=50_000)
@@ -359,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numpy-queries", type=int, default=10_000)
     p.add_argument("--gemm-queries", type=int, default=16_384)
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--parts", nargs="+", choices=("kernel", "ray-data"), default=["kernel", "ray-data"],
-                   help="kernel: the log-KDE vs scipy / sklearn / numpy / GEMM; ray-data: ray_data_kde_overhead")
+    p.add_argument("--parts", nargs="+", choices=("kernel", "ray-data", "ops"), default=["kernel", "ray-data"],
+                   help="kernel: the log-KDE vs scipy / sklearn / numpy / GEMM (with each d's op profile); "
+                        "ray-data: ray_data_kde_overhead; ops: the op profiles alone (op_profile_ns_per_pair)")
     p.add_argument("--ray-data-prior", type=int, default=200_000, help="ray-data: prior steps N")
     p.add_argument("--ray-data-pairs", type=int, default=2, help="ray-data: (task grid, Ray Data) run pairs")
     p.add_argument("--ray-data-shards", type=int, default=None, help="ray-data: shards (default: run_iwr's)")
@@ -382,15 +392,18 @@ def main(argv: list[str] | None = None) -> int:
         overhead["ray_data_kde"]["machine_before"] = result["machine_before"]
         overhead["ray_data_kde"]["machine_after"] = machine()
         write(args.out, overhead)
+    if "ops" in args.parts:  # robust on a loaded machine: every op timed alone, fastest of many short calls
+        profiles = {"machine": machine(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for d in args.dims:
+            q, r, h = kde_inputs(d, args)
+            profiles[f"d{d}"] = op_profile(q, r, h)
+            print(json.dumps({"d": d, "op_profile_ns_per_pair": profiles[f"d{d}"]}), flush=True)
+        write(args.out, {"op_profile_ns_per_pair": profiles})
     if "kernel" not in args.parts:
         print(f"wrote {args.out}")
         return 0
     for d in args.dims:
-        rng = np.random.default_rng(0)
-        a = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
-        q = (rng.normal(size=(args.queries, d)) @ a.T).astype(np.float32)
-        r = (rng.normal(size=(args.refs, d)) @ a.T + 0.1).astype(np.float32)
-        h = scott_factor(args.refs, d)
+        q, r, h = kde_inputs(d, args)
         runs = []
         profile = op_profile(q, r, h)
         print(json.dumps({"d": d, "op_profile_ns_per_pair": profile}), flush=True)

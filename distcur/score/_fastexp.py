@@ -17,8 +17,6 @@ the kernel releases the GIL, so one Python thread per core runs GEMM + kernel on
 Exponents are clamped to [-126, 126] first: terms below 2^-126 relative to the row's shift flush
 to 0 (they cannot matter next to the shift's own term, 1), and a term above 2^126 would make the
 row sum overflow, which the caller detects (sum > :data:`OVERFLOW`) and recomputes exactly.
-
-:func:`whiten_rows` (the KDE's whitening, one pass in float64) is compiled here too.
 """
 
 from __future__ import annotations
@@ -79,19 +77,3 @@ def exp2_row_sums(e, col, shift, sums):  # pragma: no cover - compiled
             s += p * _pow2_biased(n + _EXP_BIAS)
         sums[i] += s
 
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def whiten_rows(x, mean, inv_t, out):  # pragma: no cover - compiled
-    """``out[i] = (x[i] - mean) @ inv_t`` in float64, one row at a time, for ``inv_t`` = (L^-1)^T with L
-    lower-triangular: the whitening of :class:`distcur.score.kde.Whitening`, in one pass over ``x``
-    (a triangular solve over all rows, or a float64 GEMM with its temporaries, took 5-10x longer)."""
-    n, d = x.shape
-    c = np.empty(d)
-    for i in range(n):
-        for k in range(d):
-            c[k] = np.float64(x[i, k]) - mean[k]
-        for j in range(d):
-            acc = 0.0
-            for k in range(j + 1):  # (L^-1)[j, k] = 0 for k > j
-                acc += c[k] * inv_t[k, j]
-            out[i, j] = acc
