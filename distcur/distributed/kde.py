@@ -11,6 +11,14 @@ reference shard k; a combine task per block reduces its K partials by logsumexp,
 task turns block i into a Parquet part of the scores table. No task ever holds more than two
 shards; the driver holds only object references, the whitenings and the target set.
 
+``executor="ray-data"`` runs pass 3 on Ray Data instead: each load task returns its shard as one
+Arrow table (ids, whitened ``y``, target log-sums), the tables are a dataset of query blocks
+(``ray.data.from_arrow_refs``), and one ``map_batches`` task per block (``batch_size=None``: the
+whole block; :func:`_score_block` refuses a batch spanning two) fetches the reference shards (the
+same tables in exact mode, the subsample rows otherwise) one at a time with ``ray.get``,
+logsumexp-combines the partials exactly as the grid's combine task does and writes the block's
+part: the same bits, the same two-shard bound, Ray Data's retries on a lost node.
+
 Subsample mode replaces the prior references by a uniform random subsample of ``s`` prior points
 (without replacement: the KDE mean is unbiased for the exact one). Its error is reported two ways:
 the per-point relative standard deviation of the density estimate from the subsample's own second
