@@ -104,6 +104,7 @@ class RandomConfig:
 BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
 IWR_MODES = ("exact", "subsample")
 IWR_KERNELS = ("shared-prior", "per-set")
+KDE_EXECUTORS = ("tasks", "ray-data")  # distcur.distributed.kde
 
 
 def parse_bandwidth(value: str | float) -> str | float:
@@ -132,6 +133,9 @@ class IwrConfig:
     mode: str = _opt("exact", "KDE over every prior point (exact, default) or a subsample", choices=IWR_MODES)
     num_shards: int | None = _opt(None, "prior shards for the KDE partial sums (default: one per 100k rows)")
     subsample: int | None = _opt(None, "reference subsample size in subsample mode")
+    executor: str | None = _opt(None, "how the KDE partial sums run on Ray: a grid of Ray tasks (tasks, default) or "
+                                      "a Ray Data dataset of query blocks (ray-data); the same scores either way",
+                                flag="--kde-executor", choices=KDE_EXECUTORS)
 
     def __post_init__(self):
         object.__setattr__(self, "bandwidth", parse_bandwidth(self.bandwidth))
@@ -145,6 +149,8 @@ class IwrConfig:
             raise ValueError("subsample is only used with mode='subsample'; got mode='exact'")
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+        if self.executor is not None and self.executor not in KDE_EXECUTORS:
+            raise ValueError(f"unknown IWR KDE executor {self.executor!r}: expected one of {KDE_EXECUTORS}")
 
 
 # -- the registry --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ while the stage is running: as soon as its first output part is committed, so th
 still in flight on both nodes. Ray retries the lost tasks and rebuilds lost objects from
 lineage on the head, and the stage's output must equal an undisturbed run's exactly:
 
-- IWR (distributed KDE partial sums, :func:`distcur.score.iwr.run_iwr`): scores table;
+- IWR (distributed KDE partial sums, :func:`distcur.score.iwr.run_iwr`, as a Ray task grid and on
+  Ray Data): scores table;
 - a DataMIL regression batch run (:func:`distcur.distributed.datamodels.run_subset_batches`):
   the merged (model, proxy loss) table.
 """
@@ -99,7 +100,8 @@ def _parts_committed(store: Store, key: str) -> int:
 
 
 @pytest.mark.slow
-def test_iwr_scores_survive_losing_a_node(cluster, tmp_path):
+@pytest.mark.parametrize("executor", ["tasks", "ray-data"])
+def test_iwr_scores_survive_losing_a_node(cluster, tmp_path, executor):
     from distcur.score.iwr import run_iwr
 
     store = Store(str(tmp_path / "store"))
@@ -115,11 +117,14 @@ def test_iwr_scores_survive_losing_a_node(cluster, tmp_path):
     num_shards = 12
 
     _add_worker(cluster)
-    reference = run_iwr(store, prior_keys, target_key, "scores/iwr-undisturbed", num_shards=num_shards)
+    reference = run_iwr(store, prior_keys, target_key, "scores/iwr-undisturbed", num_shards=num_shards,
+                        executor=executor)
 
     worker = _add_worker(cluster)
     with NodeKiller(cluster, worker, lambda: _parts_committed(store, "scores/iwr-disturbed")) as killer:
-        disturbed = run_iwr(store, prior_keys, target_key, "scores/iwr-disturbed", num_shards=num_shards)
+        disturbed = run_iwr(store, prior_keys, target_key, "scores/iwr-disturbed", num_shards=num_shards,
+                            executor=executor)
+    assert disturbed.metadata["executor"] == executor
     assert killer.error is None, killer.error
     assert killer.progress_at_removal is not None, "the worker node was never removed"
     assert killer.progress_at_removal < num_shards, "the stage finished before the node was removed"

@@ -11,6 +11,14 @@ reference shard k; a combine task per block reduces its K partials by logsumexp,
 task turns block i into a Parquet part of the scores table. No task ever holds more than two
 shards; the driver holds only object references, the whitenings and the target set.
 
+``executor="ray-data"`` runs pass 3 on Ray Data instead: each load task returns its shard as one
+Arrow table (ids, whitened ``y``, target log-sums), the tables are a dataset of query blocks
+(``ray.data.from_arrow_refs``), and one ``map_batches`` task per block (``batch_size=None``: the
+whole block; :func:`_score_block` refuses a batch spanning two) fetches the reference shards (the
+same tables in exact mode, the subsample rows otherwise) one at a time with ``ray.get``,
+logsumexp-combines the partials exactly as the grid's combine task does and writes the block's
+part: the same bits, the same two-shard bound, Ray Data's retries on a lost node.
+
 Subsample mode replaces the prior references by a uniform random subsample of ``s`` prior points
 (without replacement: the KDE mean is unbiased for the exact one). Its error is reported two ways:
 the per-point relative standard deviation of the density estimate from the subsample's own second
@@ -29,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distcur.distributed.session import ensure_ray
+from distcur.methods import KDE_EXECUTORS
 from distcur.progress import bar
 from distcur.schema import EMBEDDING_SCHEMA, SCORE_SCHEMA, describe_row, list_column_to_numpy
 from distcur.score.kde import (
@@ -44,6 +53,10 @@ from distcur.store import Manifest, Store
 ROWS_PER_SHARD = 100_000
 PROBE_POINTS = 256
 SEED = 0
+# How pass 3 runs: "tasks", a grid of plain Ray tasks (query block x reference shard, a combine and a
+# write task per block), or "ray-data", a Ray Data dataset of the query blocks mapped one task per block.
+EXECUTORS = KDE_EXECUTORS
+DEFAULT_EXECUTOR = "tasks"
 ID_COLUMNS = ("source", "episode", "step")
 
 
@@ -135,8 +148,32 @@ def _load_shard(store: Store, ranges: list[RowRange], white: Whitening, target_w
     return y, table.select(list(ID_COLUMNS)), y[sub_local], y[probe_local], lse_t
 
 
-def _partial(queries: np.ndarray, refs: np.ndarray, h: float) -> np.ndarray:
-    return log_kde_partial_sums(queries, refs, h)
+def _partial(queries: np.ndarray | pa.Table, refs: np.ndarray | pa.Table, h: float) -> np.ndarray:
+    return log_kde_partial_sums(_points(queries), _points(refs), h)
+
+
+def _points(block: np.ndarray | pa.Table) -> np.ndarray:
+    """The whitened points [rows, d] of a shard: an array (task grid) or a query-block table's ``y`` (Ray Data)."""
+    if isinstance(block, np.ndarray):
+        return block
+    y = block.column("y").combine_chunks()
+    return y.flatten().to_numpy().reshape(len(y), y.type.list_size)
+
+
+def _load_block(store: Store, ranges: list[RowRange], white: Whitening, target_white: Whitening | None,
+                target_y: np.ndarray, h_t: float, sub_local: np.ndarray, probe_local: np.ndarray, block: int):
+    """:func:`_load_shard` for the Ray Data path: (query-block table, subsample rows, probe rows).
+
+    The table (one row per prior step: block, source, episode, step, ``y`` the whitened point as a
+    fixed-size list, lse_target) is at once a block of the Ray Data dataset of queries and, in exact
+    mode, a reference shard: the object store holds one whitened copy of each shard.
+    """
+    y, ids, sub, probe, lse_t = _load_shard(store, ranges, white, target_white, target_y, h_t, sub_local, probe_local)
+    points = pa.FixedSizeListArray.from_arrays(pa.array(y.ravel(), pa.float32()), y.shape[1])
+    table = pa.Table.from_arrays(
+        [pa.array(np.full(len(y), block, np.int64)), *ids.columns, points, pa.array(lse_t, pa.float64())],
+        names=["block", *ids.column_names, "y", "lse_target"])
+    return table, sub, probe
 
 
 def _combine(*partials: np.ndarray) -> np.ndarray:
@@ -167,6 +204,94 @@ def _write_scores(store: Store, rel: str, ids: pa.Table, lse_target: np.ndarray,
     return rel, len(log_w), (float(log_w.min()), float(log_w.max()), float(log_w.sum())), rel_std
 
 
+def _pass3_task_grid(ray, store: Store, data_dir: str, loads: list[tuple], h: float, const: float, s: int, n: int):
+    """Pass 3 as a grid of Ray tasks: (results in block order, y refs, reference refs, probe refs)."""
+    load = ray.remote(num_returns=5)(_load_shard)
+    blocks = [load.remote(*args) for args in loads]
+    y_refs = [b[0] for b in blocks]
+    partial, combine, write = ray.remote(_partial), ray.remote(_combine), ray.remote(_write_scores)
+    ref_blocks = [b[2] for b in blocks] if s else y_refs
+    pending = []
+    for i, (y_i, ids_i, _, _, lse_t) in enumerate(blocks):
+        lse_p = combine.remote(*[partial.remote(y_i, r, h) for r in ref_blocks])
+        lse_sq = combine.remote(*[partial.remote(y_i, r, h / math.sqrt(2)) for r in ref_blocks]) if s else None
+        rel = f"{data_dir}/part-{i:05d}.parquet"
+        pending.append(write.remote(store, rel, ids_i, lse_t, lse_p, const, lse_sq, max(s, 1), n))
+    with bar(total=len(pending), desc="IWR log-KDE blocks", unit="block") as progress:
+        remaining = list(pending)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            progress.update(len(ready))
+    return ray.get(pending), y_refs, ref_blocks, [b[3] for b in blocks]
+
+
+# Errors a Ray Data block reports back as data, raised on the driver with their own type (as the task grid's are).
+_BLOCK_ERRORS = {e.__name__: e for e in (ValueError, FloatingPointError)}
+
+
+def _score_block(batch: pa.Table, store: Store, data_dir: str, ref_blocks: list, h: float, const: float, s: int,
+                 n: int) -> pa.Table:
+    """One query block of the Ray Data path: its log-sums against every reference shard, fetched one at a
+    time, logsumexp-combined and written as part ``block`` of the scores table; returns one row (block,
+    pickled :func:`_write_scores` result, error type, message)."""
+    import pickle
+
+    import ray
+
+    blocks = np.unique(batch.column("block").to_numpy())
+    if len(blocks) != 1:  # the memory bound: one query block per call (batch_size=None: Ray Data's whole block)
+        raise RuntimeError(f"IWR Ray Data batch spans query blocks {blocks.tolist()}; expected exactly one")
+    i = int(blocks[0])
+    try:
+        y = _points(batch)
+        partials, partials_sq = [], []
+        for ref in ref_blocks:
+            r = _points(ray.get(ref))  # this block + one reference shard: never more than two shards
+            partials.append(log_kde_partial_sums(y, r, h))
+            if s:
+                partials_sq.append(log_kde_partial_sums(y, r, h / math.sqrt(2)))
+            del r
+        ids = batch.select(list(ID_COLUMNS))
+        result = _write_scores(store, f"{data_dir}/part-{i:05d}.parquet", ids, batch.column("lse_target").to_numpy(),
+                               _combine(*partials), const, _combine(*partials_sq) if s else None, max(s, 1), n)
+        out = (pickle.dumps(result), "", "")
+    except tuple(_BLOCK_ERRORS.values()) as e:
+        out = (b"", type(e).__name__, str(e))
+    return pa.table({"block": [i], "result": [out[0]], "error": [out[1]], "message": [out[2]]})
+
+
+def _pass3_ray_data(ray, store: Store, data_dir: str, loads: list[tuple], h: float, const: float, s: int, n: int):
+    """Pass 3 on Ray Data: the query blocks (one per shard, in the object store) as a dataset, one map task
+    per block against every reference shard. Returns what :func:`_pass3_task_grid` does."""
+    import pickle
+
+    import ray.data
+
+    load = ray.remote(num_returns=3)(_load_block)
+    blocks = [load.remote(*args, i) for i, args in enumerate(loads)]
+    tables = [b[0] for b in blocks]
+    ref_blocks = [b[1] for b in blocks] if s else tables
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # distcur's own bar below
+    try:
+        ds = ray.data.from_arrow_refs(tables).map_batches(
+            _score_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True, num_cpus=1,
+            fn_kwargs={"store": store, "data_dir": data_dir, "ref_blocks": ref_blocks, "h": h, "const": const,
+                       "s": s, "n": n})
+        results: dict[int, tuple] = {}
+        with bar(total=len(tables), desc="IWR log-KDE blocks (Ray Data)", unit="block") as progress:
+            for row in ds.iter_rows():
+                if row["error"]:
+                    raise _BLOCK_ERRORS[row["error"]](row["message"])
+                results[int(row["block"])] = pickle.loads(row["result"])
+                progress.update(1)
+    finally:
+        ctx.enable_progress_bars = bars
+    if sorted(results) != list(range(len(tables))):
+        raise RuntimeError(f"IWR Ray Data pass returned blocks {sorted(results)}; expected 0..{len(tables) - 1}")
+    return [results[i] for i in range(len(tables))], tables, ref_blocks, [b[2] for b in blocks]
+
+
 def relative_std(lse: np.ndarray, lse_sq: np.ndarray, s: int, n: int) -> np.ndarray:
     """Relative std of the subsample density estimate mean_j K_j from s of n references.
 
@@ -180,7 +305,7 @@ def relative_std(lse: np.ndarray, lse_sq: np.ndarray, s: int, n: int) -> np.ndar
 
 def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_key: str, bandwidth: str | float,
                     mode: str, kernel: str, num_shards: int | None, subsample: int | None,
-                    address: str | None) -> Manifest:
+                    address: str | None, executor: str = DEFAULT_EXECUTOR) -> Manifest:
     """See :func:`distcur.score.iwr.run_iwr` (the public entry point, which validates arguments)."""
     import ray
 
@@ -235,31 +360,15 @@ def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_ke
     def local(idx: np.ndarray, i: int) -> np.ndarray:
         return idx[(idx >= starts[i]) & (idx < starts[i + 1])] - starts[i]
 
-    load = ray.remote(num_returns=5)(_load_shard)
-    target_ref = ray.put(target_y)
-    own = None if t_white is white else t_white
-    blocks = [load.remote(store, sh, white, own, target_ref, h_t, local(sub_idx, i), local(probe_idx, i))
-              for i, sh in enumerate(shards)]
-    y_refs = [b[0] for b in blocks]
-    partial, combine = ray.remote(_partial), ray.remote(_combine)
-    ref_blocks = [b[2] for b in blocks] if s else y_refs
+    own, target_ref = None if t_white is white else t_white, ray.put(target_y)
+    loads = [(store, sh, white, own, target_ref, h_t, local(sub_idx, i), local(probe_idx, i))
+             for i, sh in enumerate(shards)]
     num_refs = s if s else n
     writer = store.writer(out_key, stage="score", config=config, inputs=inputs)
-    write = ray.remote(_write_scores)
     const = log_weight_constant(h_t, h_p, len(target_y), num_refs, d, t_white, white)
-    pending = []
-    for i, (y_i, ids_i, _, _, lse_t) in enumerate(blocks):
-        lse_p = combine.remote(*[partial.remote(y_i, r, h_p) for r in ref_blocks])
-        lse_sq = combine.remote(*[partial.remote(y_i, r, h_p / math.sqrt(2)) for r in ref_blocks]) if s else None
-        rel = f"{writer.data_dir}/part-{i:05d}.parquet"
-        pending.append(write.remote(store, rel, ids_i, lse_t, lse_p, const, lse_sq, max(s, 1), n))
+    run_pass3 = _pass3_ray_data if executor == "ray-data" else _pass3_task_grid
     try:
-        with bar(total=len(pending), desc="IWR log-KDE blocks", unit="block") as progress:
-            remaining = list(pending)
-            while remaining:
-                ready, remaining = ray.wait(remaining, num_returns=1)
-                progress.update(len(ready))
-        results = ray.get(pending)
+        results, y_refs, ref_blocks, probe_refs = run_pass3(ray, store, writer.data_dir, loads, h_p, const, s, n)
     except BaseException:
         writer.abort()
         raise
@@ -275,21 +384,23 @@ def distributed_iwr(store: Store, prior_keys: list[str], target_key: str, out_ke
         "num_prior": n,
         "num_target": len(target_y),
         "num_shards": k,
-        "tasks": {"load_and_target_sums": k, "partial_sums": k * len(ref_blocks) * (2 if s else 1),
-                  "combine": k * (2 if s else 1)},
+        "executor": executor,
+        "tasks": ({"load_and_target_sums": k, "partial_sums": k * len(ref_blocks) * (2 if s else 1),
+                   "combine": k * (2 if s else 1)} if executor == "tasks"
+                  else {"load_and_target_sums": k, "ray_data_query_blocks": k}),
         "log_w": {"min": min(r[2][0] for r in results), "max": max(r[2][1] for r in results),
                   "mean": sum(r[2][2] for r in results) / n},
     }
     if s:
-        metadata["subsample"] = _subsample_error(ray, results, blocks, y_refs, ref_blocks, h_p, s, n)
+        metadata["subsample"] = _subsample_error(ray, results, probe_refs, y_refs, ref_blocks, h_p, s, n)
     metadata["compute_s"] = round(time.time() - t0, 3)
     return writer.commit(metadata)
 
 
-def _subsample_error(ray, results, blocks, y_refs, ref_blocks, h: float, s: int, n: int) -> dict:
+def _subsample_error(ray, results, probe_refs, y_refs, ref_blocks, h: float, s: int, n: int) -> dict:
     """Estimated (subsample variance) and measured (probe set vs exact) error of the prior density."""
     rel_std = np.concatenate([r[3] for r in results])
-    probe = np.concatenate(ray.get([b[3] for b in blocks]))
+    probe = np.concatenate(ray.get(probe_refs))
     probe_ref = ray.put(probe)
     partial = ray.remote(_partial)
     exact = combine_log_partials(ray.get([partial.remote(probe_ref, r, h) for r in y_refs])) - math.log(n)

@@ -396,8 +396,8 @@ def score(store: Store, method: str, target_task: str, out_run: str, prior_sourc
 
     ``opts``: the fields of the method's config in :mod:`distcur.methods` (``StateNearestConfig``,
     ``BrConfig``, ``StrapConfig``, ``RandomConfig``, ``IwrConfig``), checked there: an option the
-    method does not take is an error. ``prior_sources`` (default: every non-target source),
-    ``address`` (Ray).
+    method does not take is an error (IWR's ``executor``: "tasks" or "ray-data", the same
+    scores either way). ``prior_sources`` (default: every non-target source), ``address`` (Ray).
     """
     if method not in SCORE_METHODS:
         raise ValueError(f"unknown score method {method!r}; expected one of {SCORE_METHODS}")

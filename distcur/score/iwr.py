@@ -132,6 +132,7 @@ def run_iwr(
     num_shards: int | None = None,
     subsample: int | None = None,
     address: str | None = None,
+    executor: str | None = None,
 ) -> Manifest:
     """Score every prior step by IWR on Ray and commit a scores table (SCORE_SCHEMA, method="iwr").
 
@@ -142,15 +143,21 @@ def run_iwr(
     ``kernel``: ``"shared-prior"`` or ``"per-set"`` (module docstring). ``bandwidth="likelihood"``
     holds out whole target episodes (source, episode). ``num_shards``: reference shards = query
     blocks (default: one per 100k prior rows).
-    ``address``: a Ray cluster to join (default: local Ray or RAY_ADDRESS).
+    ``address``: a Ray cluster to join (default: local Ray or RAY_ADDRESS). ``executor``: how the
+    KDE partial sums run, ``"tasks"`` (a grid of Ray tasks) or ``"ray-data"`` (a Ray Data dataset of
+    query blocks); the same numbers either way (default
+    :data:`distcur.distributed.kde.DEFAULT_EXECUTOR`).
     """
+    from distcur.distributed.kde import DEFAULT_EXECUTOR
     from distcur.methods import IwrConfig
 
-    bandwidth = IwrConfig(bandwidth=bandwidth, mode=mode, kernel=kernel, num_shards=num_shards,
-                          subsample=subsample).bandwidth  # the options' checks; "0.3" -> 0.3
+    bandwidth = IwrConfig(bandwidth=bandwidth, mode=mode, kernel=kernel, num_shards=num_shards, subsample=subsample,
+                          executor=executor).bandwidth  # the options' checks; "0.3" -> 0.3
+    executor = DEFAULT_EXECUTOR if executor is None else executor
     if not prior_keys:
         raise ValueError("run_iwr: prior_keys is empty")
     from distcur.distributed.kde import distributed_iwr
 
     return distributed_iwr(store, list(prior_keys), target_key, out_key, bandwidth=bandwidth, mode=mode,
-                           kernel=kernel, num_shards=num_shards, subsample=subsample, address=address)
+                           kernel=kernel, num_shards=num_shards, subsample=subsample, address=address,
+                           executor=executor)

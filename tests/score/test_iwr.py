@@ -73,6 +73,32 @@ def test_sharded_ray_equals_single_process(ray_session, store_with_embeddings, p
     assert manifest.metadata["bandwidth"]["h_prior"] == pytest.approx(1200 ** (-1 / 8))
 
 
+@pytest.mark.parametrize(("mode", "kernel"), [("exact", "shared-prior"), ("subsample", "shared-prior")])
+def test_ray_data_executor_gives_the_task_grid_scores(ray_session, store_with_embeddings, mode, kernel):
+    store, keys, target_key = store_with_embeddings
+    opts = {"mode": mode, "kernel": kernel, "num_shards": 3, **({"subsample": 400} if mode == "subsample" else {})}
+    grid = run_iwr(store, keys, target_key, f"scores/grid-{mode}-{kernel}", executor="tasks", **opts)
+    data = run_iwr(store, keys, target_key, f"scores/data-{mode}-{kernel}", executor="ray-data", **opts)
+    assert (grid.metadata["executor"], data.metadata["executor"]) == ("tasks", "ray-data")
+    assert data.metadata["tasks"] == {"load_and_target_sums": 3, "ray_data_query_blocks": 3}
+    assert data.rows == grid.rows == 1200
+    # the same kernels on the same blocks, combined the same way: equal to the last bit
+    assert read_scores(store, f"scores/data-{mode}-{kernel}").equals(read_scores(store, f"scores/grid-{mode}-{kernel}"))
+    assert data.metadata["log_w"] == grid.metadata["log_w"]
+    if mode == "subsample":
+        assert data.metadata["subsample"] == grid.metadata["subsample"]
+
+
+def test_ray_data_block_refuses_a_batch_of_two_query_blocks(tmp_path):
+    from distcur.distributed.kde import _score_block
+
+    batch = pa.table({"block": [0, 1], "source": ["a", "a"], "episode": [0, 0], "step": [0, 1],
+                      "y": pa.FixedSizeListArray.from_arrays(pa.array([0.0, 1.0], pa.float32()), 1),
+                      "lse_target": [0.0, 0.0]})
+    with pytest.raises(RuntimeError, match=r"spans query blocks \[0, 1\]; expected exactly one"):
+        _score_block(batch, Store(tmp_path), "data", [], 1.0, 0.0, 0, 2)
+
+
 def test_rerun_with_same_config_is_skipped(ray_session, store_with_embeddings):
     store, keys, target_key = store_with_embeddings
     first = run_iwr(store, keys, target_key, "scores/iwr-skip", bandwidth=0.7, num_shards=2)
@@ -130,6 +156,12 @@ def test_per_set_kernel_on_ray_equals_two_scipy_gaussian_kdes(ray_session, store
     assert manifest.metadata["tasks"] == {"load_and_target_sums": 3, "partial_sums": 9, "combine": 3}
     got = read_scores(store, "scores/iwr-per-set").column("score").to_numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
+    # --kde-executor ray-data: the same table through Ray Data
+    assert main(["score", "--store", store.uri, "--method", "iwr", "--target", "reach", "--run", "iwr-per-set-rd",
+                 "--encoder", "test", "--prior-sources", "a", "b", "--iwr-kernel", "per-set",
+                 "--num-shards", "3", "--kde-executor", "ray-data"]) == 0
+    assert store.manifest("scores/iwr-per-set-rd").metadata["executor"] == "ray-data"
+    assert read_scores(store, "scores/iwr-per-set-rd").equals(read_scores(store, "scores/iwr-per-set"))
     # Subsample mode keeps the per-set target KDE; with every prior point as a reference it is exact.
     sub = run_iwr(store, keys, embeddings_key("test", "target-reach"), "scores/iwr-per-set-sub", kernel="per-set",
                   mode="subsample", subsample=len(prior), num_shards=2)
@@ -235,6 +267,8 @@ def test_bad_input_is_a_clear_error(ray_session, tmp_path):
         run_iwr(store, [prior_key], prior_key, "scores/x", kernel="own")
     with pytest.raises(ValueError, match="mode='subsample' needs subsample"):
         run_iwr(store, [prior_key], prior_key, "scores/x", mode="subsample")
+    with pytest.raises(ValueError, match="unknown IWR KDE executor 'dask'"):
+        run_iwr(store, [prior_key], prior_key, "scores/x", executor="dask")
     with pytest.raises(ValueError, match="unknown bandwidth 'wide'"):
         run_iwr(store, [prior_key], prior_key, "scores/x", bandwidth="wide")
     with pytest.raises(FileNotFoundError, match="missing"):
