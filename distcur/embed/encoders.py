@@ -390,8 +390,8 @@ class ImageVAEEncoder(Encoder):
         frames = decode_images(_images(sample, self.name), self.vae_config.image_size, _row_keys(sample))
         self.model, history = train_image_vae(frames, self.vae_config, self.device)
         self.model.to(self.device)
-        return {"rows": len(frames), "final_loss": history["loss"][-1], "final_recon": history["recon"][-1],
-                "final_kl": history["kl"][-1], "device": str(self.device)}
+        last = {f"final_{k}": v[-1] if v else None for k, v in history.items()}  # None: train_steps 0
+        return {"rows": len(frames), **last, "device": str(self.device)}
 
     def encode(self, batch: Batch) -> np.ndarray:
         if self.model is None:
