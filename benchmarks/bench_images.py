@@ -17,7 +17,7 @@ atomically: other scripts' keys are kept):
   small (a few tasks, few episodes, frames rendered at 0.1-0.5 s each) and recorded beside the
   figures.
 
-    python benchmarks/bench_images.py [--target drawer-open-v3] [--episodes 20] [--skip-quality]
+    python benchmarks/bench_images.py [--target drawer-open-v3] [--episodes 10] [--per-task 3] [--skip-quality]
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def update_results(path: str, key: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def rendered_frames(n: int, size: int = 128) -> list[bytes]:
-    """``n`` real PNG frames: expert demos of two tasks replayed and rendered (camera corner)."""
+def rendered_frames(n: int, unique: int = 64, size: int = 128) -> list[bytes]:
+    """``n`` real PNG frames: ``unique`` frames of expert demos of two tasks replayed and rendered
+    (camera corner), repeated (decoding and encoding cost per frame, not per distinct frame)."""
     from distcur.sources.common import encode_image
     from distcur.sources.metaworld import (
         MetaWorldPriorConfig,
@@ -66,12 +67,10 @@ def rendered_frames(n: int, size: int = 128) -> list[bytes]:
 
     out: list[bytes] = []
     for task in ("drawer-open-v3", "button-press-v3"):
-        cfg = MetaWorldPriorConfig(target=task, tasks=(task,), target_demos=4)
-        for spec in plan_episodes(cfg)[1]:
-            ro, stats = generate_episode(cfg, spec)
-            out += [encode_image(f) for f in render_episode(task, stats["seed"], ro, size)]
-            if len(out) >= n:
-                return out[:n]
+        cfg = MetaWorldPriorConfig(target=task, tasks=(task,), target_demos=1)
+        ro, stats = generate_episode(cfg, plan_episodes(cfg)[1][0])
+        ro = ro.cut(unique // 2)
+        out += [encode_image(f) for f in render_episode(task, stats["seed"], ro, size)]
     return (out * (n // len(out) + 1))[:n]
 
 
@@ -121,11 +120,11 @@ def quality(args) -> dict:
     from distcur.store import Store
 
     tasks = [args.target] + [t for t in ("drawer-close-v3", "reach-v3", "button-press-v3") if t != args.target]
-    prior = {"tasks": tasks, "success_per_task": args.per_task, "failed_per_task": args.per_task,
-             "failed_max_steps": 60, "max_steps": 200, "image_size": args.image_size, "camera": "corner",
+    prior = {"tasks": tasks[:args.tasks], "success_per_task": args.per_task, "failed_per_task": args.per_task,
+             "failed_max_steps": 40, "max_steps": 200, "image_size": args.image_size, "camera": "corner",
              "chunk_episodes": 2}
     cfg = DemoConfig(store=args.store, run="images", target=args.target, methods=("br", "iwr", "target_only"),
-                     seeds=(0, 1, 2), episodes=args.episodes, heldout_demos=3, prior=prior, max_steps=300)
+                     seeds=(0, 1, 2), episodes=args.episodes, heldout_demos=2, prior=prior, max_steps=300)
     store = Store(cfg.store)
     t0 = time.time()
     info = ingest(cfg, store)
@@ -177,10 +176,11 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=256)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--target", default="drawer-open-v3")
-    p.add_argument("--per-task", type=int, default=4, help="successful and failed episodes per prior task")
-    p.add_argument("--episodes", type=int, default=20, help="rollouts per (method, seed)")
+    p.add_argument("--tasks", type=int, default=3, help="prior tasks (the target's failures among them)")
+    p.add_argument("--per-task", type=int, default=3, help="successful and failed episodes per prior task")
+    p.add_argument("--episodes", type=int, default=10, help="rollouts per (method, seed)")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "distcur-bench-images"))
     args = p.parse_args()
     result: dict = {"machine_before": machine_facts()}

@@ -17,7 +17,8 @@ from types import ModuleType
 EXTRA_OF = {
     "h5py": "hdf5",
     "PIL": "images",  # decoding camera frames (embed); also in the hdf5 extra, which encodes them
-    "transformers": "hub",  # the backbone encoder's transformers models
+    "transformers": "hub",
+    "av": "video",  # LeRobot video features (PyAV, FFmpeg's decoders; no torchvision)  # the backbone encoder's transformers models
     "sklearn": "datamodel",
     "metaworld": "sim",
     "mujoco": "sim",

@@ -104,7 +104,7 @@ def register(sub) -> None:
     _common_file_options(lr)
     lr.add_argument("--state-key", default="observation.state", help="feature used as state")
     lr.add_argument("--action-key", default="action", help="feature used as action")
-    lr.add_argument("--image-key", default=None, help="an image feature kept (encoded) in image; videos are not read")
+    lr.add_argument("--image-key", default=None, help="a camera kept (encoded) in image: an image feature, or a video feature whose mp4 frames are decoded with PyAV (the video extra)")
     lr.add_argument("--reader", default="auto", choices=("auto", "ray-lerobot", "files"),
                     help="ray-lerobot: ray.data.read_lerobot (needs the lerobot package >= 0.5, Python >= 3.12); "
                          "files: one task per data file; auto (default): ray-lerobot when it can run, else files")
