@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distcur.progress import bar
+from distcur.embed.vae import VAETraining, fit_loop
 from distcur.schema import RowKeys, describe_row
 from distcur.torchio import torch_load
 
@@ -72,33 +72,22 @@ def frames_to_tensor(frames: np.ndarray, device: torch.device | str = "cpu") -> 
 
 # -- the convolutional VAE -------------------------------------------------------------------------
 @dataclass
-class ImageVAEConfig:
+class ImageVAEConfig(VAETraining):
     """Architecture and training of :class:`ConvVAE` (BehaviorRetrieval's image variant: latent 128,
     KL weight 1e-4). ``image_size`` must be divisible by ``2 ** len(channels)`` (each conv halves it)."""
 
     latent_dim: int = 128
     image_size: int = 64
     channels: tuple[int, ...] = (32, 64, 128, 256)
-    kl_weight: float = 1e-4
-    lr: float = 1e-3
     batch_size: int = 64
     train_steps: int = 2000
-    seed: int = 0
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
-        if self.latent_dim < 1:
-            raise ValueError(f"ImageVAEConfig.latent_dim must be >= 1, got {self.latent_dim}")
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"ImageVAEConfig.channels must be positive widths, got {self.channels}")
+        self.check("channels", "channel counts")
         if self.image_size < 1 or self.image_size % (2 ** len(self.channels)):
             raise ValueError(f"ImageVAEConfig.image_size must be a positive multiple of 2**len(channels) = "
                              f"{2 ** len(self.channels)}, got {self.image_size}")
-        if self.kl_weight < 0:
-            raise ValueError(f"ImageVAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
-        if self.batch_size < 1 or self.train_steps < 0:
-            raise ValueError(f"ImageVAEConfig: batch_size >= 1 and train_steps >= 0, got {self.batch_size}, "
-                             f"{self.train_steps}")
 
 
 class ConvVAE(nn.Module):
@@ -163,22 +152,9 @@ def train_image_vae(frames: np.ndarray, config: ImageVAEConfig | None = None, de
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     model = ConvVAE(config).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    history: dict[str, list[float]] = {"loss": [], "recon": [], "kl": []}
-    model.train()
-    with bar(total=config.train_steps, desc="image VAE fit", unit="step") as progress:
-        for it in range(config.train_steps):
-            idx = torch.randint(0, len(frames), (min(config.batch_size, len(frames)),), generator=gen).numpy()
-            terms = model.loss(frames_to_tensor(frames[np.sort(idx)], device), generator=gen)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            if it % 50 == 0 or it == config.train_steps - 1:
-                for k in history:
-                    history[k].append(float(terms[k].detach()))
-                progress.set_postfix(loss=f"{history['loss'][-1]:.4f}", refresh=False)
-            progress.update()
-    model.eval()
+    history = fit_loop(model, config, len(frames),
+                       lambda idx: model.loss(frames_to_tensor(frames[np.sort(idx.numpy())], device), generator=gen),
+                       gen, "image VAE fit")
     return model.cpu(), history
 
 

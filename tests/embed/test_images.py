@@ -11,18 +11,9 @@ import torch
 
 from distcur.data import embeddings_key, steps_key
 from distcur.distributed.embed import EmbedConfig, embed_table, load_encoder, run_embed, sample_steps
+from distcur.embed import images as im
 from distcur.embed.backbone import DinoViT, load_backbone, normalize_frames, weights_kind
 from distcur.embed.encoders import available_encoders, build_encoder, encoder_from_bytes
-from distcur.embed.images import (
-    ImageDecodeError,
-    ImageVAEConfig,
-    decode_images,
-    frames_to_tensor,
-    image_vae_from_bytes,
-    image_vae_mu,
-    image_vae_to_bytes,
-    train_image_vae,
-)
 from distcur.schema import list_column_to_numpy, steps_table
 from distcur.sources.common import encode_image
 from distcur.store import Store
@@ -59,44 +50,44 @@ def write_image_source(store: Store, source: str, episodes: int, length: int, se
 def test_decode_png_and_jpeg_resize_and_errors():
     frames, _ = blob_frames(3, 40, 0)
     png = [encode_image(f, "png") for f in frames]
-    np.testing.assert_array_equal(decode_images(png), frames)  # PNG is lossless
-    jpeg = decode_images([encode_image(f, "jpeg") for f in frames])
+    np.testing.assert_array_equal(im.decode_images(png), frames)  # PNG is lossless
+    jpeg = im.decode_images([encode_image(f, "jpeg") for f in frames])
     assert jpeg.shape == frames.shape and np.abs(jpeg.astype(int) - frames).mean() < 8
-    small = decode_images(png, size=16)
+    small = im.decode_images(png, size=16)
     assert small.shape == (3, 16, 16, 3) and small.dtype == np.uint8
     gray = io.BytesIO()
     PIL.fromarray(frames[0, :, :, 0]).save(gray, format="PNG")  # a one-channel frame becomes RGB
-    assert decode_images([gray.getvalue()]).shape == (1, 40, 40, 3)
+    assert im.decode_images([gray.getvalue()]).shape == (1, 40, 40, 3)
     keys = ("cam", np.array([7, 7, 7]), np.array([0, 1, 2]))
-    with pytest.raises(ImageDecodeError, match=r"source='cam', episode=7, step=1 is not a decodable PNG/JPEG"):
-        decode_images([png[0], b"\x89PNG garbage", png[2]], keys=keys)
-    with pytest.raises(ImageDecodeError, match="null image at row 1"):
-        decode_images([png[0], None])
+    with pytest.raises(im.ImageDecodeError, match=r"source='cam', episode=7, step=1 is not a decodable PNG/JPEG"):
+        im.decode_images([png[0], b"\x89PNG garbage", png[2]], keys=keys)
+    with pytest.raises(im.ImageDecodeError, match="null image at row 1"):
+        im.decode_images([png[0], None])
     other = encode_image(blob_frames(1, 24, 1)[0][0])
-    with pytest.raises(ImageDecodeError, match="is 24x24, earlier frames are 40x40; give a size"):
-        decode_images([png[0], other])
-    assert decode_images([other, png[0]], size=24).shape == (2, 24, 24, 3)
+    with pytest.raises(im.ImageDecodeError, match="is 24x24, earlier frames are 40x40; give a size"):
+        im.decode_images([png[0], other])
+    assert im.decode_images([other, png[0]], size=24).shape == (2, 24, 24, 3)
 
 
 def test_conv_vae_learns_the_frames_and_round_trips():
     torch.set_num_threads(1)
     frames, pos = blob_frames(600, 32, 0)
-    cfg = ImageVAEConfig(image_size=32, channels=(8, 16), latent_dim=16, train_steps=150, batch_size=32, lr=3e-3)
-    model, hist = train_image_vae(frames, cfg)
+    cfg = im.ImageVAEConfig(image_size=32, channels=(8, 16), latent_dim=16, train_steps=150, batch_size=32, lr=3e-3)
+    model, hist = im.train_image_vae(frames, cfg)
     assert hist["recon"][-1] < 0.5 * hist["recon"][0]
-    mu = image_vae_mu(model, frames[:200], chunk=64)
+    mu = im.image_vae_mu(model, frames[:200], chunk=64)
     assert mu.shape == (200, 16) and np.isfinite(mu).all()
     # the latent carries the square's position: a linear read-out predicts it far better than its mean
     x = np.c_[mu, np.ones(len(mu))]
     coef, *_ = np.linalg.lstsq(x, pos[:200], rcond=None)
     r2 = 1 - ((x @ coef - pos[:200]) ** 2).sum() / ((pos[:200] - pos[:200].mean(0)) ** 2).sum()
     assert r2 > 0.6, r2
-    np.testing.assert_array_equal(image_vae_mu(image_vae_from_bytes(image_vae_to_bytes(model)), frames[:5]), mu[:5])
+    np.testing.assert_array_equal(im.image_vae_mu(im.image_vae_from_bytes(im.image_vae_to_bytes(model)), frames[:5]), mu[:5])
     with pytest.raises(ValueError, match="fit on 32x32"):
-        image_vae_mu(model, frames[:2, :16, :16])
+        im.image_vae_mu(model, frames[:2, :16, :16])
     with pytest.raises(ValueError, match="multiple of 2"):
-        ImageVAEConfig(image_size=30, channels=(8, 16))
-    assert ImageVAEConfig().latent_dim == 128 and ImageVAEConfig().kl_weight == 1e-4  # BR's image variant
+        im.ImageVAEConfig(image_size=30, channels=(8, 16))
+    assert im.ImageVAEConfig().latent_dim == 128 and im.ImageVAEConfig().kl_weight == 1e-4  # BR's image variant
 
 
 def test_image_vae_encoder_fits_encodes_and_serialises():
@@ -132,7 +123,7 @@ def tiny_vit() -> DinoViT:
 def test_backbone_adapter_loads_a_state_dict_and_torchscript(tmp_path):
     vit = tiny_vit()
     frames, pos = blob_frames(10, 48, 3)
-    x = normalize_frames(frames_to_tensor(decode_images([encode_image(f) for f in frames], 32)))
+    x = normalize_frames(im.frames_to_tensor(im.decode_images([encode_image(f) for f in frames], 32)))
     with torch.no_grad():
         cls_ref = vit(x)[:, 0]
     sd_path = tmp_path / "vit_tiny.pth"
@@ -214,7 +205,7 @@ def test_image_sample_is_capped_and_embed_table_names_a_bad_frame(image_store):
     import pyarrow as pa
 
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
-    with pytest.raises(ImageDecodeError, match=r"source='cams', episode=0, step=3 is not a decodable"):
+    with pytest.raises(im.ImageDecodeError, match=r"source='cams', episode=0, step=3 is not a decodable"):
         embed_table(enc, table)
 
 
