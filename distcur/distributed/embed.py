@@ -66,7 +66,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         check_device(self.device, "EmbedConfig.device")
         if not 0 < self.num_gpus_per_actor <= 8:
-            raise ValueError(f"EmbedConfig.num_gpus_per_actor must be in (0, 8], got {self.num_gpus_per_actor}")
+            raise ValueError(f"EmbedConfig.num_gpus_per_actor must be in (0, 8] (GPUs per actor when the device is "
+                             f"CUDA; device: cpu asks for none), got {self.num_gpus_per_actor}")
         if self.max_fit_rows < 2:
             raise ValueError(f"EmbedConfig.max_fit_rows must be >= 2, got {self.max_fit_rows}")
         if self.batch_size < 1 or self.concurrency < 1:
