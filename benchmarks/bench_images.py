@@ -124,14 +124,16 @@ def quality(args) -> dict:
              "failed_max_steps": 40, "max_steps": 200, "image_size": args.image_size, "camera": "corner",
              "chunk_episodes": 2}
     cfg = DemoConfig(store=args.store, run="images", target=args.target, methods=("br", "iwr", "target_only"),
-                     seeds=(0, 1, 2), episodes=args.episodes, heldout_demos=2, prior=prior, max_steps=300)
+                     seeds=(0, 1, 2), episodes=args.episodes, heldout_demos=2, prior=prior, max_steps=300,
+                     train_steps=args.train_steps)
     store = Store(cfg.store)
     t0 = time.time()
     info = ingest(cfg, store)
     timings = {"ingest_render_s": round(time.time() - t0, 1)}
     manifest = store.manifest("steps/source=metaworld")
     encoders = {"state": ("vae", {"train_steps": 1500}),
-                "image": ("image-vae", {"image_size": 64, "train_steps": args.vae_steps, "fit_rows": 20_000})}
+                "image": ("image-vae", {"image_size": args.vae_image_size, "channels": args.vae_channels,
+                                        "batch_size": 32, "train_steps": args.vae_steps, "fit_rows": 20_000})}
     jobs, embed_rates = [], {}
     for latent, (encoder, options) in encoders.items():
         t0 = time.time()
@@ -175,21 +177,30 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=256)
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true", help="keep the throughput figures already in the file")
     p.add_argument("--target", default="drawer-open-v3")
     p.add_argument("--tasks", type=int, default=3, help="prior tasks (the target's failures among them)")
     p.add_argument("--per-task", type=int, default=3, help="successful and failed episodes per prior task")
-    p.add_argument("--episodes", type=int, default=10, help="rollouts per (method, seed)")
+    p.add_argument("--episodes", type=int, default=5, help="rollouts per (method, seed)")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-steps", type=int, default=400, help="image-vae fit steps (batch 32)")
+    p.add_argument("--vae-image-size", type=int, default=32, help="image-vae input size (frames are resized)")
+    p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--train-steps", type=int, default=800, help="policy training steps per (method, seed)")
     p.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "distcur-bench-images"))
     args = p.parse_args()
     result: dict = {"machine_before": machine_facts()}
-    result["throughput"] = throughput(rendered_frames(args.frames))
-    update_results(OUT, KEY, {**result, "machine_after": machine_facts()})
-    print(json.dumps(result["throughput"], indent=2))
-    if not args.skip_quality:
-        result["quality"] = quality(args)
+    if args.skip_throughput and os.path.exists(OUT):
+        with open(OUT) as f:
+            result = {k: v for k, v in json.load(f).get(KEY, {}).items() if k != "quality"} or result
+    else:
+        result["throughput"] = throughput(rendered_frames(args.frames))
         update_results(OUT, KEY, {**result, "machine_after": machine_facts()})
+        print(json.dumps(result["throughput"], indent=2))
+    if not args.skip_quality:
+        before = machine_facts()
+        result["quality"] = {**quality(args), "machine_before": before, "machine_after": machine_facts()}
+        update_results(OUT, KEY, result)
         print(json.dumps({k: v for k, v in result["quality"].items() if k != "protocol"}, indent=2))
     return 0
 
