@@ -111,7 +111,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def quality(args) -> dict:
+def quality(args, save=lambda partial: None) -> dict:
+    """The image-vs-state comparison; ``save(partial)`` records each finished phase (a long run that is
+    stopped keeps what it measured)."""
     from distcur.data import embeddings_key
     from distcur.distributed.embed import EmbedConfig, run_embed
     from distcur.distributed.score import score
@@ -151,6 +153,7 @@ def quality(args) -> dict:
             run_select(store, run, run, SelectConfig(budget_percent=cfg.budget_percent, level="step"))
             jobs += [(f"{method}-{latent}", run, s) for s in cfg.seeds]
         assert embeddings_key(encoder, "metaworld") in out
+        save({"status": f"embedded and selected on {latent} latents", "embed_stage": embed_rates, "timings": timings})
     jobs += [("target_only", None, s) for s in cfg.seeds]
     t0 = time.time()
     rows = _train_evaluate_resumable(store, cfg, jobs)
@@ -187,6 +190,7 @@ def main() -> int:
     p.add_argument("--vae-image-size", type=int, default=32, help="image-vae input size (frames are resized)")
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--train-steps", type=int, default=800, help="policy training steps per (method, seed)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the quality run's driver")
     p.add_argument("--store", default=os.path.join(tempfile.gettempdir(), "distcur-bench-images"))
     args = p.parse_args()
     result: dict = {"machine_before": machine_facts()}
@@ -198,8 +202,16 @@ def main() -> int:
         update_results(OUT, KEY, {**result, "machine_after": machine_facts()})
         print(json.dumps(result["throughput"], indent=2))
     if not args.skip_quality:
+        import torch
+
+        torch.set_num_threads(args.threads)  # small models on a shared machine: threads only contend
         before = machine_facts()
-        result["quality"] = {**quality(args), "machine_before": before, "machine_after": machine_facts()}
+
+        def save(partial: dict) -> None:
+            update_results(OUT, KEY, {**result, "quality": {**partial, "machine_before": before,
+                                                            "machine_after": machine_facts()}})
+
+        result["quality"] = {**quality(args, save), "machine_before": before, "machine_after": machine_facts()}
         update_results(OUT, KEY, result)
         print(json.dumps({k: v for k, v in result["quality"].items() if k != "protocol"}, indent=2))
     return 0
