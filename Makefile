@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: demo test test-all lint bench clean chromium
+.PHONY: demo test test-all lint bench clean chromium osmesa
 
 # Reinstall only when the project's dependency list changes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel
-	$(BIN)/pip install -q -e '.[sim,hdf5,datamodel,dev]'
+	$(BIN)/pip install -q -e '.[sim,hdf5,datamodel,images,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,12 +22,18 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "no chromium: the report's browser test is skipped"
 
+# Rendered MetaWorld frames (ingest metaworld --image-size) render headless with MUJOCO_GL=osmesa,
+# which needs OSMesa (Debian's libosmesa6); without it the rendering tests are skipped.
+osmesa:
+	@ldconfig -p | grep -q libOSMesa || (apt-get update -qq && apt-get install -y -qq libosmesa6 >/dev/null) \
+		|| echo "no libosmesa6: the rendered-MetaWorld tests are skipped"
+
 # The whole suite but the slow end-to-end runs (one real end-to-end path stays in).
-test: $(STAMP) chromium
+test: $(STAMP) chromium osmesa
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) osmesa
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -16,7 +16,9 @@ from types import ModuleType
 # import name -> the extra that provides it (the base dependencies need no entry)
 EXTRA_OF = {
     "h5py": "hdf5",
-    "PIL": "hdf5",  # encoding HDF5 camera frames to PNG/JPEG
+    "PIL": "images",  # decoding camera frames (embed); also in the hdf5 extra, which encodes them
+    "transformers": "hub",
+    "av": "video",  # LeRobot video features (PyAV, FFmpeg's decoders; no torchvision)  # the backbone encoder's transformers models
     "sklearn": "datamodel",
     "metaworld": "sim",
     "mujoco": "sim",
@@ -25,8 +27,8 @@ EXTRA_OF = {
     "lerobot": "lerobot",
 }
 # the extras a cluster's workers need (the Docker image installs these): MetaWorld rollouts,
-# HDF5 ingest, datamodel regressions
-CLUSTER_EXTRAS = ("sim", "hdf5", "datamodel")
+# HDF5 ingest, datamodel regressions, image embedding
+CLUSTER_EXTRAS = ("sim", "hdf5", "datamodel", "images")
 
 
 class MissingDependencyError(ImportError):

@@ -60,6 +60,11 @@ def register(sub) -> None:
                    help="hard (the target's successes left out) or datamil (every usable v3 task, 10 demos + 10 "
                         "failures of at least 200 steps each, the target's own demos in the prior)")
     m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
+    m.add_argument("--image-size", type=int, default=None,
+                   help="render every step's camera frame at this size (e.g. 128) into the `image` column "
+                        "(headless: MUJOCO_GL=osmesa after apt-get install libosmesa6; ~0.1-0.2 s per frame)")
+    m.add_argument("--camera", default=None, help="MetaWorld camera of the rendered frames (default corner)")
+    m.add_argument("--image-format", choices=("png", "jpeg"), default=None, help="encoding of the frames (default png)")
     add_rerun_options(m)
     m.add_argument("--heldout-demos", type=int, default=5,
                    help="fresh expert demos of the target, never trained on, at steps/source=target-<task>-heldout: "
@@ -99,7 +104,7 @@ def register(sub) -> None:
     _common_file_options(lr)
     lr.add_argument("--state-key", default="observation.state", help="feature used as state")
     lr.add_argument("--action-key", default="action", help="feature used as action")
-    lr.add_argument("--image-key", default=None, help="an image feature kept (encoded) in image; videos are not read")
+    lr.add_argument("--image-key", default=None, help="a camera kept (encoded) in image: an image feature, or a video feature whose mp4 frames are decoded with PyAV (the video extra)")
     lr.add_argument("--reader", default="auto", choices=("auto", "ray-lerobot", "files"),
                     help="ray-lerobot: ray.data.read_lerobot (needs the lerobot package >= 0.5, Python >= 3.12); "
                          "files: one task per data file; auto (default): ray-lerobot when it can run, else files")
@@ -222,7 +227,8 @@ def run_metaworld(args) -> int:
                 given = yaml.safe_load(f) or {}
         source = {**datamil_options(), **given}
     config = load_config(MetaWorldPriorConfig, source, target=args.target, seed=args.seed,
-                         tasks=tuple(args.tasks) if args.tasks else None)
+                         tasks=tuple(args.tasks) if args.tasks else None, image_size=args.image_size,
+                         camera=args.camera, image_format=args.image_format)
     if args.heldout_demos < 0:
         raise ValueError(f"--heldout-demos must be >= 0, got {args.heldout_demos}")
     store = output_store(args.out, args)

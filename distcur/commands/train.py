@@ -22,6 +22,7 @@ import logging
 
 from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE
+from distcur.devices import DEVICES
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="override TrainConfig.seed")
     p.add_argument("--alpha", type=float, default=None, help="override TrainConfig.alpha (target sampling prob)")
     p.add_argument("--batch-size", type=int, default=None, help="override TrainConfig.batch_size")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="override TrainConfig.device: auto (CUDA when present; under --ray, a GPU per worker when "
+                        "the cluster has GPUs), cpu, cuda")
     p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints instead of resuming")
     p.add_argument("--ray", action="store_true", help="train under Ray Train's TorchTrainer")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (with --ray)")
@@ -96,7 +100,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(TrainConfig, args.config, steps=args.steps, seed=args.seed, alpha=args.alpha,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, device=args.device)
     store = output_store(args.store, args)
     # a forced run starts over: resuming a finished run's checkpoints would recompute nothing
     fresh = args.fresh or args.force

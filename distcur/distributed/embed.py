@@ -7,7 +7,13 @@
    ``ray.data.read_parquet`` and runs ``map_batches`` with a pool of embedding actors, each
    holding one rebuilt encoder; the actors' output is written by Ray Data under a fresh data
    dir and committed as ``embeddings/<name>/source=<source>`` with
-   :data:`distcur.schema.EMBEDDING_SCHEMA`. No process ever holds a whole source.
+   :data:`distcur.schema.EMBEDDING_SCHEMA`. No process ever holds a whole source: image
+   encoders decode their batch's PNG / JPEG bytes inside the actor, a chunk at a time.
+
+``device`` (``auto|cpu|cuda``, :mod:`distcur.devices`): the fit runs on the driver's CUDA when it
+has one (``auto``, ``cuda``); ``cuda`` on a driver without CUDA runs the fit as a Ray task on a
+GPU node. Each embedding actor asks Ray for ``num_gpus_per_actor`` GPUs when the device is
+CUDA (``auto``: when the cluster has GPUs), and runs on the GPU Ray gives it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distcur.data import embeddings_key, list_sources, steps_key
+from distcur.devices import actor_device, check_device, ray_gpus, resolve_device
 from distcur.embed.encoders import SAMPLE_KEYS, Batch, Encoder, build_encoder, encoder_from_bytes
 from distcur.progress import bar
 from distcur.schema import EMBEDDING_SCHEMA, describe_row, list_column_to_numpy
@@ -40,7 +47,8 @@ class EmbedConfig:
     ``sources`` default to every source in the store; ``fit_sources`` to the sources that are
     not target demonstrations (``target-*``), i.e. the prior. ``batch_size``, ``concurrency``
     and the per-actor resources change how the work runs, not its result, so they are left
-    out of the manifest fingerprint.
+    out of the manifest fingerprint; so do ``device`` and ``num_gpus_per_actor`` (GPUs per
+    embedding actor when the device is CUDA; a fraction shares a GPU between actors).
     """
 
     encoder: str = "vae"
@@ -52,9 +60,14 @@ class EmbedConfig:
     batch_size: int = 4096
     concurrency: int = 2
     num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0
+    num_gpus_per_actor: float = 1.0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_device(self.device, "EmbedConfig.device")
+        if not 0 < self.num_gpus_per_actor <= 8:
+            raise ValueError(f"EmbedConfig.num_gpus_per_actor must be in (0, 8] (GPUs per actor when the device is "
+                             f"CUDA; device: cpu asks for none), got {self.num_gpus_per_actor}")
         if self.max_fit_rows < 2:
             raise ValueError(f"EmbedConfig.max_fit_rows must be >= 2, got {self.max_fit_rows}")
         if self.batch_size < 1 or self.concurrency < 1:
@@ -71,14 +84,19 @@ def _batch_from_table(table: pa.Table, columns: tuple[str, ...]) -> Batch:
     for c in columns:
         if c in ("state", "action"):
             batch[c] = list_column_to_numpy(table.column(c), c)
+        elif c in ("episode", "step"):
+            batch[c] = table.column(c).to_numpy()
         else:
             batch[c] = np.asarray(table.column(c).to_pylist(), dtype=object)
     return batch
 
 
 def embed_table(encoder: Encoder, table: pa.Table) -> pa.Table:
-    """Embed the steps of ``table`` (key columns + ``encoder.columns``) -> EMBEDDING_SCHEMA table."""
-    z = encoder.encode(_batch_from_table(table, encoder.columns)) if table.num_rows else np.zeros((0, 0), np.float32)
+    """Embed the steps of ``table`` (key columns + ``encoder.columns``) -> EMBEDDING_SCHEMA table.
+
+    Image encoders also get the rows' keys (:data:`SAMPLE_KEYS`), so a bad frame is named by its step."""
+    columns = (*encoder.columns, *SAMPLE_KEYS) if "image" in encoder.columns else encoder.columns
+    z = encoder.encode(_batch_from_table(table, columns)) if table.num_rows else np.zeros((0, 0), np.float32)
     z = np.ascontiguousarray(z, dtype=np.float32)
     if table.num_rows and not np.isfinite(z).all():
         row = int(np.argmax(~np.isfinite(z).all(1)))
@@ -135,7 +153,34 @@ def _default_sources(store: Store, config: EmbedConfig) -> tuple[list[str], list
     return list(sources), list(fit_sources)
 
 
-def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
+def _fit_here(name: str, options: dict, sample: Batch, device: str) -> tuple[bytes, dict]:
+    """Fit a new encoder ``name`` (built from ``options``) on ``sample`` on ``device``; (bytes, summary)."""
+    encoder = build_encoder(name, options).to_device(resolve_device(device, "EmbedConfig.device"))
+    summary = encoder.fit(sample)
+    return encoder.to_bytes(), summary
+
+
+def _fit(encoder: Encoder, config: EmbedConfig, sample: Batch, address: str | None) -> tuple[Encoder, dict]:
+    """Fit on the driver (its CUDA for ``auto`` / ``cuda`` when it has one), or, for ``cuda`` on a driver
+    without CUDA, in a Ray task holding a GPU; returns the fitted encoder (on the CPU) and the summary."""
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        import ray
+
+        from distcur.distributed.session import ensure_ray
+
+        ensure_ray(address)
+        gpus = ray_gpus("cuda", "EmbedConfig.device")
+        log.info("fitting encoder %s in a Ray task on a GPU node (no CUDA on the driver)", config.encoder)
+        task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_fit_here)
+        blob, summary = ray.get(task.remote(config.encoder, config.encoder_options, sample, "cuda"))
+        return encoder_from_bytes(config.encoder, blob), summary
+    summary = encoder.to_device(resolve_device(config.device, "EmbedConfig.device")).fit(sample)
+    return encoder.to_device("cpu"), summary
+
+
+def fit_encoder(store: Store, config: EmbedConfig, address: str | None = None) -> tuple[Encoder, Manifest]:
     """Fit (or, when already done with the same config and inputs, load) the configured encoder."""
     encoder = build_encoder(config.encoder, config.encoder_options)
     _, fit_sources = _default_sources(store, config)
@@ -153,9 +198,9 @@ def fit_encoder(store: Store, config: EmbedConfig) -> tuple[Encoder, Manifest]:
         if not fit_sources:
             raise ValueError(f"encoder {config.encoder!r} must be fit but no prior source is given "
                              "(fit_sources is empty; target-* sources are excluded by default)")
-        sample = sample_steps(store, fit_sources, (*encoder.columns, *SAMPLE_KEYS), config.max_fit_rows,
-                              config.seed)
-        summary = encoder.fit(sample)
+        max_rows = min(config.max_fit_rows, encoder.max_fit_rows or config.max_fit_rows)
+        sample = sample_steps(store, fit_sources, (*encoder.columns, *SAMPLE_KEYS), max_rows, config.seed)
+        encoder, summary = _fit(encoder, config, sample, address)
     rel = f"{writer.data_dir}/{ENCODER_FILE}"
     store.write_bytes(rel, encoder.to_bytes())
     writer.add_files([rel], rows=0)
@@ -191,11 +236,12 @@ class _EmbedActor:
     that large live in the object store, where a restarted actor may no longer find them (Ray
     warns about it for every pool)."""
 
-    def __init__(self, store: Store, out_name: str, registry_name: str, num_threads: int = 1):
+    def __init__(self, store: Store, out_name: str, registry_name: str, num_threads: int = 1, device: str = "cpu"):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.encoder = load_encoder(store, out_name, registry_name)
+        self.device = actor_device(device, "EmbedConfig.device")
+        self.encoder = load_encoder(store, out_name, registry_name).to_device(self.device)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return embed_table(self.encoder, table)
@@ -224,6 +270,7 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
     # the actor pool must leave a CPU for Ray Data's read and write tasks, or the pipeline stalls
     spare = max(0.0, ray.cluster_resources().get("CPU", 1.0) - 1.0)
     actors = max(1, min(config.concurrency, int(spare // max(config.num_cpus_per_actor, 1e-3))))
+    gpus = ray_gpus(config.device, "EmbedConfig.device") * config.num_gpus_per_actor
     writer = store.writer(key, "embed", stage_config, inputs)
     try:
         ds = ray.data.read_parquet(paths, filesystem=store.fs, partitioning=None).select_columns(
@@ -231,12 +278,13 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
         ds = ds.map_batches(
             _EmbedActor,
             fn_constructor_kwargs={"store": store, "out_name": encoder.out_name, "registry_name": config.encoder,
-                                   "num_threads": int(max(1, config.num_cpus_per_actor))},
+                                   "num_threads": int(max(1, config.num_cpus_per_actor)),
+                                   "device": config.device if gpus else "cpu"},
             batch_size=config.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=config.num_cpus_per_actor,
-            num_gpus=config.num_gpus_per_actor or None,
+            num_gpus=gpus or None,
         )
         ds.write_parquet(store.path(writer.data_dir), filesystem=store.fs)
         rels, rows = [], 0
@@ -248,7 +296,8 @@ def embed_source(store: Store, encoder: Encoder, encoder_manifest: Manifest, sou
         writer.add_files(rels, rows, EMBEDDING_SCHEMA)
         if not rels:  # an empty source still commits a readable, empty table
             writer.write(EMBEDDING_SCHEMA.empty_table())
-        return writer.commit({"encoder": encoder.out_name, "source": source, "dim": _embedding_dim(store, rels)})
+        return writer.commit({"encoder": encoder.out_name, "source": source, "dim": _embedding_dim(store, rels),
+                              "gpus_per_actor": gpus})
     except BaseException:
         writer.abort()
         raise
@@ -259,7 +308,7 @@ def run_embed(store: Store, config: EmbedConfig, address: str | None = None) -> 
     from distcur.distributed.session import ensure_ray
 
     sources, _ = _default_sources(store, config)
-    encoder, enc_manifest = fit_encoder(store, config)
+    encoder, enc_manifest = fit_encoder(store, config, address)
     identities = [_embed_identity(store, encoder, enc_manifest, s, config) for s in sources]
     if all(store.is_done(key, "embed", stage_config, inputs) for key, stage_config, inputs in identities):
         log.info("embeddings/%s: all %d sources up to date, skipped (Ray not started)", encoder.out_name, len(sources))

@@ -17,7 +17,6 @@ The finished policy is written by rank 0 to ``policies/<run>/policy.pt`` with a 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -27,13 +26,14 @@ from collections.abc import Callable
 import pyarrow as pa
 import torch
 
-from distcur.config import to_dict
 from distcur.data import policy_key
+from distcur.devices import ray_gpus
 from distcur.distributed.session import ensure_ray
 from distcur.policy.train import (
     STAGE,
     TrainConfig,
     final_state,
+    fingerprint_config,
     load_training_data,
     read_selection,
     train_policy,
@@ -50,6 +50,7 @@ STATE_FILE = "state.pt"
 def _worker_loop(config: dict) -> None:
     """``train_loop_per_worker``: runs inside each Ray Train worker."""
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
 
     torch.set_num_threads(config["torch_threads"])
@@ -84,9 +85,11 @@ def _worker_loop(config: dict) -> None:
     def all_reduce(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
+    # the GPU Ray Train gave this worker (use_gpu), else the CPU
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     params, normalizer, history = train_policy(
         data, cfg, resume_from=resume, checkpoint_fn=report, on_step=config["on_step"],
-        rank=rank, world_size=world, all_reduce=all_reduce if world > 1 else None,
+        rank=rank, world_size=world, all_reduce=all_reduce if world > 1 else None, device=device,
     )
     if rank == 0:
         write_policy(store, config["run"], final_state(params, normalizer, cfg, data, history), cfg, data.inputs,
@@ -110,7 +113,10 @@ def train_policy_ray(
     force: bool = False,
     verify: bool = False,
 ) -> Manifest:
-    """Train ``policies/<run>`` under ``TorchTrainer`` (CPU workers) and return its manifest.
+    """Train ``policies/<run>`` under ``TorchTrainer`` and return its manifest.
+
+    Workers hold a GPU each (``use_gpu``) when ``cfg.device`` is ``cuda``, or ``auto`` on a cluster
+    with GPUs (cluster.yaml's ``gpu_worker`` nodes), and train there; else they run on CPUs.
 
     ``selection``: a selection key / run name in the store (read by each worker), a selection
     table, or None (target-only). ``storage_path``: where Ray Train keeps checkpoints (local
@@ -131,7 +137,7 @@ def train_policy_ray(
     # The driver assembles the data once: it validates the inputs early and gives the skip check its inputs.
     sel_table = read_selection(store, selection) if isinstance(selection, str) else selection
     data = load_training_data(store, target_source, sel_table, Store(prior_uri), allow_empty_selection)
-    config = json.loads(json.dumps(to_dict(cfg)))
+    config = fingerprint_config(cfg)
     if store.is_done(policy_key(run), STAGE, config, data.inputs):
         log.info("policy %s is up to date, skipping", store.uri_of(policy_key(run)))
         return store.manifest(policy_key(run))
@@ -140,14 +146,15 @@ def train_policy_ray(
     storage = storage_path or store.uri_of(f"{policy_key(run)}/ray")
     fs, path = resolve(storage)
     ensure_ray(address)
+    use_gpu = ray_gpus(cfg.device, "TrainConfig.device") > 0
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "store": store_uri, "prior_store": prior_uri, "target": target_source, "selection": selection,
             "allow_empty_selection": allow_empty_selection, "cfg": cfg, "run": run, "on_step": on_step,
-            "torch_threads": torch_threads,
+            "torch_threads": torch_threads, "use_gpu": use_gpu,
         },
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name="train",
             storage_path=path,

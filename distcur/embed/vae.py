@@ -26,27 +26,38 @@ from distcur.torchio import torch_load
 
 
 @dataclass
-class VAEConfig:
+class VAETraining:
+    """What every VAE of distcur shares: the KL weight (1e-4, BehaviorRetrieval's), Adam's rate, the seed."""
+
+    kl_weight: float = 1e-4
+    lr: float = 1e-3
+    seed: int = 0
+
+    def check(self, widths: str, what: str) -> None:
+        """Checks of the latent, the layer ``widths`` (a tuple field), the KL weight, the batch and steps."""
+        name = type(self).__name__
+        if self.latent_dim < 1:
+            raise ValueError(f"{name}.latent_dim must be >= 1, got {self.latent_dim}")
+        if not getattr(self, widths) or min(getattr(self, widths)) < 1:
+            raise ValueError(f"{name}.{widths} must be positive {what}, got {getattr(self, widths)}")
+        if self.kl_weight < 0:
+            raise ValueError(f"{name}.kl_weight must be >= 0, got {self.kl_weight}")
+        if self.batch_size < 1 or self.train_steps < 0:
+            raise ValueError(f"{name}: batch_size >= 1 and train_steps >= 0, got {self.batch_size}, {self.train_steps}")
+
+
+@dataclass
+class VAEConfig(VAETraining):
     """Architecture and training of :class:`StateActionVAE`."""
 
     latent_dim: int = 14
     hidden: tuple[int, ...] = (256, 256)
-    kl_weight: float = 1e-4
-    lr: float = 1e-3
     batch_size: int = 256
     train_steps: int = 3000
-    seed: int = 0
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
-        if self.latent_dim < 1:
-            raise ValueError(f"VAEConfig.latent_dim must be >= 1, got {self.latent_dim}")
-        if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"VAEConfig.hidden must be positive layer widths, got {self.hidden}")
-        if self.kl_weight < 0:
-            raise ValueError(f"VAEConfig.kl_weight must be >= 0, got {self.kl_weight}")
-        if self.batch_size < 1 or self.train_steps < 0:
-            raise ValueError(f"VAEConfig: batch_size >= 1 and train_steps >= 0, got {self.batch_size}, {self.train_steps}")
+        self.check("hidden", "layer widths")
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -123,24 +134,32 @@ def train_vae(state: np.ndarray, action: np.ndarray, config: VAEConfig | None = 
     gen = torch.Generator().manual_seed(config.seed)
     model = StateActionVAE(state.shape[1], action.shape[1], config)
     model.set_normalization(np.concatenate([state, action], 1))
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     s_t, a_t = torch.from_numpy(state), torch.from_numpy(action)
+    history = fit_loop(model, config, len(s_t), lambda idx: model.loss(s_t[idx], a_t[idx], generator=gen), gen,
+                       "VAE fit")
+    return model, history
+
+
+def fit_loop(model: nn.Module, config: VAETraining, n: int, batch_loss, gen: torch.Generator, desc: str) -> dict:
+    """Adam on ``batch_loss(idx)`` (the ELBO terms of the rows ``idx``, a batch drawn uniformly with
+    replacement from ``n`` rows by ``gen``) for ``config.train_steps`` steps; leaves ``model`` in eval
+    mode and returns the history {"loss", "recon", "kl"}, recorded every 50 steps and at the last."""
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     history: dict[str, list[float]] = {"loss": [], "recon": [], "kl": []}
     model.train()
-    with bar(total=config.train_steps, desc="VAE fit", unit="step") as progress:
+    with bar(total=config.train_steps, desc=desc, unit="step") as progress:
         for it in range(config.train_steps):
-            idx = torch.randint(0, len(s_t), (min(config.batch_size, len(s_t)),), generator=gen)
-            terms = model.loss(s_t[idx], a_t[idx], generator=gen)
+            terms = batch_loss(torch.randint(0, n, (min(config.batch_size, n),), generator=gen))
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
             if it % 50 == 0 or it == config.train_steps - 1:
                 for k in history:
                     history[k].append(float(terms[k].detach()))
-                progress.set_postfix(loss=f"{history['loss'][-1]:.3f}", refresh=False)
+                progress.set_postfix(loss=f"{history['loss'][-1]:.4g}", refresh=False)
             progress.update()
     model.eval()
-    return model, history
+    return history
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ import torch
 
 from distcur.config import to_dict
 from distcur.data import is_target_source, list_sources, load_steps, policy_key, selection_key, steps_key
+from distcur.devices import check_device, resolve_device
 from distcur.policy import checkpoint as ckpt
 from distcur.policy.functional import (
     AdamConfig,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 BASELINES = ("target_only", "all", "random")
 # Config fields that may change between a checkpoint and its resumption (they do not alter the maths).
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device")
 
 
 @dataclass
@@ -65,7 +66,10 @@ class TrainConfig:
     ``"loss"`` (draw uniformly, weight the loss), see :mod:`distcur.policy.sampler`.
     ``checkpoint_every``: steps between checkpoints (0: only at the end).
     ``action_bounds``: the raw action range mapped onto the tanh's (-1, 1) (MetaWorld: [-1, 1]);
-    None fits it to the training data.
+    None fits it to the training data. ``device``: ``auto`` (CUDA when present), ``cpu`` or
+    ``cuda`` (:mod:`distcur.devices`); under Ray Train, ``auto``/``cuda`` ask for a GPU per worker.
+    The device is how a run computes, not what: it is left out of the run's fingerprint
+    (:func:`fingerprint_config`), and a checkpoint resumes on another device.
     """
 
     hidden: tuple[int, ...] = (400, 400, 400)
@@ -80,8 +84,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 100
     action_bounds: tuple[float, float] | None = (-1.0, 1.0)
+    device: str = "auto"
 
     def __post_init__(self):
+        check_device(self.device, "TrainConfig.device")
         self.hidden = tuple(int(h) for h in self.hidden)
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ValueError(f"TrainConfig.hidden must be positive layer sizes, got {self.hidden}")
@@ -107,6 +113,11 @@ class TrainConfig:
             if not lo < hi:
                 raise ValueError(f"TrainConfig.action_bounds must be (low, high) with low < high, got {self.action_bounds}")
             self.action_bounds = (lo, hi)
+
+
+def fingerprint_config(cfg: TrainConfig) -> dict:
+    """The JSON config a policy's manifest and checkpoints record: every field but ``device``."""
+    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k != "device"}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -363,7 +374,7 @@ def make_sharded_train_step(spec: PolicySpec, adam: AdamConfig, all_reduce: Call
 
 def _check_resume(state: dict, cfg: TrainConfig, spec: PolicySpec) -> None:
     saved = {k: v for k, v in state["meta"].get("config", {}).items() if k not in RESUMABLE_CHANGES}
-    now = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in RESUMABLE_CHANGES}
+    now = {k: v for k, v in fingerprint_config(cfg).items() if k not in RESUMABLE_CHANGES}
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(f"checkpoint at step {state['step']} was made with a different config (fields {diff}); "
@@ -384,6 +395,7 @@ def train_policy(
     rank: int = 0,
     world_size: int = 1,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[Params, Normalizer, list[dict]]:
     """Train one policy; returns ``(params, normalizer, history)``.
 
@@ -394,9 +406,12 @@ def train_policy(
     ``cfg.checkpoint_every`` steps and at the end; ``on_step(step)`` runs after each step
     (progress, fault injection). With ``world_size > 1`` (Ray Train) each worker takes the
     rows ``rank::world_size`` of every global batch and ``all_reduce`` sums gradients.
+    ``device``: where to compute (default ``cfg.device`` resolved here; Ray Train passes the
+    worker's); checkpoints and the returned params are always on the CPU.
     """
     spec = data.policy_spec(cfg.hidden)
-    config_dict = json.loads(json.dumps(to_dict(cfg)))
+    config_dict = fingerprint_config(cfg)
+    device = torch.device(device) if device is not None else resolve_device(cfg.device, "TrainConfig.device")
     if resume_from is not None:
         _check_resume(resume_from, cfg, spec)
         params, _, normalizer = ckpt.unpack(resume_from)
@@ -410,8 +425,10 @@ def train_policy(
         params = init_params(spec, cfg.seed)
         opt_state = adam_init(params)
         start, history, acc_sum, acc_n = 0, [], 0.0, 0
-    obs = torch.from_numpy(normalizer.state(data.obs))
-    act = torch.from_numpy(normalizer.action(data.act))
+    params = {k: v.to(device) for k, v in params.items()}
+    opt_state = _to_device(opt_state, device)
+    obs = torch.from_numpy(normalizer.state(data.obs)).to(device)
+    act = torch.from_numpy(normalizer.action(data.act)).to(device)
     sampler = MixtureSampler(data.n_target, data.prior_weight, cfg.alpha, cfg.batch_size, cfg.seed, cfg.weighting,
                              cfg.mixing)
     adam = AdamConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -426,12 +443,14 @@ def train_policy(
         meta = {"config": config_dict, "sampler": {**sampler.state(), "step": step}, "history": list(history),
                 "log_acc": [acc_sum, acc_n], "data": {"n_target": data.n_target, "n_prior": data.n_prior,
                                                       "inputs": dict(data.inputs)}}
-        return ckpt.make_state(params, spec, normalizer, step, opt_state, meta)
+        return ckpt.make_state(_to_device(params, "cpu"), spec, normalizer, step, _to_device(opt_state, "cpu"), meta)
 
     progress = bar(total=cfg.steps, initial=start, desc="policy training", unit="step", disable=rank != 0)
     for step in range(start, cfg.steps):
         idx, w = sampler.batch(step)
-        w_t = torch.from_numpy(w)
+        w_t = torch.from_numpy(w).to(device)
+        if device.type != "cpu":
+            idx = torch.from_numpy(np.asarray(idx, np.int64)).to(device)
         if world_size > 1:
             mine = slice(rank, None, world_size)
             params, opt_state, loss = step_fn(params, opt_state, obs[idx[mine]], act[idx[mine]], w_t[mine], w_t.sum())
@@ -449,13 +468,20 @@ def train_policy(
         if on_step is not None:
             on_step(done)
     progress.close()
-    return params, normalizer, history
+    return _to_device(params, "cpu"), normalizer, history
+
+
+def _to_device(tree, device):
+    """A dict of tensors (nested, as Adam's state) on ``device``; a no-op for tensors already there."""
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
 
 
 def final_state(params: Params, normalizer: Normalizer, cfg: TrainConfig, data: TrainingData, history: list[dict]) -> dict:
     """The checkpoint dict of a finished policy (no optimiser state)."""
     spec = data.policy_spec(cfg.hidden)
-    meta = {"config": json.loads(json.dumps(to_dict(cfg))), "history": history,
+    meta = {"config": fingerprint_config(cfg), "history": history,
             "data": {"n_target": data.n_target, "n_prior": data.n_prior, "inputs": dict(data.inputs)}}
     return ckpt.make_state(params, spec, normalizer, cfg.steps, None, meta)
 
@@ -463,7 +489,7 @@ def final_state(params: Params, normalizer: Normalizer, cfg: TrainConfig, data: 
 def write_policy(store: Store, run: str, state: dict, cfg: TrainConfig, inputs: dict[str, str], wall_s: float) -> Manifest:
     """Write ``policies/<run>/policy.pt`` and commit it with a manifest (stage "train")."""
     key = ckpt.save_policy(store, run, state)
-    manifest = Manifest(stage=STAGE, config=json.loads(json.dumps(to_dict(cfg))), inputs=dict(inputs), files=[key],
+    manifest = Manifest(stage=STAGE, config=fingerprint_config(cfg), inputs=dict(inputs), files=[key],
                         rows=int(state["meta"]["data"]["n_target"] + state["meta"]["data"]["n_prior"]),
                         metadata={"history": state["meta"]["history"][-5:]}, wall_s=round(wall_s, 3))
     store.write_text(f"{policy_key(run)}/manifest.json", manifest.to_json())
@@ -483,7 +509,7 @@ def train_to_store(
     With ``resume`` the run continues from its latest checkpoint (which must come from the same
     config); without, old checkpoints of ``run`` are deleted first.
     """
-    config = json.loads(json.dumps(to_dict(cfg)))
+    config = fingerprint_config(cfg)
     if store.is_done(policy_key(run), STAGE, config, data.inputs):
         log.info("policy %s is up to date, skipping", store.uri_of(policy_key(run)))
         return store.manifest(policy_key(run))
@@ -511,6 +537,7 @@ __all__ = [
     "baseline_selection",
     "check_selection",
     "config_from_state",
+    "fingerprint_config",
     "load_training_data",
     "make_sharded_train_step",
     "read_selection",

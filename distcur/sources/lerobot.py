@@ -8,12 +8,15 @@ A LeRobot v3 dataset root (local or ``s3://``)::
                                           data/chunk_index, data/file_index, tasks, ...
     data/chunk-*/file-*.parquet           one row per frame: index, episode_index, frame_index,
                                           timestamp, task_index, observation.state, action, ...
-    videos/<camera>/chunk-*/file-*.mp4    (video features; not read here)
+    videos/<camera>/chunk-*/file-*.mp4    video features: episodes laid end to end, from
+                                          meta/episodes' videos/<camera>/from_timestamp
 
 Mapping: ``episode`` = ``episode_index``, ``step`` = ``frame_index`` (checked to count 0..length-1),
 ``state`` / ``action`` = the ``state_key`` / ``action_key`` features, ``task`` = the task of
 ``task_index`` in the dataset's task table, ``reward`` / ``is_terminal`` = ``next.reward`` /
-``next.done`` when present, ``image`` = the encoded bytes of an ``image`` feature when asked. The
+``next.done`` when present, ``image`` = the encoded bytes of an ``image`` feature when asked, or
+of a ``video`` feature's frames (decoded with PyAV, the ``video`` extra, at the episode's
+``from_timestamp + frame_index / fps``, re-encoded PNG; :mod:`distcur.sources.video`). The
 dataset's own frame ``index`` is checked to be ``dataset_from_index + frame_index`` of its episode
 and recorded per episode in the manifest (``episode_info``: episode_index, from_index, length), so
 ``distcur select --export-lerobot`` writes the dataset's ``index``, not a count of distcur's.
@@ -24,7 +27,7 @@ Two readers give the same table:
   Python >= 3.12) is importable: Ray's reader streams the frames, the driver converts whole
   episodes and writes the parts;
 - otherwise, and with ``--no-ray``, one task per data file (Ray Data over the files, or in
-  process) reads the Parquet frames itself. Video features are not decoded on either path.
+  process) reads the Parquet frames itself, and decodes a video camera's frames itself.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ KEY_COLUMNS = ("index", "episode_index", "frame_index")
 class LeRobotConfig:
     state_key: str = "observation.state"
     action_key: str = "action"
-    image_key: str | None = None  # an `image` feature (encoded bytes in the parquet rows)
+    image_key: str | None = None  # an `image` feature (encoded bytes in the parquet rows) or a `video` one
     reward_key: str = "next.reward"
     done_key: str = "next.done"
 
@@ -144,10 +147,13 @@ def open_lerobot(uri: str, config: LeRobotConfig) -> LeRobotDataset:
         if key not in features:
             raise SourceFormatError(f"{uri}/meta/info.json: no feature {key!r} for {what}; the features are "
                                     f"{sorted(features)}")
-    if config.image_key and (features.get(config.image_key) or {}).get("dtype") != "image":
+    if config.image_key and (features.get(config.image_key) or {}).get("dtype") not in ("image", "video"):
         dtype = (features.get(config.image_key) or {}).get("dtype")
         raise SourceFormatError(f"{uri}/meta/info.json: feature {config.image_key!r} is {dtype!r}; expected an "
-                                "'image' feature (video features are not decoded)")
+                                "'image' or 'video' feature")
+    video_key = config.image_key if config.image_key and features[config.image_key]["dtype"] == "video" else None
+    video_cols = [f"videos/{video_key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")] if video_key \
+        else []
     tasks = task_table(_table(fs, f"{root}/meta/tasks.parquet", uri, "meta/tasks.parquet"), f"{uri}/meta/tasks.parquet")
     sel = pafs.FileSelector(f"{root}/meta/episodes", recursive=True, allow_not_found=True)
     ep_files = sorted(i.path for i in fs.get_file_info(sel) if i.path.endswith(".parquet"))
@@ -155,9 +161,9 @@ def open_lerobot(uri: str, config: LeRobotConfig) -> LeRobotDataset:
         raise SourceFormatError(f"{uri}: missing meta/episodes/chunk-*/file-*.parquet")
     eps = pa.concat_tables([_table(fs, p, uri, p[len(root) + 1:]).select(
         [c for c in ("episode_index", "length", "dataset_from_index", "dataset_to_index", "data/chunk_index",
-                     "data/file_index") if c in pq.read_schema(p, filesystem=fs).names]) for p in ep_files],
+                     "data/file_index", *video_cols) if c in pq.read_schema(p, filesystem=fs).names]) for p in ep_files],
         promote_options="default")
-    need = ["episode_index", "length", "dataset_from_index", "data/chunk_index", "data/file_index"]
+    need = ["episode_index", "length", "dataset_from_index", "data/chunk_index", "data/file_index", *video_cols]
     missing = [c for c in need if c not in eps.column_names]
     if missing:
         raise SourceFormatError(f"{uri}/meta/episodes: missing column(s) {missing}")
@@ -167,14 +173,22 @@ def open_lerobot(uri: str, config: LeRobotConfig) -> LeRobotDataset:
         rel = template.format(chunk_index=int(row["data/chunk_index"]), file_index=int(row["data/file_index"]))
         episodes[int(row["episode_index"])] = {"length": int(row["length"]), "from_index": int(row["dataset_from_index"]),
                                                 "file": rel}
+        if video_key:
+            vtemplate = info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+            episodes[int(row["episode_index"])]["video"] = {
+                "file": vtemplate.format(video_key=video_key, chunk_index=int(row[video_cols[0]]),
+                                         file_index=int(row[video_cols[1]])),
+                "from_timestamp": float(row[video_cols[2]])}
     if not episodes:
         raise SourceFormatError(f"{uri}: empty dataset (meta/episodes lists no episodes)")
     files = sorted({e["file"] for e in episodes.values()})
-    infos = fs.get_file_info([f"{root}/{f}" for f in files])
+    videos = sorted({e["video"]["file"] for e in episodes.values() if "video" in e})
+    infos = fs.get_file_info([f"{root}/{f}" for f in files + videos])
     sizes = {}
-    for f, i in zip(files, infos):
+    for f, i in zip(files + videos, infos):
         if i.type == pafs.FileType.NotFound:
-            raise SourceFormatError(f"{uri}/{f}: data file named by meta/episodes is missing")
+            what = "video" if f in videos else "data"
+            raise SourceFormatError(f"{uri}/{f}: {what} file named by meta/episodes is missing")
         sizes[f] = int(i.size)
     return LeRobotDataset(uri=uri, info=info, tasks=tasks, episodes=dict(sorted(episodes.items())), files=files,
                           sizes=sizes)
@@ -241,10 +255,11 @@ def frames_to_episodes(frames: pa.Table, ds: LeRobotDataset, config: LeRobotConf
     done = frames.column(config.done_key).to_numpy(zero_copy_only=False).reshape(len(ep), -1)[:, 0].astype(bool) \
         if config.done_key in frames.column_names else np.zeros(len(ep), bool)
     image = None
-    if config.image_key:
-        if config.image_key not in frames.column_names:
-            raise SourceFormatError(f"{where}: missing image column {config.image_key!r}")
+    video = config.image_key and ds.info["features"][config.image_key]["dtype"] == "video"
+    if config.image_key and config.image_key in frames.column_names:  # an image feature, or frames Ray decoded
         image = _image_bytes(frames.column(config.image_key), config.image_key, where)
+    elif config.image_key and not video:
+        raise SourceFormatError(f"{where}: missing image column {config.image_key!r}")
     starts = np.flatnonzero(np.r_[True, ep[1:] != ep[:-1]])
     for s, e in zip(starts, np.r_[starts[1:], len(ep)]):
         eid, t = int(ep[s]), int(e - s)
@@ -260,13 +275,29 @@ def frames_to_episodes(frames: pa.Table, ds: LeRobotDataset, config: LeRobotConf
             raise SourceFormatError(f"{w}: column 'index' is {int(gi[s + bad])} at frame_index {bad}; expected "
                                     f"dataset_from_index {meta['from_index']} + frame_index")
         first, last = episode_flags(t)
+        ep_image = None if image is None else image[s:e]
+        if video and image is None:
+            ep_image = _video_images(ds, eid, t, w)
         yield eid, {
             "source": source, "episode": np.full(t, eid, np.int64), "step": np.arange(t, dtype=np.int32),
             "task": task[s:e], "state": state[s:e], "action": action[s:e],
-            "image": None if image is None else image[s:e],
+            "image": ep_image,
             "reward": None if reward is None else reward[s:e].astype(np.float32),
             "is_first": first, "is_last": last, "is_terminal": done[s:e], "success": None,
         }, w
+
+
+def _video_images(ds: LeRobotDataset, eid: int, length: int, where: str) -> list[bytes]:
+    """The episode's frames of its video camera, at ``from_timestamp + frame_index / fps``."""
+    from distcur.sources.video import video_frames
+
+    v = ds.episodes[eid]["video"]
+    if not ds.fps:
+        raise SourceFormatError(f"{ds.uri}/meta/info.json: no 'fps', needed to find video frames")
+    fs, root = resolve(ds.uri)
+    with fs.open_input_file(f"{root}/{v['file']}") as f:
+        return video_frames(f, v["from_timestamp"] + np.arange(length) / float(ds.fps), float(ds.fps),
+                            f"{ds.uri}/{v['file']} ({where})")
 
 
 def _episode_info(ds: LeRobotDataset, eid: int) -> dict:

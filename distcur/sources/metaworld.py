@@ -31,6 +31,15 @@ A failed rollout of the hard prior that happens to succeed is cut at 30-70 % of 
 its first success, so every failed episode is a failure by construction. The step table's manifest
 records each episode's kind (``episode_modes``: ``success`` or the failed mode).
 
+Rendered variant (``image_size > 0``): every kept episode is replayed from its initial-state
+seed with its recorded actions (the replay is checked against the recorded states) and the
+frame before each action is rendered by ``mujoco.Renderer`` from camera ``camera`` at
+``image_size x image_size``, stored PNG (or JPEG) encoded in the step table's ``image`` column;
+the camera is named in the manifest (``camera_names``, ``image_key``). Headless rendering needs a
+GL: ``MUJOCO_GL`` defaults to ``osmesa`` here when no display is set (``apt-get install
+libosmesa6``; about 0.1-0.2 s per frame on one CPU core whatever the size, so keep rendered sets
+small) and may be ``egl`` on GPU nodes.
+
 Only the per-episode maths lives here; the Ray fan-out over (task x chunk) is in
 :mod:`distcur.distributed.metaworld`.
 """
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -51,6 +61,9 @@ import pyarrow as pa
 from distcur.data import steps_key, target_source
 from distcur.schema import source_metadata, steps_table, validate_steps
 from distcur.store import Manifest, Store
+
+if not os.environ.get("DISPLAY"):  # before mujoco is imported: its GL backend is fixed at import
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 PRIOR_SOURCE = "metaworld"
 STAGE = "ingest-metaworld"
@@ -79,6 +92,9 @@ DEFAULT_TASKS = (
 # Seed streams: initial states of different roles never share a seed.
 STREAM_SUCCESS, STREAM_FAILED, STREAM_TARGET, STREAM_EVAL = 0, 1, 2, 3
 PRIOR_KINDS = ("hard", "datamil")
+# MetaWorld v3's cameras (every task's model has them)
+CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
+IMAGE_FORMATS = ("png", "jpeg")
 # DataMIL's data: noise 0.1 x the action range (2 on [-1, 1]); failures kept once they pass 200 steps.
 DATAMIL_NOISE = 0.2
 DATAMIL_FAILED_STEPS = 200
@@ -286,6 +302,9 @@ class MetaWorldPriorConfig:
     task_counts: dict[str, int] | None = None
     append_task_onehot: bool = False
     chunk_episodes: int = 10
+    image_size: int = 0  # > 0: render every step's frame (image_size x image_size) into the `image` column
+    camera: str = "corner"
+    image_format: str = "png"
 
     @classmethod
     def datamil(cls, target: str = "pick-place-wall-v3", per_task: int = 10, **overrides: Any) -> MetaWorldPriorConfig:
@@ -311,6 +330,14 @@ class MetaWorldPriorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"MetaWorldPriorConfig.{name} must be a non-negative int, got {value!r}")
+        if not isinstance(self.image_size, int) or not 0 <= self.image_size <= 1024:
+            raise ValueError(f"MetaWorldPriorConfig.image_size must be an int in [0, 1024] (0: no frames), got "
+                             f"{self.image_size!r}")
+        if self.camera not in CAMERAS:
+            raise ValueError(f"MetaWorldPriorConfig.camera must be one of {CAMERAS}, got {self.camera!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"MetaWorldPriorConfig.image_format must be one of {IMAGE_FORMATS}, got "
+                             f"{self.image_format!r}")
         if self.target_demos < 1 or self.chunk_episodes < 1:
             raise ValueError("MetaWorldPriorConfig: target_demos and chunk_episodes must be >= 1")
         for name in ("success_noise", "failed_noise"):
@@ -361,6 +388,9 @@ class MetaWorldPriorConfig:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)
         d["failed_modes"] = list(self.failed_modes)
+        if not self.image_size:  # a state-only config keeps the fingerprint it had before frames existed
+            for k in IMAGE_FIELDS:
+                d.pop(k)
         return d
 
     def target_config(self) -> dict:
@@ -368,7 +398,12 @@ class MetaWorldPriorConfig:
         d = {k: v for k, v in self.to_dict().items() if k in ("target", "target_demos", "success_noise", "max_steps", "seed")}
         if self.append_task_onehot:
             d["onehot_over"] = list(self.tasks)
+        if self.image_size:
+            d.update({k: getattr(self, k) for k in IMAGE_FIELDS})
         return d
+
+
+IMAGE_FIELDS = ("image_size", "camera", "image_format")
 
 
 def datamil_options(per_task: int = 10) -> dict[str, Any]:
@@ -510,6 +545,41 @@ def episode_columns(cfg: MetaWorldPriorConfig, spec: EpisodeSpec, ro: Rollout) -
     }
 
 
+def render_episode(task: str, seed: int, ro: Rollout, size: int, camera: str = "corner") -> np.ndarray:
+    """Replay ``ro`` (from initial-state ``seed``, its recorded actions) and render the frame before
+    each action: (T, size, size, 3) uint8. The replay must reproduce the recorded states."""
+    env = make_envs(task, 1)[0]
+    obs = reset_env(env, seed)
+    renderer = _renderer(task, env, size)
+    frames = np.empty((len(ro), size, size, 3), np.uint8)
+    for t in range(len(ro)):
+        if not np.allclose(obs, ro.state[t], atol=1e-4):
+            raise AssertionError(f"metaworld: replaying {task!r} seed {seed} diverged from the recorded "
+                                 f"episode at step {t} (max |diff| {np.abs(obs - ro.state[t]).max():.2e})")
+        renderer.update_scene(env.data, camera=camera)
+        frames[t] = renderer.render()
+        obs, *_ = env.step(ro.action[t])
+        obs = np.asarray(obs, np.float64)
+    return frames
+
+
+_RENDERERS: dict[tuple[str, int], Any] = {}
+
+
+def _renderer(task: str, env: Any, size: int) -> Any:
+    """This process's renderer of ``task``'s pooled env at ``size`` (a GL context costs ~1.5 s to make)."""
+    import mujoco
+
+    if (task, size) not in _RENDERERS:
+        try:
+            _RENDERERS[(task, size)] = mujoco.Renderer(env.model, size, size)
+        except Exception as e:  # no GL context: mujoco raises several types here
+            raise RuntimeError(f"metaworld: cannot render frames (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: "
+                               f"{type(e).__name__}: {e}); headless rendering needs OSMesa (apt-get install "
+                               "libosmesa6, MUJOCO_GL=osmesa) or EGL (MUJOCO_GL=egl)") from None
+    return _RENDERERS[(task, size)]
+
+
 def generate_chunk(cfg: MetaWorldPriorConfig, specs: Sequence[EpisodeSpec]) -> tuple[pa.Table, list[dict]]:
     """Generate planned episodes (all of one source) into a step table plus per-episode stats."""
     parts, stats = [], []
@@ -519,10 +589,19 @@ def generate_chunk(cfg: MetaWorldPriorConfig, specs: Sequence[EpisodeSpec]) -> t
         st["cpu_s"] = time.process_time() - cpu0
         if spec.role == "failed" and ro.succeeded:
             raise AssertionError(f"failed episode {spec.episode} of {spec.task!r} succeeded")
-        parts.append(episode_columns(cfg, spec, ro))
+        cols = episode_columns(cfg, spec, ro)
+        if cfg.image_size:
+            from distcur.sources.common import encode_image
+
+            t0 = time.perf_counter()
+            frames = render_episode(spec.task, st["seed"], ro, cfg.image_size, cfg.camera)
+            cols["image"] = [encode_image(f, cfg.image_format) for f in frames]
+            st["render_s"] = time.perf_counter() - t0
+        parts.append(cols)
         stats.append({"episode": spec.episode, "task": spec.task, "role": spec.role, "mode": spec.mode,
                       "steps": len(ro), **st})
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    cols = {k: [x for p in parts for x in p[k]] if k == "image" else np.concatenate([p[k] for p in parts])
+            for k in parts[0]}
     cols["source"] = specs[0].source
     return steps_table(cols), stats
 
@@ -581,6 +660,7 @@ def _write_source(
         "episode_modes": [s["mode"] if s["role"] == "failed" else "success" for s in stats],
         # CPU seconds spent rolling out episodes, summed over workers (wall time on n idle cores ~ this / n)
         "cpu_s": round(sum(s["cpu_s"] for s in stats), 3),
+        **({"render_s": round(sum(s["render_s"] for s in stats), 3)} if any("render_s" in s for s in stats) else {}),
         **extra_metadata,
     }
     return store.write_table(key, table, stage=STAGE, config=config, metadata=metadata)
@@ -624,6 +704,9 @@ def generate_metaworld(
     extra = {"target": cfg.target, "state_dim": cfg.state_dim}
     if cfg.append_task_onehot:
         extra["onehot_over"] = list(cfg.tasks)
+    if cfg.image_size:
+        extra.update(camera_names=[cfg.camera], image_key=cfg.camera, image_size=cfg.image_size,
+                     image_format=cfg.image_format)
     out: dict[str, Any] = {}
     for name, (key, config) in outputs.items():
         if todo[name]:

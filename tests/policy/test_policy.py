@@ -359,3 +359,31 @@ def test_cli_train_and_evaluate_proxy_only(store_factory, tmp_path):
     table = store.read_table("evals/rand50").to_pylist()
     assert [r["seed"] for r in table] == [0, 1] and table[0]["method"] == "random50"
     assert math.isnan(table[0]["success"]) and np.isfinite(table[0]["proxy_loss"])
+
+
+def test_device_is_how_a_run_computes_not_what(store_factory):
+    store = store_factory()
+    data = load_training_data(store, "target-toy", baseline_selection(store, "all"))
+    cfg = TrainConfig(**TINY)
+    assert cfg.device == "auto"
+    p_auto, _, h_auto = train_policy(data, cfg)
+    p_cpu, _, h_cpu = train_policy(data, TrainConfig(**{**TINY, "device": "cpu"}))
+    assert all(v.device.type == "cpu" for v in p_auto.values())  # returned on the CPU whatever ran it
+    if not torch.cuda.is_available():  # auto is the CPU here: the same run bit for bit
+        assert h_auto == h_cpu and all(torch.equal(p_auto[k], p_cpu[k]) for k in p_cpu)
+        with pytest.raises(ValueError, match="'cuda' was asked for but torch sees no CUDA device"):
+            train_policy(data, TrainConfig(**{**TINY, "device": "cuda"}))
+    else:  # a GPU run matches the CPU one up to float summation order
+        for k in p_cpu:
+            torch.testing.assert_close(p_auto[k], p_cpu[k], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match=r"TrainConfig.device must be one of \('auto', 'cpu', 'cuda'\)"):
+        TrainConfig(device="gpu")
+    # not in the fingerprint: a finished run is not retrained on another device, and a checkpoint resumes there
+    m = train_to_store(store, "dev", data, TrainConfig(**{**TINY, "device": "cpu"}))
+    assert "device" not in m.config
+    assert store.is_done("policies/dev", "train", m.config, data.inputs)
+    saved = {}
+    train_policy(data, TrainConfig(**{**TINY, "device": "cpu"}), checkpoint_fn=lambda s: saved.setdefault(s["step"], s))
+    p_res, _, _ = train_policy(data, cfg, resume_from=saved[10])
+    for k in p_cpu:
+        torch.testing.assert_close(p_res[k], p_cpu[k], rtol=1e-3, atol=1e-4)
