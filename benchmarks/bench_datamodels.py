@@ -387,7 +387,7 @@ def main() -> int:
     ap.add_argument("--store", default=None, help="store holding steps/source=metaworld and the target")
     ap.add_argument("--target", default="pick-place-wall-v3")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per speed measurement")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per speed measurement (a datamodel trains 300)")
     ap.add_argument("--jobs", type=int, default=2, help="TorchTrainer jobs to time")
     ap.add_argument("--skip-lds", action="store_true")
     ap.add_argument("--only", nargs="+", choices=["speed", "jobs", "metagrad", "lds"], default=None,

@@ -172,10 +172,26 @@ class _Workspace:
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _chunk_step(P: _FlatStack, G: _FlatStack, s: slice, ws: _Workspace, spec: PolicySpec, obs1: torch.Tensor,
-                u: torch.Tensor, log_det: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """Forward and hand-written backward of the models ``s`` on one batch, gradients written
-    into ``G``; returns their losses (n,) = sum over the batch of ``coef`` x NLL.
+class _Chunk:
+    """The views one chunk of models ``s`` works on, made once per training call: its rows of
+    the parameter and gradient buffers per block (weights also transposed, as the forward's
+    GEMMs read them) and its slices of the workspace buffers."""
+
+    def __init__(self, P: _FlatStack, G: _FlatStack, s: slice, ws: _Workspace, spec: PolicySpec):
+        self.s, self.n = s, s.stop - s.start
+        self.p = {name: v[s] for name, v in P.views.items()}
+        self.pT = {name: v.transpose(1, 2) for name, v in self.p.items() if v.dim() == 3}
+        self.bias = {name: v.unsqueeze(1) for name, v in self.p.items() if v.dim() == 2}
+        self.g = {name: v[s] for name, v in G.views.items()}
+        self.h = [b[: self.n] for b in ws.h]
+        self.dh = [b[: self.n] for b in ws.dh]
+        self.out, self.gout = ws.out[: self.n], ws.g[: self.n]
+
+
+def _chunk_step(c: _Chunk, spec: PolicySpec, obs1: torch.Tensor, u: torch.Tensor, log_det: torch.Tensor,
+                coef: torch.Tensor) -> torch.Tensor:
+    """Forward and hand-written backward of the chunk's models on one batch, gradients written
+    into the gradient buffer; returns their losses (n,) = sum over the batch of ``coef`` x NLL.
 
     ``obs1`` (B, ds + 1) is the batch's states with a column of ones (shared: broadcast, not
     copied, into the first layer's batched GEMM), ``u`` = atanh(clipped actions) and
@@ -187,34 +203,33 @@ def _chunk_step(P: _FlatStack, G: _FlatStack, s: slice, ws: _Workspace, spec: Po
     layer), one reduction for the bias gradient and one GEMM for the input gradient. The
     loss head works on (n, B, 2 da).
     """
-    pv, gv = P.views, G.views
-    n, da, L = s.stop - s.start, spec.action_dim, len(spec.hidden)
-    x0 = obs1.expand(n, *obs1.shape)
-    xs = [torch.bmm(x0, pv["h0.wb"][s].transpose(1, 2), out=ws.h[0][:n]).clamp_min_(0)]
+    p, pT, bias, g = c.p, c.pT, c.bias, c.g
+    da, L = spec.action_dim, len(spec.hidden)
+    x0 = obs1.expand(c.n, *obs1.shape)
+    xs = [torch.bmm(x0, pT["h0.wb"], out=c.h[0]).clamp_min_(0)]
     for i in range(1, L):
-        h = torch.baddbmm(pv[f"h{i}.b"][s].unsqueeze(1), xs[-1], pv[f"h{i}.w"][s].transpose(1, 2), out=ws.h[i][:n])
-        xs.append(h.clamp_min_(0))
-    out = torch.baddbmm(pv["head.b"][s].unsqueeze(1), xs[-1], pv["head.w"][s].transpose(1, 2), out=ws.out[:n])
+        xs.append(torch.baddbmm(bias[f"h{i}.b"], xs[-1], pT[f"h{i}.w"], out=c.h[i]).clamp_min_(0))
+    out = torch.baddbmm(bias["head.b"], xs[-1], pT["head.w"], out=c.out)
     mean, log_std_raw = out[..., :da], out[..., da:]
     log_std = torch.clamp(log_std_raw, spec.log_std_min, spec.log_std_max)
     inv_std = torch.exp(-log_std)
     z = (u - mean) * inv_std
-    c = coef.unsqueeze(-1)
-    loss = ((0.5 * z * z + log_std + _HALF_LOG_2PI + log_det) * c).sum((1, 2))  # tanh_gaussian_nll, weighted
-    g = ws.g[:n]  # d loss / d out
-    torch.mul(z * inv_std, c, out=g[..., :da]).neg_()
-    torch.mul((1 - z * z) * c, log_std == log_std_raw, out=g[..., da:])  # clamp passes the gradient inside [min, max]
-    torch.bmm(g.transpose(1, 2), xs[-1], out=gv["head.w"][s])
-    torch.sum(g, 1, out=gv["head.b"][s])
-    dh = torch.bmm(g, pv["head.w"][s], out=ws.dh[L - 1][:n])
+    w = coef.unsqueeze(-1)
+    loss = ((0.5 * z * z + log_std + _HALF_LOG_2PI + log_det) * w).sum((1, 2))  # tanh_gaussian_nll, weighted
+    gout = c.gout  # d loss / d out
+    torch.mul(z * inv_std, w, out=gout[..., :da]).neg_()
+    torch.mul((1 - z * z) * w, log_std == log_std_raw, out=gout[..., da:])  # clamp passes the gradient inside [min, max]
+    torch.bmm(gout.transpose(1, 2), xs[-1], out=g["head.w"])
+    torch.sum(gout, 1, out=g["head.b"])
+    dh = torch.bmm(gout, p["head.w"], out=c.dh[L - 1])
     for i in reversed(range(L)):
         torch.ops.aten.threshold_backward.grad_input(dh, xs[i], 0.0, grad_input=dh)  # ReLU backward
         if i == 0:
-            torch.bmm(dh.transpose(1, 2), x0, out=gv["h0.wb"][s])
+            torch.bmm(dh.transpose(1, 2), x0, out=g["h0.wb"])
             break
-        torch.bmm(dh.transpose(1, 2), xs[i - 1], out=gv[f"h{i}.w"][s])
-        torch.sum(dh, 1, out=gv[f"h{i}.b"][s])
-        dh = torch.bmm(dh, pv[f"h{i}.w"][s], out=ws.dh[i - 1][:n])
+        torch.bmm(dh.transpose(1, 2), xs[i - 1], out=g[f"h{i}.w"])
+        torch.sum(dh, 1, out=g[f"h{i}.b"])
+        dh = torch.bmm(dh, p[f"h{i}.w"], out=c.dh[i - 1])
     return loss
 
 
@@ -242,7 +257,7 @@ def _chunk_optimisers(P: _FlatStack, G: _FlatStack, M: _FlatStack, V: _FlatStack
     return opts
 
 
-def default_chunk(spec: PolicySpec, batch_size: int, k: int, budget_bytes: int = 8 << 20) -> int:
+def default_chunk(spec: PolicySpec, batch_size: int, k: int, budget_bytes: int = 16 << 20) -> int:
     """Models per forward/backward pass: as many as keep one step's activation and gradient
     buffers (2 x B x sum(hidden) floats per model) within ``budget_bytes``, so they stay in
     the cache between the ops that write and read them (at least 1, at most k)."""
@@ -301,6 +316,7 @@ def train_ensemble(
     chunks = [slice(i, min(i + chunk, k)) for i in range(0, k, chunk)]
     opts = _chunk_optimisers(P, G, M, V, t, chunks, adam)
     ws = _Workspace(spec, min(chunk, k), batch_size, dtype)
+    views = [_Chunk(P, G, s, ws, spec) for s in chunks]
     obs1 = torch.ones(batch_size, obs.shape[1] + 1, dtype=obs.dtype)  # states and a column of ones
     losses = torch.empty(steps, k, dtype=dtype)
     for step, idx in enumerate(batches):
@@ -311,8 +327,8 @@ def train_ensemble(
         a = torch.clamp(act[rows], -1 + ACTION_EPS, 1 - ACTION_EPS)  # the terms of tanh_gaussian_nll
         u, log_det = torch.atanh(a), torch.log1p(-(a**2) + ACTION_EPS)  # that hold no parameter
         with torch.no_grad():
-            for s, opt in zip(chunks, opts):
-                losses[step, s] = _chunk_step(P, G, s, ws, spec, obs1, u, log_det, coef[s])
+            for c, opt in zip(views, opts):
+                losses[step, c.s] = _chunk_step(c, spec, obs1, u, log_det, coef[c.s])
                 opt.step()
     t += steps
     out_state = {"m": M.unpack(), "v": V.unpack(), "t": t}
