@@ -185,14 +185,14 @@ def speed_figures(spec, adam, data, repeats, steps, batch_size, loop_models: int
 
 
 def threads_figures(spec, adam, data, repeats, steps, batch_size) -> dict:
-    """Wall-clock best-of figures with 1 and with 2 torch threads (the GEMM's speed-up
+    """Wall-clock best-of-3 figures with 1 and with 2 torch threads (the GEMM's speed-up
     standing in for a faster BLAS); the rest of this script runs on 1."""
     out = {}
     f = 3 * spec.flops_per_sample() * batch_size
     for threads in (1, 2):
         torch.set_num_threads(threads)
         best: dict[str, float] = {}
-        for _ in range(repeats):
+        for _ in range(min(repeats, 3)):
             for name, fn in (("gemm", gemm_rate),
                              ("stacked64", lambda: stacked_rate(spec, adam, data, 64, steps, batch_size)),
                              ("stacked256", lambda: stacked_rate(spec, adam, data, 256, steps, batch_size)),
