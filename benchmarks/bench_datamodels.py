@@ -2,15 +2,25 @@
 
 All speed figures are ratios measured in this run, at the datamodel's default subset model
 (DatamodelConfig: MLP 128 x 128, batch 256, 39-d state, 4-d action), one torch thread per
-process (as a 1-CPU Ray worker runs it), medians of ``--repeats`` runs with min and max:
+process (as a 1-CPU Ray worker runs it). The machine is shared, so the stacked-step figures are
+the best of ``--repeats`` interleaved runs (``best``: the ratio of the best rates), timed by the
+CPU time of the one thread doing the work (``time.thread_time``: time spent waiting for a core
+held by another process is not the step's), with median, min and max of the per-run ratios and
+the same figures by wall clock (``*_wall``); the load average is recorded beside them:
 
 * speedup_vs_loop_k64 / _k256: models x steps per second of stacked training of k models
   (distcur.policy.ensemble.train_ensemble) over a plain loop training the same models one at a
   time with the eager single-model step;
-* speedup_vs_train_job_per_model: the same rate over one Ray Train TorchTrainer job per model
-  (the naive design), measured on a few jobs training one model for the default step count;
-* gemm_fraction: achieved training FLOP/s (3 x forward FLOPs per sample) at k = 64 over the
-  float32 GEMM rate of torch.mm (1024^3) measured in the same run;
+* speedup_vs_train_job_per_model: the best wall-clock stacked rate at k = 64 over one Ray Train
+  TorchTrainer job per model (the naive design), measured on a few jobs training one model for
+  the default step count;
+* gemm_fraction (k = 64) / gemm_fraction_k256: achieved training FLOP/s (3 x forward FLOPs per
+  sample) over the float32 GEMM rate of torch.mm (1024^3) measured in the same run, which is
+  recorded beside each (``gemm_gflops``);
+* threads2: the same figures by wall clock with torch.set_num_threads(2) beside 1 (a GEMM twice
+  as fast, as on a machine with a faster BLAS; only meaningful when two cores are free);
+* step_profile: an operator-level profile (torch.profiler, CPU) of stacked steps at k = 64 and
+  256: the top operators by self time, their share, and the share of all GEMM operators;
 * metagrad_cost_ratio: one DataMIL meta-gradient run (T - K forward steps, then K steps
   differentiated with sqrt(K) checkpointing) over a plain training run of the same T steps;
   metagrad_cost_ratio_k_only also reports the last K steps alone;
@@ -20,7 +30,9 @@ process (as a 1-CPU Ray worker runs it), medians of ``--repeats`` runs with min 
 * metagrad_fd_rel_err: meta-gradient vs central finite differences (float64, small MLP);
 * lds: the regression datamodel's LDS on a MetaWorld development target (default config).
 
-Usage: python benchmarks/bench_datamodels.py [--store DIR_WITH_METAWORLD] [--repeats 3] [--skip-lds]
+Usage: python benchmarks/bench_datamodels.py [--store DIR_WITH_METAWORLD] [--repeats 5] [--skip-lds]
+
+The file is updated, not replaced: the keys this script does not write are kept.
 """
 
 from __future__ import annotations
@@ -38,6 +50,9 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_facts, update_result  # noqa: E402
+
 from distcur.commands.datamodel import DatamodelConfig, MetagradSettings, RegressionSettings
 from distcur.datamodels.metagrad import sqrt_checkpoint_every, weight_meta_gradient
 from distcur.policy.ensemble import batch_weights, init_ensemble, sample_batches, train_ensemble, train_single
@@ -46,7 +61,6 @@ from distcur.policy.proxy import make_proxy_fn
 
 DS, DA = 39, 4
 N_POOL, N_CLUSTERS = 20000, 200
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "datamodels.json")
 
 
 def stats(xs: list[float]) -> dict:
@@ -61,18 +75,25 @@ def pool(seed: int = 0):
     return obs, act, group
 
 
-def stacked_rate(spec, adam, data, k, steps, batch_size) -> float:
+def timed(fn) -> dict:
+    """Run ``fn()``; its wall time and the CPU time of this thread, in seconds."""
+    w, c = time.perf_counter(), time.thread_time()
+    fn()
+    return {"wall": time.perf_counter() - w, "cpu": time.thread_time() - c}
+
+
+def stacked_rate(spec, adam, data, k, steps, batch_size) -> dict:
+    """Model-steps per second of train_ensemble on k models, by wall clock and thread CPU time."""
     obs, act, group = data
     masks = torch.as_tensor(np.random.default_rng(k).random((k, N_CLUSTERS)) < 0.5, dtype=torch.float32)
     batches = sample_batches(group.numpy(), steps + 1, batch_size, 0.25, seed=1)
     params, state = init_ensemble(spec, range(k))
     params, state, _ = train_ensemble(params, state, spec, adam, obs, act, group, masks, batches[:1])  # warm-up
-    t = time.perf_counter()
-    train_ensemble(params, state, spec, adam, obs, act, group, masks, batches[1:])
-    return k * steps / (time.perf_counter() - t)
+    t = timed(lambda: train_ensemble(params, state, spec, adam, obs, act, group, masks, batches[1:]))
+    return {c: k * steps / s for c, s in t.items()}
 
 
-def loop_rate(spec, adam, data, n_models, steps, batch_size) -> float:
+def loop_rate(spec, adam, data, n_models, steps, batch_size) -> dict:
     """A plain one-model-at-a-time loop: the eager single-model step (torch.autograd.grad + Adam,
     the fastest single-model path, the one train_policy uses) on each model's own batch weights."""
     obs, act, group = data
@@ -89,19 +110,105 @@ def loop_rate(spec, adam, data, n_models, steps, batch_size) -> float:
             p, state, _ = step(p, state, obs[rows], act[rows], w)
 
     train(0, batches[:1])  # warm-up
-    t = time.perf_counter()
-    for i in range(n_models):
-        train(i, batches[1:])
-    return n_models * steps / (time.perf_counter() - t)
+    t = timed(lambda: [train(i, batches[1:]) for i in range(n_models)])
+    return {c: n_models * steps / s for c, s in t.items()}
 
 
-def gemm_rate(n: int = 1024, reps: int = 5) -> float:
+def gemm_rate(n: int = 1024, reps: int = 5) -> dict:
+    """FLOP/s of a float32 n^3 torch.mm, by wall clock and thread CPU time."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    t = timed(lambda: [torch.mm(a, b) for _ in range(reps)])
+    return {c: 2 * n**3 * reps / s for c, s in t.items()}
+
+
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::addbmm")
+
+
+def step_profile(spec, adam, data, k, batch_size, steps: int = 3, top: int = 12) -> dict:
+    """Operator-level profile (torch.profiler, CPU) of ``steps`` stacked steps of k models: the
+    ``top`` operators by self time (ms per step, share of all self time, calls per step) and
+    the share of all GEMM operators. The profiler's times are wall-clock: on a loaded machine
+    they include waits for a core, spread over every operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    obs, act, group = data
+    masks = torch.as_tensor(np.random.default_rng(k).random((k, N_CLUSTERS)) < 0.5, dtype=torch.float32)
+    batches = sample_batches(group.numpy(), steps + 1, batch_size, 0.25, seed=1)
+    params, state = init_ensemble(spec, range(k))
+    params, state, _ = train_ensemble(params, state, spec, adam, obs, act, group, masks, batches[:1])  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_ensemble(params, state, spec, adam, obs, act, group, masks, batches[1:])
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return {
+        "k": k, "steps": steps, "self_ms_per_step": total / 1e3 / steps,
+        "gemm_share": sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / total,
+        "top_ops": [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+                     "share": round(e.self_cpu_time_total / total, 4), "calls_per_step": e.count / steps}
+                    for e in events[:top]],
+        "loadavg": os.getloadavg(),
+    }
+
+
+def speed_figures(spec, adam, data, repeats, steps, batch_size, loop_models: int = 4) -> dict:
+    """Stacked rates at k = 64 and 256, the loop's and the GEMM rate, ``repeats`` interleaved
+    runs each; the ratios as the best (ratio of best rates) and the per-run statistics, by
+    thread CPU time and by wall clock."""
+    runs: dict[str, list[dict]] = {"gemm": [], "stacked64": [], "stacked256": [], "loop": []}
+    for _ in range(repeats):
+        runs["gemm"].append(gemm_rate())
+        runs["stacked64"].append(stacked_rate(spec, adam, data, 64, steps, batch_size))
+        runs["stacked256"].append(stacked_rate(spec, adam, data, 256, steps, batch_size))
+        runs["loop"].append(loop_rate(spec, adam, data, loop_models, steps, batch_size))
+        print({k: {c: round(r, 1) for c, r in v[-1].items()} for k, v in runs.items()}, flush=True)
+    flops_per_model_step = 3 * spec.flops_per_sample() * batch_size
+    out: dict = {}
+    for clock, suffix in (("cpu", ""), ("wall", "_wall")):
+        r = {name: [x[clock] for x in xs] for name, xs in runs.items()}
+
+        def ratio(num, den, scale=1.0, r=r):
+            per_run = [a * scale / b for a, b in zip(r[num], r[den])]
+            return {"best": max(r[num]) * scale / max(r[den]), **stats(per_run)}
+
+        for k in (64, 256):
+            out[f"speedup_vs_loop_k{k}{suffix}"] = ratio(f"stacked{k}", "loop")
+            out[f"gemm_fraction{'' if k == 64 else '_k256'}{suffix}"] = {
+                **ratio(f"stacked{k}", "gemm", flops_per_model_step),
+                "gemm_gflops": max(r["gemm"]) / 1e9, "gemm_gflops_median": statistics.median(r["gemm"]) / 1e9}
+        out[f"rates_model_steps_per_s{suffix}"] = {n: stats(v) for n, v in r.items() if n != "gemm"}
+        out[f"gemm_gflops{suffix}"] = stats([g / 1e9 for g in r["gemm"]])
+    out["speed_clock"] = "thread CPU time (time.thread_time); *_wall: wall clock"
+    out["speed_loadavg"] = os.getloadavg()
+    return out
+
+
+def threads_figures(spec, adam, data, repeats, steps, batch_size) -> dict:
+    """Wall-clock best-of-3 figures with 1 and with 2 torch threads (the GEMM's speed-up
+    standing in for a faster BLAS); the rest of this script runs on 1."""
+    out = {}
+    f = 3 * spec.flops_per_sample() * batch_size
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        best: dict[str, float] = {}
+        for _ in range(min(repeats, 3)):
+            for name, fn in (("gemm", gemm_rate),
+                             ("stacked64", lambda: stacked_rate(spec, adam, data, 64, steps, batch_size)),
+                             ("stacked256", lambda: stacked_rate(spec, adam, data, 256, steps, batch_size)),
+                             ("loop", lambda: loop_rate(spec, adam, data, 4, steps, batch_size))):
+                best[name] = max(best.get(name, 0.0), fn()["wall"])
+        out[f"threads{threads}"] = {
+            "gemm_gflops": best["gemm"] / 1e9,
+            "gemm_fraction_k64": best["stacked64"] * f / best["gemm"],
+            "gemm_fraction_k256": best["stacked256"] * f / best["gemm"],
+            "speedup_vs_loop_k64": best["stacked64"] / best["loop"],
+            "speedup_vs_loop_k256": best["stacked256"] / best["loop"],
+            "loadavg": os.getloadavg(),
+        }
+        print(f"threads={threads}", out[f"threads{threads}"], flush=True)
+    torch.set_num_threads(1)
+    return out
 
 
 def start_ray(tries: int = 4) -> None:
@@ -279,10 +386,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", default=None, help="store holding steps/source=metaworld and the target")
     ap.add_argument("--target", default="pick-place-wall-v3")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per speed measurement")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per speed measurement (a datamodel trains 300)")
     ap.add_argument("--jobs", type=int, default=2, help="TorchTrainer jobs to time")
     ap.add_argument("--skip-lds", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["speed", "jobs", "metagrad", "lds"], default=None,
+                    help="run only these parts (the file keeps the other parts' figures)")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = DatamodelConfig()
@@ -293,48 +402,36 @@ def main() -> int:
     torch.set_num_threads(1)
     spec, adam = PolicySpec(DS, DA, tuple(cfg.hidden)), AdamConfig(lr=cfg.lr)
     data = pool()
+    parts = args.only or ["speed", "jobs", "metagrad"] + ([] if args.skip_lds else ["lds"])
     t0 = time.time()
     res: dict = {}
-    rates = {"stacked64": [], "stacked256": [], "loop": [], "gemm": []}
-    for _ in range(args.repeats):
-        rates["gemm"].append(gemm_rate())
-        rates["stacked64"].append(stacked_rate(spec, adam, data, 64, args.steps, cfg.batch_size))
-        rates["stacked256"].append(stacked_rate(spec, adam, data, 256, args.steps, cfg.batch_size))
-        rates["loop"].append(loop_rate(spec, adam, data, 4, args.steps, cfg.batch_size))
-        print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
-    flops_per_model_step = 3 * spec.flops_per_sample() * cfg.batch_size
-    sp64 = [a / b for a, b in zip(rates["stacked64"], rates["loop"])]
-    sp256 = [a / b for a, b in zip(rates["stacked256"], rates["loop"])]
-    gfrac = [r * flops_per_model_step / g for r, g in zip(rates["stacked64"], rates["gemm"])]
-    res["speedup_vs_loop_k64"] = stats(sp64)
-    res["speedup_vs_loop_k256"] = stats(sp256)
-    res["gemm_fraction"] = stats(gfrac)
-    res["gemm_fraction_k256"] = stats([r * flops_per_model_step / g for r, g in zip(rates["stacked256"], rates["gemm"])])
-    res["rates_model_steps_per_s"] = {k: stats(v) for k, v in rates.items() if k != "gemm"}
-    res["gemm_gflops"] = stats([g / 1e9 for g in rates["gemm"]])
-
-    job_s = torchtrainer_job_seconds(spec, reg.steps, cfg.batch_size, args.jobs)
-    job_rate = [reg.steps / s for s in job_s]  # one model per job
-    vm = statistics.median(rates["stacked64"])
-    res["speedup_vs_train_job_per_model"] = stats([vm / r for r in job_rate])
-    res["train_job_seconds_per_model"] = stats(job_s)
-    print("jobs", job_s, flush=True)
-
-    ratios = [metagrad_times(spec, adam, mg.total_steps, mg.meta_steps, cfg.batch_size) for _ in range(args.repeats)]
-    res["metagrad_cost_ratio"] = stats([r["ratio_total"] for r in ratios])
-    res["metagrad_cost_ratio_k_only"] = stats([r["ratio_k"] for r in ratios])
-    mem = {}
-    for mode in ("plain", "metagrad", "metagrad_no_checkpoint"):
-        out = subprocess.run([sys.executable, __file__, "--probe", mode], capture_output=True, text=True, check=True)
-        mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    res["metagrad_peak_mem_mib"] = mem
-    res["metagrad_peak_mem_ratio"] = mem["metagrad"]["peak_rss_mib"] / mem["plain"]["peak_rss_mib"]
-    res["metagrad_peak_mem_ratio_no_checkpoint"] = (mem["metagrad_no_checkpoint"]["peak_rss_mib"]
-                                                    / mem["plain"]["peak_rss_mib"])
-    res["metagrad_fd_rel_err"] = fd_rel_err()
-    print({k: v for k, v in res.items() if k.startswith("metagrad")}, flush=True)
-
-    if not args.skip_lds:
+    if "speed" in parts:
+        res.update(speed_figures(spec, adam, data, args.repeats, args.steps, cfg.batch_size))
+        res["step_profile"] = {f"k{k}": step_profile(spec, adam, data, k, cfg.batch_size) for k in (64, 256)}
+        print({k: v["gemm_share"] for k, v in res["step_profile"].items()}, flush=True)
+        res["threads2"] = threads_figures(spec, adam, data, args.repeats, args.steps, cfg.batch_size)
+    if "jobs" in parts:
+        vm = max(stacked_rate(spec, adam, data, 64, args.steps, cfg.batch_size)["wall"] for _ in range(3))
+        job_s = torchtrainer_job_seconds(spec, reg.steps, cfg.batch_size, args.jobs)
+        job_rate = [reg.steps / s for s in job_s]  # one model per job
+        res["speedup_vs_train_job_per_model"] = stats([vm / r for r in job_rate])
+        res["train_job_seconds_per_model"] = stats(job_s)
+        print("jobs", job_s, flush=True)
+    if "metagrad" in parts:
+        ratios = [metagrad_times(spec, adam, mg.total_steps, mg.meta_steps, cfg.batch_size) for _ in range(args.repeats)]
+        res["metagrad_cost_ratio"] = stats([r["ratio_total"] for r in ratios])
+        res["metagrad_cost_ratio_k_only"] = stats([r["ratio_k"] for r in ratios])
+        mem = {}
+        for mode in ("plain", "metagrad", "metagrad_no_checkpoint"):
+            out = subprocess.run([sys.executable, __file__, "--probe", mode], capture_output=True, text=True, check=True)
+            mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        res["metagrad_peak_mem_mib"] = mem
+        res["metagrad_peak_mem_ratio"] = mem["metagrad"]["peak_rss_mib"] / mem["plain"]["peak_rss_mib"]
+        res["metagrad_peak_mem_ratio_no_checkpoint"] = (mem["metagrad_no_checkpoint"]["peak_rss_mib"]
+                                                        / mem["plain"]["peak_rss_mib"])
+        res["metagrad_fd_rel_err"] = fd_rel_err()
+        print({k: v for k, v in res.items() if k.startswith("metagrad")}, flush=True)
+    if "lds" in parts:
         info = lds_on_metaworld(args.store, args.target)
         res["lds"] = info["lds"]
         res["lds_run"] = info
@@ -342,21 +439,20 @@ def main() -> int:
         "subset_model": {"hidden": list(cfg.hidden), "state_dim": DS, "action_dim": DA, "batch_size": cfg.batch_size},
         "regression": reg.__dict__, "metagrad": mg.__dict__, "timed_steps": args.steps, "repeats": args.repeats,
         "loop_models": 4, "pool_rows": N_POOL, "clusters": N_CLUSTERS, "torch_threads": 1, "train_jobs": args.jobs,
+        "parts_of_last_run": parts,
     }
     res["machine"] = {
         "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": np.__version__,
+        "cpu_model": machine_facts().get("cpu_model", ""), "torch": torch.__version__, "numpy": np.__version__,
         "blas": [ln.strip() for ln in torch.__config__.show().splitlines() if "BLAS" in ln or "MKL" in ln][:4],
         "loadavg_at_end": os.getloadavg(),
     }
     res["wall_s"] = time.time() - t0
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
-        json.dump(res, f, indent=2, default=float)
-    print(json.dumps({k: (v["median"] if isinstance(v, dict) and "median" in v else v) for k, v in res.items()
+    update_result("datamodels", res)
+    print(json.dumps({k: (v.get("best", v.get("median")) if isinstance(v, dict) else v) for k, v in res.items()
                       if k in ("speedup_vs_loop_k64", "speedup_vs_loop_k256", "speedup_vs_train_job_per_model",
-                               "gemm_fraction", "metagrad_cost_ratio", "metagrad_peak_mem_ratio",
-                               "metagrad_fd_rel_err", "lds")}, default=float))
+                               "gemm_fraction", "gemm_fraction_k256", "metagrad_cost_ratio",
+                               "metagrad_peak_mem_ratio", "metagrad_fd_rel_err", "lds")}, default=float))
     return 0
 
 

@@ -198,6 +198,33 @@ def run_in_pty(cmd: Sequence[str], env: dict | None = None, timeout_s: float = 3
             "peak_single_rss_bytes": rss.peak_single}
 
 
+def update_result(name: str, updates: dict[str, Any]) -> str:
+    """Read ``benchmarks/results/<name>.json``, replace the top-level keys in ``updates`` (every
+    other key, another script's figures too, is kept), write it back atomically (a temporary
+    file renamed over it) under an exclusive lock, so two scripts sharing the file lose
+    nothing; returns its path."""
+    import fcntl
+
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path) as f:
+                current = json.load(f)
+        except FileNotFoundError:
+            current = {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); fix or remove it before updating it") from e
+        current.update(updates)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(current, f, indent=2, default=float)
+            f.write("\n")
+        os.replace(tmp, path)
+    return path
+
+
 def write_result(name: str, payload: dict[str, Any]) -> str:
     """Write ``benchmarks/results/<name>.json`` with machine facts added; returns its path."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
