@@ -1,0 +1,127 @@
+"""The ``ray-train`` executor: subset-model batches and meta-gradient iterations on one TorchTrainer.
+
+Real local Ray, real TorchTrainers with 2 CPU workers; a worker is lost (``os._exit``) or raises
+at a chosen item. Checked: the numbers equal the ``ray-tasks`` / driver path, every item is
+committed exactly once across a restart (one ``_data-*`` version per item), and a rerun after a
+failed run does only the missing items."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from test_distributed import SMALL, TASK, make_synthetic_store  # the synthetic prior of the Ray-task tests
+
+from distcur.commands.datamodel import make_config, run_datamodel
+from distcur.distributed.datamodels import batch_key
+from distcur.distributed.metagrad import MetagradFailed, iteration_key
+from distcur.distributed.raytrain import RayTrainSettings, fire_fault_once, worker_share
+from distcur.store import Store
+
+# No independent-seed LDS: one batch plan, the part that the executors share.
+REGRESSION = {**SMALL, "regression": {**SMALL["regression"], "lds_independent_seeds": False}}
+
+
+def _versions(store: Store, key: str) -> list[str]:
+    return [n for n in store.listdir(key) if n.startswith("_data-")]
+
+
+def _tau(store: Store, run: str) -> np.ndarray:
+    return store.read_table(f"datamodels/{run}/tau").column("tau").to_numpy()
+
+
+def test_worker_share_gives_every_worker_the_same_slot_count():
+    assert worker_share(list(range(5)), 0, 2) == ([0, 2, 4], 3)
+    assert worker_share(list(range(5)), 1, 2) == ([1, 3], 3)
+    assert worker_share([7], 1, 2) == ([], 1)
+
+
+def test_fault_fires_once(tmp_path):
+    marker = tmp_path / "m"
+    marker.write_text("raise:3\n5")
+    fire_fault_once(str(marker), 4)
+    with pytest.raises(RuntimeError, match="injected failure at item 3"):
+        fire_fault_once(str(marker), 3)
+    fire_fault_once(str(marker), 3)  # struck off: passes now
+    assert marker.read_text().split() == ["5"]
+    with pytest.raises(ValueError, match="num_workers >= 1"):
+        RayTrainSettings(num_workers=0)
+    with pytest.raises(ValueError, match="executor must be one of"):
+        make_config(executor="spark")
+
+
+def test_ray_train_batches_survive_a_lost_worker_and_equal_ray_tasks(ray_session, tmp_path):
+    """One TorchTrainer; batch 2's worker dies once; FailureConfig restarts the group, which skips
+    the committed batches: every batch is trained once, and the results are the Ray-task path's."""
+    tasks_store, _ = make_synthetic_store(tmp_path / "tasks")
+    run_datamodel(tasks_store, "regression", TASK, "dm", make_config(REGRESSION))
+
+    store, _ = make_synthetic_store(tmp_path / "train")
+    marker = tmp_path / "kill"
+    marker.write_text("2")
+    cfg = make_config(REGRESSION, executor="ray-train", ray_train={"num_workers": 2, "max_failures": 1})
+    m = run_datamodel(store, "regression", TASK, "dm", cfg, fault_marker=str(marker))
+    assert marker.read_text().split() == []  # the fault fired
+    n_batches = 4  # (24 + 8) models / 8 per batch
+    assert all(len(_versions(store, batch_key("dm", i))) == 1 for i in range(n_batches))
+    assert m.metadata["executor"] == "ray-train"
+    a = tasks_store.read_table("datamodels/dm/results")
+    b = store.read_table("datamodels/dm/results")
+    assert a.column("model").to_pylist() == b.column("model").to_pylist()
+    np.testing.assert_allclose(b.column("proxy").to_numpy(), a.column("proxy").to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(_tau(store, "dm"), _tau(tasks_store, "dm"), rtol=1e-5, atol=1e-9)
+    # The executor is not part of what the stage computes: the other executor finds it up to date.
+    again = run_datamodel(store, "regression", TASK, "dm", make_config(REGRESSION))
+    assert again.created == m.created
+
+
+METAGRAD = {**SMALL, "metagrad": {"total_steps": 60, "meta_steps": 8, "iterations": 6}}
+
+
+def test_metagrad_iterations_rerun_only_the_missing_ones_and_equal_the_driver_loop(ray_session, tmp_path):
+    """distcur recipe: 6 independent iterations on 2 workers; with no restarts allowed, a worker
+    lost at iteration 3 fails the stage with the others committed; the rerun does only the
+    missing ones, and the scores equal the driver loop's."""
+    driver_store, _ = make_synthetic_store(tmp_path / "driver")
+    run_datamodel(driver_store, "metagrad", TASK, "mg", make_config(METAGRAD))
+
+    store, _ = make_synthetic_store(tmp_path / "train")
+    marker = tmp_path / "kill"
+    marker.write_text("3")
+    cfg = make_config(METAGRAD, executor="ray-train", ray_train={"num_workers": 2, "max_failures": 0})
+    with pytest.raises(MetagradFailed, match=r"of 6 iterations are not committed"):
+        run_datamodel(store, "metagrad", TASK, "mg", cfg, fault_marker=str(marker))
+    first = {i: store.manifest(iteration_key("mg", 0, i)) for i in range(6)}
+    committed = {i for i, man in first.items() if man is not None}
+    assert 3 not in committed and 0 in committed and len(committed) < 6
+    assert store.manifest("scores/mg") is None
+
+    m = run_datamodel(store, "metagrad", TASK, "mg", cfg)
+    for i in range(6):
+        assert len(_versions(store, iteration_key("mg", 0, i))) == 1, i  # each iteration computed once
+        if i in committed:
+            assert store.manifest(iteration_key("mg", 0, i)).created == first[i].created
+    assert m.metadata["iterations"] == 6
+    np.testing.assert_allclose(_tau(store, "mg"), _tau(driver_store, "mg"), rtol=1e-4, atol=1e-7)
+
+
+def test_reference_recipe_rounds_of_one_equal_the_serial_sequence(ray_session, tmp_path):
+    """datamil recipe, round_size 1 on 2 workers (each round one iteration; the pool moves after
+    each): the same scores and pool sizes as the serial reference sequence on the driver; a
+    worker that raises once is restarted by FailureConfig."""
+    mg = {"recipe": "datamil", "total_steps": 60, "meta_steps": 8, "iterations": 4, "round_size": 1}
+    base = {**SMALL, "metagrad": mg}
+    driver_store, _ = make_synthetic_store(tmp_path / "driver")
+    ref = run_datamodel(driver_store, "metagrad", TASK, "ref", make_config(base))
+
+    store, _ = make_synthetic_store(tmp_path / "train")
+    marker = tmp_path / "raise"
+    marker.write_text("raise:2")
+    cfg = make_config(base, executor="ray-train", ray_train={"num_workers": 2, "max_failures": 1})
+    m = run_datamodel(store, "metagrad", TASK, "ref", cfg, fault_marker=str(marker))
+    assert marker.read_text().split() == []
+    assert all(len(_versions(store, iteration_key("ref", 0, i))) == 1 for i in range(4))
+    assert m.metadata["pool_sizes"] == ref.metadata["pool_sizes"]
+    np.testing.assert_allclose(_tau(store, "ref"), _tau(driver_store, "ref"), rtol=1e-4, atol=1e-7)
+    assert os.path.isdir(store.path("datamodels/ref/ray"))
