@@ -98,12 +98,14 @@ def time_metagrad(parallel: bool, data, spec, cfg: DatamodelConfig, iterations: 
 
 
 def update_results(path: str, figures: dict) -> dict:
-    """Read ``path``, replace only this script's keys, write it back atomically."""
+    """Read ``path``, replace only this script's keys (of ``ray_train_run`` only the parts run
+    now: ``--skip-batches`` / ``--skip-metagrad`` runs add up), write it back atomically."""
     res = {}
     if os.path.exists(path):
         with open(path) as f:
             res = json.load(f)
-    res.update(figures)
+    for k, v in figures.items():  # ray_train_run: the parts run now replace theirs, the others stay
+        res[k] = {**res.get(k, {}), **v} if k == "ray_train_run" and isinstance(res.get(k), dict) else v
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=2, default=float)
@@ -120,10 +122,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each path (alternating)")
     p.add_argument("--skip-batches", action="store_true")
     p.add_argument("--skip-metagrad", action="store_true")
+    p.add_argument("--batch-steps", type=int, default=RegressionSettings().steps, help="steps per subset model")
+    p.add_argument("--metagrad-steps", type=int, nargs=2, metavar=("T", "K"),
+                   default=(MetagradSettings().total_steps, MetagradSettings().meta_steps))
     p.add_argument("--out", default=OUT)
     args = p.parse_args()
     torch.set_num_threads(min(args.workers, os.cpu_count() or 1))  # the driver loop gets the same cores
-    cfg = DatamodelConfig(metagrad=MetagradSettings())
+    cfg = DatamodelConfig(regression=RegressionSettings(steps=args.batch_steps),
+                          metagrad=MetagradSettings(total_steps=args.metagrad_steps[0],
+                                                    meta_steps=args.metagrad_steps[1]))
     spec = PolicySpec(DS, DA, tuple(cfg.hidden))
     data = synthetic_data()
     workers = RayTrainSettings(num_workers=args.workers)
@@ -131,8 +138,8 @@ def main() -> int:
     ensure_ray(num_cpus=args.workers)
     t_start = time.time()
     figures: dict = {}
-    run: dict = {"load_average_at_start": [round(x, 2) for x in load_start], "workers": args.workers,
-                 "cpus_per_worker": workers.cpus_per_worker}
+    run: dict = {"workers": args.workers, "cpus_per_worker": workers.cpus_per_worker}
+    start = {"load_average_at_start": [round(x, 2) for x in load_start]}
     if not args.skip_batches:
         tasks, train = [], []
         for _ in range(args.repeats):
@@ -140,7 +147,7 @@ def main() -> int:
             train.append(time_batches("ray-train", data, spec, cfg, args.models, workers))
         ratios = [b / a for a, b in zip(tasks, train)]
         figures["ray_train_overhead"] = {**summarize(ratios), "goal": "<= 1.10"}
-        run["batches"] = {"models": args.models, "models_per_batch": cfg.regression.models_per_batch,
+        run["batches"] = {**start, "models": args.models, "models_per_batch": cfg.regression.models_per_batch,
                           "steps": cfg.regression.steps, "hidden": list(cfg.hidden), "batch_size": cfg.batch_size,
                           "ray_tasks_wall_s": summarize(tasks), "ray_train_wall_s": summarize(train),
                           "load_average_after": [round(x, 2) for x in os.getloadavg()]}
@@ -156,13 +163,14 @@ def main() -> int:
         figures["metagrad_parallel_speedup"] = {**summarize([a / b for a, b in zip(serial, parallel)]),
                                                 "goal": ">= 1.7"}
         mg = cfg.metagrad
-        run["metagrad"] = {"iterations": args.iterations, "recipe": mg.recipe, "total_steps": mg.total_steps,
+        run["metagrad"] = {**start, "iterations": args.iterations, "recipe": mg.recipe, "total_steps": mg.total_steps,
                            "meta_steps": mg.meta_steps, "hidden": list(cfg.hidden), "batch_size": cfg.batch_size,
                            "driver_torch_threads": torch.get_num_threads(), "driver_wall_s": summarize(serial),
                            "ray_train_wall_s": summarize(parallel), "max_score_diff_over_max_score": max(diffs),
                            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
-    run["wall_s"] = round(time.time() - t_start, 1)
-    run["machine"] = machine_facts()
+    part = "metagrad" if args.skip_batches else "batches" if args.skip_metagrad else "both"
+    run[f"wall_s_{part}"] = round(time.time() - t_start, 1)
+    run[f"machine_{part}"] = machine_facts()
     figures["ray_train_run"] = run
     update_results(args.out, figures)
     print(json.dumps({k: v["median"] for k, v in figures.items() if isinstance(v, dict) and "median" in v}))

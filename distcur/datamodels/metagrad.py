@@ -286,7 +286,7 @@ def _candidate_halves(n_clusters: int, cfg: MetagradRunConfig) -> list[np.ndarra
     return out
 
 
-def distcur_iteration(
+def metagrad_iteration(
     spec: PolicySpec,
     adam: AdamConfig,
     obs: torch.Tensor,
@@ -297,11 +297,22 @@ def distcur_iteration(
     cfg: MetagradRunConfig,
     it: int,
     candidates: np.ndarray,
+    pool: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Iteration ``it`` of :func:`datamil_metagrad_scores`: d proxy / d w, (C,) float64, of which
-    the entries of ``candidates`` (C,) bool are the scores. A pure function of its arguments (its
-    init and minibatch seeds come from ``cfg.seed`` and ``it``), so iterations can run anywhere,
-    in any order, and give the same numbers."""
+    """Iteration ``it`` of ``cfg.recipe`` with ``candidates`` (C,) bool (and, for the datamil
+    recipe, the training ``pool`` (C,) bool): d proxy / d w, (C,) float64, whose ``candidates``
+    entries are the iteration's scores (the datamil recipe's are 0 elsewhere). A pure function of
+    its arguments (its init and minibatch seeds come from ``cfg.seed`` and ``it``), so iterations
+    can run anywhere, in any order, and give the same numbers.
+
+    distcur: fresh init (seed + it), T - K forward steps on the target rows and the non-candidate
+    clusters, then K steps where the candidates join the batches at weight 0. datamil: T - K
+    forward steps on the pool from the shared init (seed), then the special batch of every
+    candidate row at weight 0 and K - 1 more pool batches, losses summed over rows."""
+    if cfg.recipe == "datamil":
+        if pool is None:
+            raise ValueError("metagrad_iteration: the datamil recipe needs the training pool")
+        return _reference_iteration(spec, adam, obs, act, cluster, n_clusters, proxy_fn, cfg, it, pool, candidates)
     ckpt = cfg.checkpoint_every or sqrt_checkpoint_every(cfg.meta_steps)
     n_fwd = cfg.total_steps - cfg.meta_steps
     lrs = cfg.lrs(adam.lr)
@@ -329,6 +340,11 @@ def distcur_iteration(
     w[torch.as_tensor(candidates)] = 0.0
     _, dw, _ = weight_meta_gradient(params, opt, spec, adam, batches, w, proxy_fn, ckpt, "batch", lrs[n_fwd:])
     return dw.numpy().astype(np.float64)
+
+
+def candidate_sets(n_clusters: int, cfg: MetagradRunConfig) -> list[np.ndarray]:
+    """Every iteration's candidate set under ``cfg.recipe``, (C,) bool each (pure in ``cfg.seed``)."""
+    return _candidate_halves(n_clusters, cfg) if cfg.recipe == "distcur" else reference_candidates(n_clusters, cfg)
 
 
 def combine_distcur(dws: Sequence[np.ndarray], candidate_sets: Sequence[np.ndarray],
@@ -368,7 +384,7 @@ def datamil_metagrad_scores(
     candidate_sets = _candidate_halves(n_clusters, cfg)
     dws = []
     for it, candidates in enumerate(candidate_sets):
-        dws.append(distcur_iteration(spec, adam, obs, act, cluster_np, n_clusters, proxy_fn, cfg, it, candidates))
+        dws.append(metagrad_iteration(spec, adam, obs, act, cluster_np, n_clusters, proxy_fn, cfg, it, candidates))
         if on_iteration is not None:
             on_iteration()
     return combine_distcur(dws, candidate_sets, n_clusters)
@@ -436,21 +452,9 @@ def reference_candidates(n_clusters: int, cfg: MetagradRunConfig) -> list[np.nda
     return out
 
 
-def reference_iteration(
-    spec: PolicySpec,
-    adam: AdamConfig,
-    obs: torch.Tensor,
-    act: torch.Tensor,
-    cluster: np.ndarray,
-    n_clusters: int,
-    proxy_fn: Callable[[Params], torch.Tensor],
-    cfg: MetagradRunConfig,
-    it: int,
-    pool: np.ndarray,
-    candidates: np.ndarray,
-) -> np.ndarray:
-    """Iteration ``it`` of the reference recipe on training ``pool`` (C,) bool: its meta-gradients
-    (C,) float64 (0 for clusters that are not ``candidates``). A pure function of its arguments."""
+def _reference_iteration(spec: PolicySpec, adam: AdamConfig, obs: torch.Tensor, act: torch.Tensor, cluster: np.ndarray,
+                         n_clusters: int, proxy_fn: Callable[[Params], torch.Tensor], cfg: MetagradRunConfig, it: int,
+                         pool: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     n_fwd = cfg.total_steps - cfg.meta_steps
     lrs = cfg.lrs(adam.lr)
     fwd_steps = _step_fns(spec, adam, "sum", lrs[:n_fwd], n_fwd)
@@ -534,8 +538,8 @@ def datamil_reference_scores(
     scores: list[np.ndarray] = []
     for it in range(cfg.iterations):
         pool = round_pools(scores, n_clusters, cfg, round_size)[0][it]
-        scores.append(reference_iteration(spec, adam, obs, act, cluster_np, n_clusters, proxy_fn, cfg, it, pool,
-                                          candidate_sets[it]))
+        scores.append(metagrad_iteration(spec, adam, obs, act, cluster_np, n_clusters, proxy_fn, cfg, it,
+                                         candidate_sets[it], pool))
         if on_iteration is not None:
             on_iteration()
     score, count = combine_reference(scores, n_clusters)

@@ -34,12 +34,10 @@ import pyarrow as pa
 
 from distcur.datamodels.metagrad import (
     MetagradRunConfig,
-    _candidate_halves,
+    candidate_sets,
     combine_distcur,
     combine_reference,
-    distcur_iteration,
-    reference_candidates,
-    reference_iteration,
+    metagrad_iteration,
     round_pools,
 )
 from distcur.datamodels.subsets import SubsetTrainingData
@@ -89,11 +87,6 @@ class MetagradFold:
         size = n if self.run_cfg.recipe == "distcur" else self.round_size
         return [range(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
-    def candidates(self) -> list[np.ndarray]:
-        c = self.data.n_clusters
-        return _candidate_halves(c, self.run_cfg) if self.run_cfg.recipe == "distcur" else reference_candidates(
-            c, self.run_cfg)
-
     def iteration_config(self, it: int, candidates: np.ndarray, pool: np.ndarray | None, data_fp: str) -> dict:
         return {"fold": self.fold, "iteration": it, "run": dataclasses.asdict(self.run_cfg),
                 "spec": {"hidden": list(self.spec.hidden), "state_dim": self.spec.state_dim,
@@ -109,7 +102,7 @@ class _FoldState:
 
     def __init__(self, store: Store, run: str, job: MetagradFold, inputs: dict[str, str], data_fp: str):
         self.store, self.run, self.job, self.inputs, self.data_fp = store, run, job, inputs, data_fp
-        self.candidate_sets = job.candidates()
+        self.candidate_sets = candidate_sets(job.data.n_clusters, job.run_cfg)
 
     def pool(self, scores: list[np.ndarray], it: int) -> np.ndarray | None:
         if self.job.run_cfg.recipe == "distcur":
@@ -157,10 +150,9 @@ def _run_fold(store: Store, run: str, inputs: dict[str, str], job: MetagradFold,
     scores: list[np.ndarray] = []  # the committed rounds' scores, in iteration order
 
     def work(it: int) -> None:
-        pool = state.pool(scores, it)
         candidates = state.candidate_sets[it]
-        args = (job.spec, job.adam, obs, act, d.group, d.n_clusters, proxy_fn, job.run_cfg, it)
-        s = distcur_iteration(*args, candidates) if pool is None else reference_iteration(*args, pool, candidates)
+        s = metagrad_iteration(job.spec, job.adam, obs, act, d.group, d.n_clusters, proxy_fn, job.run_cfg, it,
+                               candidates, state.pool(scores, it))
         # the candidates' entries are the scores (the datamil recipe's are 0 elsewhere anyway)
         table = pa.Table.from_pydict({"cluster": np.flatnonzero(candidates).astype(np.int64), "score": s[candidates]},
                                      schema=ITERATION_SCHEMA)
