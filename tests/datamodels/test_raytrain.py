@@ -11,8 +11,10 @@ import os
 
 import numpy as np
 import pytest
+import yaml
 from test_distributed import SMALL, TASK, make_synthetic_store  # the synthetic prior of the Ray-task tests
 
+from distcur.cli import main
 from distcur.commands.datamodel import make_config, run_datamodel
 from distcur.datamodels.metagrad import MetagradRunConfig, round_pools, update_pool
 from distcur.distributed.datamodels import batch_key
@@ -125,7 +127,13 @@ def test_metagrad_iterations_rerun_only_the_missing_ones_and_equal_the_driver_lo
     assert 3 not in committed and 0 in committed and len(committed) < 6
     assert store.manifest("scores/mg") is None
 
-    m = run_datamodel(store, "metagrad", TASK, "mg", cfg)
+    # the rerun through the CLI: --executor / --workers merged into the YAML's ray_train section
+    cfg_path = tmp_path / "mg.yaml"
+    cfg_path.write_text(yaml.safe_dump({**METAGRAD, "ray_train": {"max_failures": 0}}))
+    assert main(["datamodel", "--estimator", "metagrad", "--store", str(store.root), "--target", TASK, "--run", "mg",
+                 "--config", str(cfg_path), "--executor", "ray-train", "--workers", "2"]) == 0
+    m = store.manifest("scores/mg")
+    assert m.metadata["executor"] == "ray-train"
     for i in committed:  # kept, not recomputed
         assert len(_versions(store, iteration_key("mg", 0, i))) == 1, i
         assert store.manifest(iteration_key("mg", 0, i)).created == first[i].created
