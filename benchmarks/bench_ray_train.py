@@ -33,13 +33,13 @@ from common import machine_facts, summarize  # noqa: E402
 
 from distcur.commands.datamodel import DatamodelConfig, MetagradSettings, RegressionSettings  # noqa: E402
 from distcur.datamodels.metagrad import datamil_metagrad_scores  # noqa: E402
-from distcur.datamodels.proxy import make_proxy_fn  # noqa: E402
 from distcur.datamodels.subsets import SubsetTrainingData, subset_masks  # noqa: E402
 from distcur.distributed.datamodels import SubsetTrainSettings, run_subset_batches  # noqa: E402
 from distcur.distributed.metagrad import MetagradFold, run_metagrad_iterations  # noqa: E402
 from distcur.distributed.raytrain import RayTrainSettings  # noqa: E402
 from distcur.distributed.session import ensure_ray  # noqa: E402
 from distcur.policy.functional import AdamConfig, PolicySpec  # noqa: E402
+from distcur.policy.proxy import make_proxy_fn  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "datamodels.json")

@@ -141,7 +141,7 @@ def _run_fold(store: Store, run: str, inputs: dict[str, str], job: MetagradFold,
     """Inside a worker: one fold's rounds in order, this worker's share of each round."""
     import torch
 
-    from distcur.datamodels.proxy import make_proxy_fn
+    from distcur.policy.proxy import make_proxy_fn
 
     state = _FoldState(store, run, job, inputs, data_fp)
     d = job.data
