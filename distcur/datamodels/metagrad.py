@@ -23,7 +23,13 @@ Two DataMIL estimators on top, the ``recipe`` of :class:`MetagradRunConfig`:
   after each iteration the candidates at or below the 20th percentile of its non-zero scores
   join the pool and those at or above the 80th leave it, so iteration i trains on a pool that
   iterations 0..i-1 decided: the iterations run in sequence. The score is the mean of a
-  cluster's non-zero meta-gradients.
+  cluster's non-zero meta-gradients. With ``round_size`` R > 1 (:func:`round_pools`) the pool
+  moves once per round of R iterations instead: the R iterations of a round all train on the
+  pool the earlier rounds left (so they can run in parallel, as the Ray Train executor does),
+  and the round's moves are applied afterwards in iteration order. R = 1 is the sequence.
+
+Each iteration is a pure function of its inputs (:func:`metagrad_iteration`), so it can run on
+any worker and be committed on its own (:mod:`distcur.distributed.metagrad`).
 """
 
 from __future__ import annotations
