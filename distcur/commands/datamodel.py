@@ -3,12 +3,19 @@
 Estimators (docs/methods.md):
 
 * ``regression``: m random cluster subsets, one small policy per subset (trained k at a time,
-  batches spread over Ray tasks, resumable per batch), tau by regularised least squares,
+  batches spread over Ray tasks or one TorchTrainer's workers, resumable per batch), tau by
+  regularised least squares,
   checked by the LDS on held-out subsets and by the split-half agreement of tau;
 * ``metagrad``: exact meta-gradients of the proxy with respect to the clusters' loss weights,
   by distcur's recipe (independent iterations) or the public reference code's
   (``metagrad.recipe: datamil``: a training pool updated between iterations, which then run in
-  sequence; see :mod:`distcur.datamodels.metagrad`).
+  sequence, or in rounds of ``metagrad.round_size``; see :mod:`distcur.datamodels.metagrad`).
+
+Executors (``executor``; the same numbers either way, so it is not part of the manifests'
+config): ``ray-tasks`` (default) trains the subset-model batches as Ray tasks and runs the
+meta-gradient iterations on the driver; ``ray-train`` runs both on one TorchTrainer per stage
+(``ray_train``: workers, CPUs and GPUs per worker, restarts), the meta-gradient iterations
+committed one by one under ``datamodels/<run>/metagrad/`` (:mod:`distcur.distributed.metagrad`).
 
 Target injection (``inject_target``): the paper mixes half the target demos into the estimation
 runs only for its real-robot priors; on simulated priors (MetaWorld, LIBERO) the estimation
@@ -54,6 +61,7 @@ from distcur.datamodels.regression import (
     tau_reliability,
 )
 from distcur.datamodels.subsets import SubsetTrainingData, masks_table, subset_masks
+from distcur.distributed.raytrain import EXECUTORS, RayTrainSettings, check_executor
 from distcur.policy.functional import AdamConfig, Normalizer, PolicySpec
 from distcur.policy.proxy import PROXIES, check_proxy, make_proxy_fn
 from distcur.progress import bar
@@ -110,9 +118,14 @@ class MetagradSettings:
     batch_size: int | None = None  # None: DatamodelConfig.batch_size
     pool_percentiles: tuple[float, float] = (20.0, 80.0)  # datamil recipe: join / leave the training pool
     chunk_rows: int | None = None  # datamil recipe: the special batch computed this many rows at a time
+    # datamil recipe: the pool moves once per round of this many iterations, which the ray-train
+    # executor runs in parallel (1: the reference's sequence; the distcur recipe has no pool)
+    round_size: int = 1
 
     def __post_init__(self):
         self.run_config(self.iterations, 1, 0.0, 0)  # validates
+        if self.round_size < 1:
+            raise ValueError(f"metagrad.round_size must be >= 1, got {self.round_size}")
 
     def run_config(self, iterations: int, batch_size: int, target_fraction: float,
                    seed: int) -> MetagradRunConfig:
@@ -149,9 +162,12 @@ class DatamodelConfig:
     regression: RegressionSettings = field(default_factory=RegressionSettings)
     metagrad: MetagradSettings = field(default_factory=MetagradSettings)
     address: str | None = None
-    max_retries: int = 1
+    max_retries: int = 1  # ray-tasks: retries of a batch's task
+    executor: str = "ray-tasks"  # ray-tasks | ray-train (module docstring)
+    ray_train: RayTrainSettings = field(default_factory=RayTrainSettings)
 
     def __post_init__(self):
+        check_executor(self.executor)
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.cluster not in CLUSTER_LEVELS:
@@ -315,7 +331,8 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, folds: list[Subset
     for f, data in enumerate(folds):
         sel = fold_of == f
         part, st = run_subset_batches(store, _fold_run(run, f, n_folds), models[sel], masks[sel], data, settings,
-                                      r.models_per_batch, inputs, cfg.address, cfg.max_retries, fault_marker)
+                                      r.models_per_batch, inputs, cfg.address, cfg.max_retries, fault_marker,
+                                      cfg.executor, cfg.ray_train)
         parts.append(part.append_column("fold", pa.array(np.full(part.num_rows, f, np.int64))))
         stats = {k: stats[k] + st[k] for k in stats}
     results = pa.concat_tables(parts).sort_by("model")
@@ -343,7 +360,7 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, folds: list[Subset
             sel = held & (fold_of == f)
             parts.append(run_subset_batches(store, f"{_fold_run(run, f, n_folds)}/independent", models[sel],
                                             masks[sel], data, independent, 1, inputs, cfg.address,
-                                            cfg.max_retries, fault_marker)[0])
+                                            cfg.max_retries, fault_marker, cfg.executor, cfg.ray_train)[0])
         y_ind_raw = pa.concat_tables(parts).sort_by("model").column("proxy").to_numpy()
         y_ind = _standardise(y_ind_raw, fold_of[held], fold_stats)
         lds_independent = linear_datamodeling_score(fit, masks[m:], y_ind)
@@ -359,34 +376,48 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, folds: list[Subset
     return fit.tau, meta
 
 
-def _metagrad(cfg: DatamodelConfig, folds: list[SubsetTrainingData], spec: PolicySpec,
-              target_fraction: float) -> tuple[np.ndarray, dict]:
+def _metagrad(store: Store, run: str, cfg: DatamodelConfig, folds: list[SubsetTrainingData], spec: PolicySpec,
+              target_fraction: float, inputs: dict[str, str],
+              fault_marker: str | None = None) -> tuple[np.ndarray, dict]:
     mg = cfg.metagrad
     n_folds = len(folds)
     # The iterations are shared among the folds (the same compute as one fold); each fold's mean
     # meta-gradients are in its own proxy's units, so they are divided by their spread over the
-    # clusters before averaging. The datamil recipe runs each fold's iterations in sequence on its
-    # own training pool.
+    # clusters before averaging. The datamil recipe runs each fold's iterations in sequence (in
+    # rounds of round_size) on its own training pool.
     iters = [max(1, mg.iterations // n_folds + (f < mg.iterations % n_folds)) for f in range(n_folds)]
     adam = AdamConfig(lr=mg.lr if mg.lr is not None else cfg.lr)
-    scores, counts, pools = [], [], []
-    # each iteration trains a policy on the driver for seconds: one bar over every fold's iterations
+    # each iteration trains a policy for seconds: one bar over every fold's iterations
+    run_cfgs = [mg.run_config(iters[f], cfg.batch_size, target_fraction, cfg.seed + 7919 * f) for f in range(n_folds)]
     with bar(total=sum(iters), desc=f"meta-gradient iterations ({mg.recipe})", unit="it") as iterations_bar:
-        for f, data in enumerate(folds):
-            run_cfg = mg.run_config(iters[f], cfg.batch_size, target_fraction, cfg.seed + 7919 * f)
-            proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), cfg.proxy)
-            args = (spec, adam, torch.as_tensor(data.obs), torch.as_tensor(data.act), torch.as_tensor(data.group),
-                    data.n_clusters, proxy_fn, run_cfg)
-            if mg.recipe == "datamil":
-                grads, count, pool_sizes = datamil_reference_scores(*args, on_iteration=iterations_bar.update)
-                pools.append(pool_sizes)
-            else:
-                grads, count = datamil_metagrad_scores(*args, on_iteration=iterations_bar.update)
-            if n_folds > 1:
-                sd = float(grads[count > 0].std()) if (count > 0).any() else 0.0
-                grads = grads / sd if sd > 0 else grads
-            scores.append(grads)
-            counts.append(count)
+        if cfg.executor == "ray-train":
+            from distcur.distributed.metagrad import MetagradFold, run_metagrad_iterations
+
+            jobs = [MetagradFold(f, data, spec, adam, run_cfgs[f], cfg.proxy, mg.round_size)
+                    for f, data in enumerate(folds)]
+            per_fold = run_metagrad_iterations(store, run, jobs, inputs, cfg.ray_train, cfg.address,
+                                               iterations_bar, fault_marker)
+        else:
+            per_fold = []
+            for data, run_cfg in zip(folds, run_cfgs):
+                proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act),
+                                         cfg.proxy)
+                args = (spec, adam, torch.as_tensor(data.obs), torch.as_tensor(data.act),
+                        torch.as_tensor(data.group), data.n_clusters, proxy_fn, run_cfg)
+                if mg.recipe == "datamil":
+                    per_fold.append(datamil_reference_scores(*args, on_iteration=iterations_bar.update,
+                                                             round_size=mg.round_size))
+                else:
+                    per_fold.append((*datamil_metagrad_scores(*args, on_iteration=iterations_bar.update), None))
+    scores, counts, pools = [], [], []
+    for grads, count, pool_sizes in per_fold:
+        if n_folds > 1:
+            sd = float(grads[count > 0].std()) if (count > 0).any() else 0.0
+            grads = grads / sd if sd > 0 else grads
+        scores.append(grads)
+        counts.append(count)
+        if pool_sizes is not None:
+            pools.append(pool_sizes)
     grads, count = np.mean(scores, axis=0), np.sum(counts, axis=0)
     meta = {"recipe": mg.recipe, "iterations": int(sum(iters)), "folds": n_folds,
             "min_count": int(count.min()), "max_count": int(count.max())}
@@ -402,7 +433,9 @@ def run_datamodel(store: Store | str, estimator: str, target_task: str, run: str
     config and inputs."""
     store = store if isinstance(store, Store) else Store(store)
     cfg = dataclasses.replace(cfg or DatamodelConfig(), estimator=estimator)
-    config = {**to_dict(cfg), "target": target_task, "address": None}
+    # where it runs is not what it computes: the executor and its scaling stay out of the config
+    config = {k: v for k, v in to_dict(cfg).items() if k not in ("executor", "ray_train")}
+    config = {**config, "target": target_task, "address": None}
     sources = [*cfg.prior_sources, target_source(target_task)]
     inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
     key = scores_key(run)
@@ -417,8 +450,8 @@ def run_datamodel(store: Store | str, estimator: str, target_task: str, run: str
     if estimator == "regression":
         tau, meta = _regression(store, run, cfg, folds, spec, inputs, target_fraction, fault_marker)
     else:
-        tau, meta = _metagrad(cfg, folds, spec, target_fraction)
-    meta = {**meta, "inject_target": inject, "target_fraction": target_fraction,
+        tau, meta = _metagrad(store, run, cfg, folds, spec, target_fraction, inputs, fault_marker)
+    meta = {**meta, "executor": cfg.executor, "inject_target": inject, "target_fraction": target_fraction,
             "proxy_demos": "all target demos" if not inject else "the held-out target half"}
     store.write_table(
         f"datamodels/{run}/tau",
@@ -465,6 +498,12 @@ def register(subparsers) -> None:
     p.add_argument("--full", action="store_true", help="paper-size preset (3x400 policy, K=100 of T=1100, ...)")
     add_rerun_options(p)
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="ray-tasks (default): subset-model batches as Ray tasks, meta-gradient iterations on the "
+                        "driver; ray-train: both on one TorchTrainer (--workers, --gpus-per-worker)")
+    p.add_argument("--workers", type=int, default=None, help="ray-train: TorchTrainer workers (default 2)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="ray-train: GPUs per worker (default 0: CPU workers)")
     p.set_defaults(func=_main)
 
 
@@ -475,11 +514,14 @@ def _main(args: argparse.Namespace) -> int:
         nested["metagrad"] = {"recipe": args.recipe}
     if args.lds_independent_seeds is not None:
         nested["regression"] = {"lds_independent_seeds": args.lds_independent_seeds}
+    scaling = {"num_workers": args.workers, "gpus_per_worker": args.gpus_per_worker}
+    if any(v is not None for v in scaling.values()):
+        nested["ray_train"] = {k: v for k, v in scaling.items() if v is not None}
     inject = {None: None, "auto": "auto", "true": True, "false": False}[args.inject_target]
     cfg = make_config(merge_options(_read(args.config), nested), args.full, args.metagrad_preset,
                       cluster=args.cluster, horizon=args.horizon, address=args.address,
                       estimator=args.estimator, proxy=args.proxy, cross_fit=args.cross_fit,
-                      inject_target=inject)
+                      inject_target=inject, executor=args.executor)
     run = args.run or f"datamodel-{args.estimator}-{args.target}"
     m = run_datamodel(output_store(args.store, args), args.estimator, args.target, run, cfg)
     print(f"scores/{run}: {m.rows} steps, {m.metadata.get('clusters')} clusters"

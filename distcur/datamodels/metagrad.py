@@ -23,7 +23,13 @@ Two DataMIL estimators on top, the ``recipe`` of :class:`MetagradRunConfig`:
   after each iteration the candidates at or below the 20th percentile of its non-zero scores
   join the pool and those at or above the 80th leave it, so iteration i trains on a pool that
   iterations 0..i-1 decided: the iterations run in sequence. The score is the mean of a
-  cluster's non-zero meta-gradients.
+  cluster's non-zero meta-gradients. With ``round_size`` R > 1 (:func:`round_pools`) the pool
+  moves once per round of R iterations instead: the R iterations of a round all train on the
+  pool the earlier rounds left (so they can run in parallel, as the Ray Train executor does),
+  and the round's moves are applied afterwards in iteration order. R = 1 is the sequence.
+
+Each iteration is a pure function of its inputs (:func:`metagrad_iteration`), so it can run on
+any worker and be committed on its own (:mod:`distcur.distributed.metagrad`).
 """
 
 from __future__ import annotations
@@ -286,6 +292,79 @@ def _candidate_halves(n_clusters: int, cfg: MetagradRunConfig) -> list[np.ndarra
     return out
 
 
+def metagrad_iteration(
+    spec: PolicySpec,
+    adam: AdamConfig,
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    cluster: np.ndarray,
+    n_clusters: int,
+    proxy_fn: Callable[[Params], torch.Tensor],
+    cfg: MetagradRunConfig,
+    it: int,
+    candidates: np.ndarray,
+    pool: np.ndarray | None = None,
+) -> np.ndarray:
+    """Iteration ``it`` of ``cfg.recipe`` with ``candidates`` (C,) bool (and, for the datamil
+    recipe, the training ``pool`` (C,) bool): d proxy / d w, (C,) float64, whose ``candidates``
+    entries are the iteration's scores (the datamil recipe's are 0 elsewhere). A pure function of
+    its arguments (its init and minibatch seeds come from ``cfg.seed`` and ``it``), so iterations
+    can run anywhere, in any order, and give the same numbers.
+
+    distcur: fresh init (seed + it), T - K forward steps on the target rows and the non-candidate
+    clusters, then K steps where the candidates join the batches at weight 0. datamil: T - K
+    forward steps on the pool from the shared init (seed), then the special batch of every
+    candidate row at weight 0 and K - 1 more pool batches, losses summed over rows."""
+    if cfg.recipe == "datamil":
+        if pool is None:
+            raise ValueError("metagrad_iteration: the datamil recipe needs the training pool")
+        return _reference_iteration(spec, adam, obs, act, cluster, n_clusters, proxy_fn, cfg, it, pool, candidates)
+    ckpt = cfg.checkpoint_every or sqrt_checkpoint_every(cfg.meta_steps)
+    n_fwd = cfg.total_steps - cfg.meta_steps
+    lrs = cfg.lrs(adam.lr)
+    params = init_params(spec, cfg.seed + it, obs.dtype)
+    opt = adam_init(params)
+    seed = cfg.seed * 1_000_003 + it
+    is_candidate = (cluster >= 0) & candidates[np.maximum(cluster, 0)]
+    # Forward phase: the target rows and the non-candidate clusters, all at weight 1.
+    fwd_rows = np.flatnonzero(~is_candidate)
+    if n_fwd and len(fwd_rows):
+        fwd_steps = _step_fns(spec, adam, "batch", lrs[:n_fwd], n_fwd)
+        fwd_group = np.where(cluster[fwd_rows] < 0, -1, 0)
+        idx = fwd_rows[sample_batches(fwd_group, n_fwd, cfg.batch_size, cfg.target_fraction, seed)]
+        ones = torch.ones(cfg.batch_size, dtype=obs.dtype)
+        with torch.no_grad():
+            for step, b in zip(fwd_steps, idx):
+                rows = torch.as_tensor(b)
+                params, opt, _ = step(params, opt, obs[rows], act[rows], ones)
+    # Meta phase: candidates enter at weight 0 with their own cluster ids; the rest weigh 1.
+    meta_group = np.where(cluster >= 0, 0, -1)
+    idx = sample_batches(meta_group, cfg.meta_steps, cfg.batch_size, cfg.target_fraction, seed + 17)
+    group_t = torch.as_tensor(np.where(is_candidate, cluster, -1))
+    batches = [(obs[torch.as_tensor(b)], act[torch.as_tensor(b)], group_t[torch.as_tensor(b)]) for b in idx]
+    w = torch.ones(n_clusters, dtype=obs.dtype)
+    w[torch.as_tensor(candidates)] = 0.0
+    _, dw, _ = weight_meta_gradient(params, opt, spec, adam, batches, w, proxy_fn, ckpt, "batch", lrs[n_fwd:])
+    return dw.numpy().astype(np.float64)
+
+
+def candidate_sets(n_clusters: int, cfg: MetagradRunConfig) -> list[np.ndarray]:
+    """Every iteration's candidate set under ``cfg.recipe``, (C,) bool each (pure in ``cfg.seed``)."""
+    return _candidate_halves(n_clusters, cfg) if cfg.recipe == "distcur" else reference_candidates(n_clusters, cfg)
+
+
+def combine_distcur(dws: Sequence[np.ndarray], candidate_sets: Sequence[np.ndarray],
+                    n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean score (C,), count (C,)) of the distcur recipe from each iteration's d proxy / d w and
+    candidate set, summed in iteration order."""
+    total = np.zeros(n_clusters)
+    count = np.zeros(n_clusters, np.int64)
+    for dw, candidates in zip(dws, candidate_sets):
+        total[candidates] += dw[candidates]
+        count[candidates] += 1
+    return np.divide(total, np.maximum(count, 1)), count
+
+
 def datamil_metagrad_scores(
     spec: PolicySpec,
     adam: AdamConfig,
@@ -300,49 +379,21 @@ def datamil_metagrad_scores(
     """Mean d proxy / d w_i per cluster, (C,), and how many iterations scored it, (C,).
 
     The pool is ``obs``/``act`` (N, .) with ``cluster`` (N,) in 0..C-1, and -1 for the injected
-    target rows (always weight 1). Per iteration: fresh init (seed + it), T - K forward steps on
-    the target rows and the non-candidate clusters, then K steps where the candidates join the
-    batches at weight 0 and the proxy is differentiated with respect to their weights. A
-    negative mean (the proxy is a loss) means that up-weighting the cluster helps.
-    ``on_iteration()`` is called after each iteration (a progress bar's update).
+    target rows (always weight 1). Per iteration (:func:`distcur_iteration`): fresh init (seed + it),
+    T - K forward steps on the target rows and the non-candidate clusters, then K steps where the
+    candidates join the batches at weight 0 and the proxy is differentiated with respect to their
+    weights. A negative mean (the proxy is a loss) means that up-weighting the cluster helps.
+    The iterations are independent: :mod:`distcur.distributed.metagrad` spreads them over Ray
+    Train workers. ``on_iteration()`` is called after each iteration (a progress bar's update).
     """
     cluster_np = cluster.numpy()
-    total = np.zeros(n_clusters)
-    count = np.zeros(n_clusters, np.int64)
-    ckpt = cfg.checkpoint_every or sqrt_checkpoint_every(cfg.meta_steps)
-    n_fwd = cfg.total_steps - cfg.meta_steps
-    lrs = cfg.lrs(adam.lr)
-    fwd_steps = _step_fns(spec, adam, "batch", lrs[:n_fwd], n_fwd)
-    for it, candidates in enumerate(_candidate_halves(n_clusters, cfg)):
-        params = init_params(spec, cfg.seed + it, obs.dtype)
-        opt = adam_init(params)
-        seed = cfg.seed * 1_000_003 + it
-        is_candidate = (cluster_np >= 0) & candidates[np.maximum(cluster_np, 0)]
-        # Forward phase: the target rows and the non-candidate clusters, all at weight 1.
-        fwd_rows = np.flatnonzero(~is_candidate)
-        if n_fwd and len(fwd_rows):
-            fwd_group = np.where(cluster_np[fwd_rows] < 0, -1, 0)
-            idx = fwd_rows[sample_batches(fwd_group, n_fwd, cfg.batch_size, cfg.target_fraction, seed)]
-            ones = torch.ones(cfg.batch_size, dtype=obs.dtype)
-            with torch.no_grad():
-                for step, b in zip(fwd_steps, idx):
-                    rows = torch.as_tensor(b)
-                    params, opt, _ = step(params, opt, obs[rows], act[rows], ones)
-        # Meta phase: candidates enter at weight 0 with their own cluster ids; the rest weigh 1.
-        meta_group = np.where(cluster_np >= 0, 0, -1)
-        idx = sample_batches(meta_group, cfg.meta_steps, cfg.batch_size, cfg.target_fraction, seed + 17)
-        group_t = torch.as_tensor(np.where(is_candidate, cluster_np, -1))
-        batches = [(obs[torch.as_tensor(b)], act[torch.as_tensor(b)], group_t[torch.as_tensor(b)]) for b in idx]
-        w = torch.ones(n_clusters, dtype=obs.dtype)
-        w[torch.as_tensor(candidates)] = 0.0
-        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, batches, w, proxy_fn, ckpt, "batch",
-                                        lrs[n_fwd:])
-        total[candidates] += dw.numpy()[candidates]
-        count[candidates] += 1
+    candidate_sets = _candidate_halves(n_clusters, cfg)
+    dws = []
+    for it, candidates in enumerate(candidate_sets):
+        dws.append(metagrad_iteration(spec, adam, obs, act, cluster_np, n_clusters, proxy_fn, cfg, it, candidates))
         if on_iteration is not None:
             on_iteration()
-    mean = np.divide(total, np.maximum(count, 1))
-    return mean, count
+    return combine_distcur(dws, candidate_sets, n_clusters)
 
 
 def update_pool(pool: np.ndarray, scores: np.ndarray,
@@ -394,6 +445,76 @@ def reference_iteration_batches(
     return list(idx[:n_fwd]), meta
 
 
+def reference_candidates(n_clusters: int, cfg: MetagradRunConfig) -> list[np.ndarray]:
+    """The reference recipe's candidate set of every iteration, (C,) bool each: drawn in sequence
+    from ``cfg.seed``, independent of the pool."""
+    rng = np.random.default_rng([cfg.seed, 13])
+    n_cand = max(1, int(round(cfg.candidate_fraction * n_clusters)))
+    out = []
+    for _ in range(cfg.iterations):
+        candidates = np.zeros(n_clusters, bool)
+        candidates[rng.permutation(n_clusters)[:n_cand]] = True
+        out.append(candidates)
+    return out
+
+
+def _reference_iteration(spec: PolicySpec, adam: AdamConfig, obs: torch.Tensor, act: torch.Tensor, cluster: np.ndarray,
+                         n_clusters: int, proxy_fn: Callable[[Params], torch.Tensor], cfg: MetagradRunConfig, it: int,
+                         pool: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    n_fwd = cfg.total_steps - cfg.meta_steps
+    lrs = cfg.lrs(adam.lr)
+    fwd_steps = _step_fns(spec, adam, "sum", lrs[:n_fwd], n_fwd)
+    ckpt = cfg.checkpoint_every or sqrt_checkpoint_every(cfg.meta_steps)
+    fwd, meta = reference_iteration_batches(obs, act, cluster, pool, candidates, cfg, cfg.seed * 1_000_003 + it)
+    params = init_params(spec, cfg.seed, obs.dtype)
+    opt = adam_init(params)
+    ones = torch.ones(cfg.batch_size, dtype=obs.dtype)
+    with torch.no_grad():
+        for step, b in zip(fwd_steps, fwd):
+            rows = torch.as_tensor(b)
+            params, opt, _ = step(params, opt, obs[rows], act[rows], ones)
+    w = torch.zeros(n_clusters, dtype=obs.dtype)
+    _, dw, _ = weight_meta_gradient(params, opt, spec, adam, meta, w, proxy_fn, ckpt, "sum", lrs[n_fwd:],
+                                    cfg.chunk_rows)
+    return dw.numpy().astype(np.float64)
+
+
+def round_pools(scores: Sequence[np.ndarray], n_clusters: int, cfg: MetagradRunConfig,
+                round_size: int) -> tuple[list[np.ndarray], list[int]]:
+    """Rounds of the reference recipe: iteration i is in round i // round_size and trains on the
+    pool left by every iteration of the earlier rounds, their :func:`update_pool` applied in
+    iteration order. ``scores``: the meta-gradients of iterations 0..n-1 computed so far.
+    Returns (the pool of each iteration 0..min(n_done_rounds * R + R, iterations) - 1 that the
+    given scores determine, the pool size after each given iteration's update). With
+    ``round_size`` 1 this is the reference's sequence; with R the R iterations of a round are
+    independent of each other and can run in parallel."""
+    if round_size < 1:
+        raise ValueError(f"round_size must be >= 1, got {round_size}")
+    pool = np.ones(n_clusters, bool)
+    pools: list[np.ndarray] = []
+    sizes: list[int] = []
+    for lo in range(0, cfg.iterations, round_size):
+        hi = min(lo + round_size, cfg.iterations)
+        pools += [pool.copy() for _ in range(lo, hi)]
+        if len(scores) < hi:
+            break
+        for i in range(lo, hi):
+            pool = update_pool(pool, scores[i], cfg.pool_percentiles)
+            sizes.append(int(pool.sum()))
+    return pools, sizes
+
+
+def combine_reference(scores: Sequence[np.ndarray], n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the mean of each cluster's non-zero meta-gradients, 0 if none, (C,); their count, (C,))."""
+    total = np.zeros(n_clusters)
+    count = np.zeros(n_clusters, np.int64)
+    for s in scores:
+        nz = s != 0
+        total[nz] += s[nz]
+        count[nz] += 1
+    return np.divide(total, np.maximum(count, 1)), count
+
+
 def datamil_reference_scores(
     spec: PolicySpec,
     adam: AdamConfig,
@@ -404,6 +525,7 @@ def datamil_reference_scores(
     proxy_fn: Callable[[Params], torch.Tensor],
     cfg: MetagradRunConfig,
     on_iteration: Callable[[], None] | None = None,
+    round_size: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The reference recipe (module docstring): (score (C,), the mean of each cluster's non-zero
     meta-gradients, 0 if none; count (C,), how many there were; the pool size after each iteration).
@@ -411,41 +533,20 @@ def datamil_reference_scores(
     ``obs``/``act`` (N, .) with ``cluster`` (N,) in 0..C-1, -1 for injected target rows (always in
     the pool). Each iteration starts from the same initialisation (``cfg.seed``), as the
     reference's, and draws ``candidate_fraction`` of all clusters (in the pool or not) as its
-    candidates. Memory: the special batch's graph holds ``cfg.chunk_rows`` rows at a time (None:
-    every candidate row at once). ``on_iteration()`` is called after each iteration.
+    candidates. ``round_size`` R: the pool moves once per round of R iterations (see
+    :func:`round_pools`; 1, the default, is the reference's sequence); the Ray Train executor runs
+    a round's iterations in parallel and gives these numbers. Memory: the special batch's graph
+    holds ``cfg.chunk_rows`` rows at a time (None: every candidate row at once).
+    ``on_iteration()`` is called after each iteration.
     """
     cluster_np = cluster.numpy()
-    total = np.zeros(n_clusters)
-    count = np.zeros(n_clusters, np.int64)
-    pool = np.ones(n_clusters, bool)
-    pool_sizes: list[int] = []
-    n_fwd = cfg.total_steps - cfg.meta_steps
-    lrs = cfg.lrs(adam.lr)
-    fwd_steps = _step_fns(spec, adam, "sum", lrs[:n_fwd], n_fwd)
-    ckpt = cfg.checkpoint_every or sqrt_checkpoint_every(cfg.meta_steps)
-    init = init_params(spec, cfg.seed, obs.dtype)
-    rng = np.random.default_rng([cfg.seed, 13])
-    n_cand = max(1, int(round(cfg.candidate_fraction * n_clusters)))
-    ones = torch.ones(cfg.batch_size, dtype=obs.dtype)
+    candidate_sets = reference_candidates(n_clusters, cfg)
+    scores: list[np.ndarray] = []
     for it in range(cfg.iterations):
-        candidates = np.zeros(n_clusters, bool)
-        candidates[rng.permutation(n_clusters)[:n_cand]] = True
-        fwd, meta = reference_iteration_batches(obs, act, cluster_np, pool, candidates, cfg,
-                                                cfg.seed * 1_000_003 + it)
-        params, opt = init, adam_init(init)
-        with torch.no_grad():
-            for step, b in zip(fwd_steps, fwd):
-                rows = torch.as_tensor(b)
-                params, opt, _ = step(params, opt, obs[rows], act[rows], ones)
-        w = torch.zeros(n_clusters, dtype=obs.dtype)
-        _, dw, _ = weight_meta_gradient(params, opt, spec, adam, meta, w, proxy_fn, ckpt, "sum", lrs[n_fwd:],
-                                        cfg.chunk_rows)
-        scores = dw.numpy().astype(np.float64)
-        nz = scores != 0
-        total[nz] += scores[nz]
-        count[nz] += 1
-        pool = update_pool(pool, scores, cfg.pool_percentiles)
-        pool_sizes.append(int(pool.sum()))
+        pool = round_pools(scores, n_clusters, cfg, round_size)[0][it]
+        scores.append(metagrad_iteration(spec, adam, obs, act, cluster_np, n_clusters, proxy_fn, cfg, it,
+                                         candidate_sets[it], pool))
         if on_iteration is not None:
             on_iteration()
-    return np.divide(total, np.maximum(count, 1)), count, pool_sizes
+    score, count = combine_reference(scores, n_clusters)
+    return score, count, round_pools(scores, n_clusters, cfg, round_size)[1]

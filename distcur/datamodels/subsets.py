@@ -83,20 +83,29 @@ def train_subset_models(
     target_fraction: float,
     batch_seed: int,
     proxy: str = "nll",
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Train one stacked policy per mask (k, C) at once and return each one's proxy loss, (k,).
 
     Model j starts from ``init_params(spec, seed=init_seeds[j])``; all k share the minibatch
     sequence drawn from ``batch_seed`` (the per-model masks weight the rows). ``proxy``: see
-    :mod:`distcur.datamodels.proxy`."""
+    :mod:`distcur.datamodels.proxy`. ``device``: where the models train (a Ray Train worker's GPU);
+    the init and the minibatch rows are drawn on the CPU, so the draws do not depend on it."""
     if masks.shape != (len(init_seeds), data.n_clusters):
         raise ValueError(f"train_subset_models: masks {masks.shape} do not match {len(init_seeds)} models x "
                          f"{data.n_clusters} clusters")
-    obs = torch.as_tensor(data.obs)
-    act = torch.as_tensor(data.act)
-    group = torch.as_tensor(data.group)
+    device = torch.device(device)
+    obs = torch.as_tensor(data.obs, device=device)
+    act = torch.as_tensor(data.act, device=device)
+    group = torch.as_tensor(data.group, device=device)
     params, state = init_ensemble(spec, [int(s) for s in init_seeds])
+    if device.type != "cpu":
+        params = {k: v.to(device) for k, v in params.items()}
+        state = {"m": {k: v.to(device) for k, v in state["m"].items()},
+                 "v": {k: v.to(device) for k, v in state["v"].items()}, "t": state["t"].to(device)}
     batches = sample_batches(data.group, steps, batch_size, target_fraction, batch_seed)
-    params, _, _ = train_ensemble(params, state, spec, adam, obs, act, group, torch.as_tensor(masks), batches)
-    losses = ensemble_loss(params, spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), proxy)
-    return losses.double().numpy()
+    params, _, _ = train_ensemble(params, state, spec, adam, obs, act, group, torch.as_tensor(masks, device=device),
+                                  batches)
+    losses = ensemble_loss(params, spec, torch.as_tensor(data.proxy_obs, device=device),
+                           torch.as_tensor(data.proxy_act, device=device), proxy)
+    return losses.double().cpu().numpy()

@@ -8,6 +8,15 @@ committed with the batch's config (model ids, mask fingerprint, training setting
 completed-bitmap is read from those manifests, never from a shared mutable file, so parallel
 workers cannot race on it. A rerun trains only the batches whose bit is 0; a killed worker
 loses only its unfinished batch. The driver merges the parts into one table at the end.
+
+Two executors (``DatamodelConfig.executor``), the same tables and numbers:
+
+* ``ray-tasks``: one Ray task per missing batch (``max_retries`` per task);
+* ``ray-train``: ONE ``TorchTrainer`` for the stage (:mod:`distcur.distributed.raytrain`); worker
+  ``rank`` takes the missing batches ``rank::num_workers``, trains each on its device
+  (``ray.train.torch.get_device()``), commits it as above and reports through
+  ``ray.train.report``; ``FailureConfig`` restarts a lost worker and the restarted group skips
+  every batch already committed.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from distcur.datamodels.subsets import SubsetTrainingData, train_subset_models
+from distcur.distributed.raytrain import RayTrainSettings, check_executor, fit_items, run_share, worker_device
 from distcur.policy.functional import AdamConfig, PolicySpec
 from distcur.progress import bar
 from distcur.store import Store
@@ -96,14 +106,16 @@ def completed_bitmap(store: Store, run: str, models: np.ndarray, masks: np.ndarr
 
 def train_and_store_batch(store: Store, run: str, batch: int, models: np.ndarray, masks: np.ndarray,
                           data: SubsetTrainingData, settings: SubsetTrainSettings, inputs: dict[str, str],
-                          fault_marker: str | None = None) -> int:
+                          fault_marker: str | None = None, device=None) -> int:
     """Train one batch of subset models and commit its results table; returns the rows written.
 
     ``fault_marker``: for fault-injection tests, a file listing batch indices; a task whose
-    batch is listed exits its worker process abruptly (``os._exit``) before committing."""
+    batch is listed exits its worker process abruptly (``os._exit``) before committing.
+    ``device``: where the models train (None: the CPU, one torch thread)."""
     import torch
 
-    torch.set_num_threads(1)
+    if device is None:
+        torch.set_num_threads(1)
     if fault_marker and os.path.exists(fault_marker):
         with open(fault_marker) as f:
             if str(batch) in f.read().split():
@@ -111,7 +123,8 @@ def train_and_store_batch(store: Store, run: str, batch: int, models: np.ndarray
     batch_seed = settings.seed if settings.shared_init else settings.seed * 1_000_003 + batch
     init_seeds = np.full(len(models), settings.seed) if settings.shared_init else np.asarray(models) + settings.seed
     proxy = train_subset_models(data, masks, init_seeds, settings.spec, settings.adam, settings.steps,
-                                settings.batch_size, settings.target_fraction, batch_seed, settings.proxy)
+                                settings.batch_size, settings.target_fraction, batch_seed, settings.proxy,
+                                device or "cpu")
     table = pa.Table.from_pydict({"model": np.asarray(models, np.int64), "proxy": proxy}, schema=RESULT_SCHEMA)
     store.write_table(batch_key(run, batch), table, stage=BATCH_STAGE,
                       config=_batch_config(batch, models, masks, settings), inputs=inputs)
@@ -122,19 +135,87 @@ class BatchesFailed(RuntimeError):
     """Some batches did not complete; the completed ones are committed, a rerun fills the rest."""
 
 
+def _batches_worker(config: dict) -> None:
+    """``train_loop_per_worker`` of the ``ray-train`` executor: this worker's share of the missing
+    batches, each skipped if committed meanwhile (a restarted group), trained on the worker's device."""
+    import ray
+
+    store, run, settings, inputs = config["store"], config["run"], config["settings"], config["inputs"]
+    batches, batch_masks = config["batches"], config["batch_masks"]
+    data = ray.get(config["data"])
+    device = worker_device(config["threads"])
+
+    def is_done(i: int) -> bool:
+        return store.is_done(batch_key(run, i), BATCH_STAGE, _batch_config(i, batches[i], batch_masks[i], settings),
+                             inputs)
+
+    def work(i: int) -> None:
+        train_and_store_batch(store, run, i, batches[i], batch_masks[i], data, settings, inputs, None, device)
+
+    run_share(config["todo"], is_done, work, config["fault_marker"])
+
+
+def _run_on_trainer(store: Store, run: str, todo: np.ndarray, batches: list[np.ndarray], batch_masks: list[np.ndarray],
+                    data: SubsetTrainingData, settings: SubsetTrainSettings, inputs: dict[str, str],
+                    ray_train: RayTrainSettings, fault_marker: str | None, progress) -> None:
+    import ray
+
+    todo_list = [int(i) for i in todo]
+    seen = [0]
+
+    def poll() -> None:
+        done = sum(store.manifest(batch_key(run, i)) is not None for i in todo_list)
+        if done > seen[0]:
+            progress.update(done - seen[0])
+            seen[0] = done
+
+    config = {"store": store, "run": run, "settings": settings, "inputs": inputs, "batches": batches,
+              "batch_masks": batch_masks, "data": ray.put(data), "todo": todo_list, "threads": ray_train.cpus_per_worker,
+              "fault_marker": fault_marker}
+    fit_items(_batches_worker, config, ray_train, store.uri_of(f"datamodels/{run}/ray"), "datamodel-batches", poll)
+
+
+def _run_as_tasks(store: Store, run: str, todo: np.ndarray, batches: list[np.ndarray], batch_masks: list[np.ndarray],
+                  data: SubsetTrainingData, settings: SubsetTrainSettings, inputs: dict[str, str], max_retries: int,
+                  fault_marker: str | None, progress) -> dict[int, str]:
+    """One Ray task per batch of ``todo``; returns {batch: error} of the failed ones."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_and_store_batch)
+    data_ref = ray.put(data)
+    futures = {
+        remote.remote(store, run, int(i), batches[i], batch_masks[i], data_ref, settings, inputs, fault_marker): int(i)
+        for i in todo
+    }
+    failed: dict[int, str] = {}
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(ready[0])
+        except (ray.exceptions.RayError, OSError) as e:
+            failed[futures[ready[0]]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        progress.update()
+    return failed
+
+
 def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.ndarray, data: SubsetTrainingData,
                        settings: SubsetTrainSettings, models_per_batch: int, inputs: dict[str, str],
                        address: str | None = None, max_retries: int = 1,
-                       fault_marker: str | None = None) -> tuple[pa.Table, dict]:
-    """Train every model (one Ray task per missing batch) and merge the results.
+                       fault_marker: str | None = None, executor: str = "ray-tasks",
+                       ray_train: RayTrainSettings | None = None) -> tuple[pa.Table, dict]:
+    """Train every model (one Ray task per missing batch, or the missing batches spread over one
+    TorchTrainer's workers with ``executor="ray-train"``) and merge the results.
 
     ``models`` (m,) ids and ``masks`` (m, C) bool. Returns the merged (model, proxy) table sorted
     by model and stats {"batches", "trained", "skipped"}. Raises :class:`BatchesFailed` naming the
-    failed batches after every other batch has finished and committed.
+    failed batches after every other batch has finished and committed (``ray-tasks``); with
+    ``ray-train`` the trainer's error after ``ray_train.max_failures`` restarts, the committed
+    batches kept.
     """
-    import ray
-
     from distcur.distributed.session import ensure_ray
+
+    check_executor(executor)
 
     batches = plan_batches(np.asarray(models), models_per_batch)
     batch_masks = [masks[i : i + models_per_batch] for i in range(0, len(models), models_per_batch)]
@@ -146,22 +227,18 @@ def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.nda
         # on a loaded machine), so a terminal never waits without output
         with bar(total=len(todo), desc=f"datamodel {run} batches", unit="batch") as progress:
             ensure_ray(address)
-            remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_and_store_batch)
-            data_ref = ray.put(data)
-            futures = {
-                remote.remote(store, run, int(i), batches[i], batch_masks[i], data_ref, settings, inputs,
-                              fault_marker): int(i)
-                for i in todo
-            }
-            failed: dict[int, str] = {}
-            pending = list(futures)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
+            if executor == "ray-train":
+                error = "Ray Train finished without committing it"
                 try:
-                    ray.get(ready[0])
-                except (ray.exceptions.RayError, OSError) as e:
-                    failed[futures[ready[0]]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                progress.update()
+                    _run_on_trainer(store, run, todo, batches, batch_masks, data, settings, inputs,
+                                    ray_train or RayTrainSettings(), fault_marker, progress)
+                except Exception as e:  # the trainer's error after its restarts: name what is missing
+                    error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                missing = ~completed_bitmap(store, run, models, masks, settings, models_per_batch, inputs)
+                failed = {int(i): error for i in np.flatnonzero(missing)}
+            else:
+                failed = _run_as_tasks(store, run, todo, batches, batch_masks, data, settings, inputs, max_retries,
+                                       fault_marker, progress)
         if failed:
             raise BatchesFailed(
                 f"datamodel {run}: {len(failed)} of {len(batches)} batches failed {sorted(failed)} "
