@@ -208,3 +208,29 @@ def write_result(name: str, payload: dict[str, Any]) -> str:
         json.dump(payload, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
     return path
+
+
+def update_result(name: str, updates: dict[str, Any]) -> str:
+    """Read ``benchmarks/results/<name>.json``, replace only the top-level keys in ``updates``, write it
+    back atomically (a temporary file renamed over it, under an exclusive lock), keeping every key that
+    another script wrote. Returns its path."""
+    import fcntl
+
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path) as f:
+                current = json.load(f)
+        except FileNotFoundError:
+            current = {}
+        if not isinstance(current, dict):
+            raise ValueError(f"{path}: expected a JSON object at top level, got {type(current).__name__}")
+        current.update(updates)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(current, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    return path

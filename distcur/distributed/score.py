@@ -28,7 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distcur.data import embeddings_key, list_sources, load_steps, scores_key, steps_key, target_source
+from distcur.data import (
+    default_prior_sources,
+    embeddings_key,
+    load_steps,
+    scores_key,
+    steps_key,
+    target_source,
+)
 from distcur.schema import SCORE_SCHEMA, list_column_to_numpy
 from distcur.score import strap as strap_lib
 from distcur.score.nearest import NEAREST_FEATURES, check_features, min_distances, minmax_scale
@@ -43,15 +50,6 @@ READ_BATCH = 65_536
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def default_prior_sources(store: Store, prior_sources: list[str] | None = None) -> list[str]:
-    """The given prior sources, or every source in the store that is not a ``target-*`` set."""
-    sources = prior_sources if prior_sources is not None else [s for s in list_sources(store)
-                                                               if not s.startswith("target-")]
-    if not sources:
-        raise FileNotFoundError(f"no prior step tables under {store.uri_of('steps')} (only target-* sources?)")
-    return list(sources)
-
-
 def _iter_part(store: Store, path: str, columns: list[str]):
     pf = pq.ParquetFile(store.fs.open_input_file(path))
     yield from pf.iter_batches(batch_size=READ_BATCH, columns=columns)

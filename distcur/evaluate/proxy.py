@@ -29,7 +29,7 @@ def proxy_loss(policy: TrainedPolicy, states: np.ndarray, actions: np.ndarray, b
     with torch.no_grad():
         for start in range(0, len(states), batch_size):
             obs = torch.from_numpy(policy.normalizer.state(states[start : start + batch_size]))
-            act = torch.from_numpy(policy.normalizer.action(actions[start : start + batch_size]))
+            act = torch.from_numpy(policy.normalizer.action(policy.training_actions(actions[start : start + batch_size])))
             total += float(bc_loss(policy.params, obs, act, policy.spec)) * len(obs)
     return total / len(states)
 
