@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from common import machine_facts, peak_rss_of_command, summarize, update_result  # noqa: E402
+from common import init_local_ray, machine_facts, run_ingest_child, summarize, update_result  # noqa: E402
 
 SOURCES = ("hdf5", "parquet", "lerobot", "rlds")
 PARQUET_MAP = ["state=obs", "action=act", "episode=ep", "step=t", "task=instruction", "image=img"]
@@ -135,19 +135,9 @@ def child(kind: str, mode: str, dataset: str, warmup: str, store_dir: str) -> No
 
     mapper = None
     if mode == "ray":
-        import ray
-
         from distcur.distributed.ingest import ray_mapper
 
-        for attempt in range(3):  # Ray's raylet start wait is a fixed 30 s; a loaded machine can miss it
-            try:
-                ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
-                         log_to_driver=False)
-                break
-            except Exception as e:
-                if "timed out during startup" not in str(e) or attempt == 2:
-                    raise
-                ray.shutdown()
+        init_local_ray()
         mapper = ray_mapper(progress=False)
     _ingest(kind, warmup, Store(os.path.join(store_dir, "warmup")), mapper)
     t0 = time.perf_counter()
@@ -155,23 +145,11 @@ def child(kind: str, mode: str, dataset: str, warmup: str, store_dir: str) -> No
     print(json.dumps({"steps": result.manifest.rows, "wall_s": time.perf_counter() - t0}))
 
 
-def run_child(kind: str, mode: str, dataset: str, warmup: str, workdir: str, attempts: int = 3) -> dict:
-    for attempt in range(attempts):
-        store_dir = tempfile.mkdtemp(prefix=f"store-{kind}-{mode}-", dir=workdir)
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, mode, dataset, warmup, store_dir]
-        with tempfile.TemporaryFile("w+") as err:
-            out = peak_rss_of_command(cmd, env={"RAY_USAGE_STATS_ENABLED": "0"}, stderr=err)
-            err.seek(0)
-            log = err.read()
-        shutil.rmtree(store_dir, ignore_errors=True)
-        if out["returncode"] == 0:
-            break
-        if "timed out during startup" not in log or attempt == attempts - 1:
-            raise RuntimeError(f"{cmd} failed with code {out['returncode']}:\n{log[-4000:]}")
-        print(f"Ray failed to start (attempt {attempt + 1}); retrying", flush=True)
-    timed = json.loads(out["stdout"].strip().splitlines()[-1])
-    return {"steps": timed["steps"], "wall_s": timed["wall_s"], "steps_per_s": timed["steps"] / timed["wall_s"],
-            "peak_rss_bytes": out["peak_rss_bytes"], "peak_single_rss_bytes": out["peak_single_rss_bytes"]}
+def run_child(kind: str, mode: str, dataset: str, warmup: str, workdir: str) -> dict:
+    def make_cmd(store_dir: str) -> list[str]:
+        return [sys.executable, os.path.abspath(__file__), "--child", kind, mode, dataset, warmup, store_dir]
+
+    return run_ingest_child(make_cmd, workdir, f"{kind}-{mode}")
 
 
 def measure(kind: str, args, workdir: str) -> dict:

@@ -14,7 +14,6 @@ through ``jobs/_common.main`` with the test module's Ray.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from conftest import load_jobs_common  # noqa: E402
 from rlds_factory import FRACTAL_STATE_LAYOUT, make_rlds_dataset  # noqa: E402
 
 REPO = os.path.dirname(HERE)
@@ -35,14 +35,7 @@ STAGES = ("ingest", "embed", "score", "datamodel", "select", "rebalance", "train
 SHIPPED_BUCKET = "distcur-store"
 
 
-def _load_common():
-    spec = importlib.util.spec_from_file_location("distcur_jobs_common_e2e", os.path.join(JOBS, "_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load_common()
+common = load_jobs_common("distcur_jobs_common_e2e")
 
 # Sizes only: what every entry of a section gets on top of what the shipped config says.
 TINY_MODEL = {"hidden": [32, 32], "steps": 30, "batch_size": 32, "checkpoint_every": 0, "log_every": 10}
