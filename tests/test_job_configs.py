@@ -6,9 +6,9 @@
   sizes (training steps, model counts) shrunk, nothing else changed.
 - ``jobs/configs/metaworld.yaml``: the same on a tiny generated MetaWorld prior, local store.
 
-Both are slow (every stage starts its own Ray; TorchTrainer runs); the fast real-path test below runs
-the OXE config's ingest (Ray Data from loopback S3), datamodel, train and evaluate sections in-process
-through ``jobs/_common.main`` with the test module's Ray.
+Both are slow (a process per stage, joining one local Ray cluster; TorchTrainer runs); the fast
+real-path test below runs the OXE config's ingest (Ray Data from loopback S3), datamodel, train and
+evaluate sections in-process through ``jobs/_common.main`` with the test module's Ray.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ common = load_jobs_common("distcur_jobs_common_e2e")
 # Sizes only: what every entry of a section gets on top of what the shipped config says.
 TINY_MODEL = {"hidden": [32, 32], "steps": 30, "batch_size": 32, "checkpoint_every": 0, "log_every": 10}
 SHRINK = {
-    "embed": {"config": {"encoder_options": {"train_steps": 40, "batch_size": 64, "hidden": [32]}}},
+    "embed": {"concurrency": 2, "config": {"encoder_options": {"train_steps": 40, "batch_size": 64, "hidden": [32]}}},
     "datamodel": {"config": {"hidden": [16, 16], "batch_size": 32,
                              "regression": {"num_models": 8, "heldout_models": 4, "steps": 15, "models_per_batch": 8,
                                             "cv_folds": 3},
@@ -81,10 +81,55 @@ def stages_of(config: dict) -> list[str]:
     return [k for k in config if k in STAGES]
 
 
-def run_job(stage: str, config_path: str, cwd: str, timeout: int = 900) -> str:
-    """``python jobs/<stage>.py --config ...`` in a fresh process (its own local Ray); its output."""
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
+# One local Ray cluster for every job of a test, in a child process we own (as `ray job submit` jobs
+# share their cluster: RAY_ADDRESS). Started after the loopback S3 server, so its workers inherit the
+# endpoint; a start that misses Ray's fixed 30 s raylet wait on a loaded machine is retried.
+CLUSTER_SCRIPT = """
+import sys
+from ray.cluster_utils import Cluster
+for attempt in range(4):
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        break
+    except Exception as e:
+        if "timed out during startup" not in str(e) or attempt == 3:
+            raise
+print("ADDRESS", cluster.address, flush=True)
+sys.stdin.read()
+cluster.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def job_cluster(s3_server):
+    """The address of a local Ray cluster the jobs join (RAY_ADDRESS)."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stdout:
+            if line.startswith("ADDRESS "):
+                break
+            seen.append(line)
+        else:
+            raise RuntimeError(f"local Ray cluster did not start (exit code {proc.poll()}): {''.join(seen)}")
+        yield line.split()[1]
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_job(stage: str, config_path: str, cwd: str, address: str, timeout: int = 1200) -> str:
+    """``python jobs/<stage>.py --config ...`` in a fresh process joining the cluster at ``address``
+    (RAY_ADDRESS, as under ``ray job submit``); its output."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONPATH=REPO,
+               RAY_ADDRESS=address)
     r = subprocess.run([sys.executable, os.path.join(JOBS, f"{stage}.py"), "--config", config_path],
                        capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     assert r.returncode == 0, f"jobs/{stage}.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
@@ -116,7 +161,7 @@ def upload_inputs(config: dict, fractal_datasets) -> None:
 
 
 @pytest.mark.slow
-def test_oxe_s3_config_runs_every_stage_on_loopback_s3(s3_bucket, fractal_datasets, tmp_path):
+def test_oxe_s3_config_runs_every_stage_on_loopback_s3(job_cluster, s3_bucket, fractal_datasets, tmp_path):
     from distcur.data import embeddings_key, eval_key, policy_key, scores_key, selection_key, steps_key
     from distcur.store import Store
 
@@ -128,7 +173,7 @@ def test_oxe_s3_config_runs_every_stage_on_loopback_s3(s3_bucket, fractal_datase
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     outputs = {}
     for stage in stages_of(config):
-        outputs[stage] = run_job(stage, str(path), str(tmp_path))
+        outputs[stage] = run_job(stage, str(path), str(tmp_path), job_cluster)
     assert stages_of(config) == ["ingest", "embed", "score", "datamodel", "select", "rebalance", "train", "evaluate"]
 
     store = Store(config["common"]["store"])
@@ -153,7 +198,7 @@ def test_oxe_s3_config_runs_every_stage_on_loopback_s3(s3_bucket, fractal_datase
     assert outputs["evaluate"].count("PROXY-ONLY evaluation") == len(config["evaluate"])
     # resubmitted, a stage finds its outputs committed and recomputes nothing
     before = store.manifest(scores_key("iwr-pick-coke-can")).created
-    run_job("score", str(path), str(tmp_path))
+    run_job("score", str(path), str(tmp_path), job_cluster)
     assert store.manifest(scores_key("iwr-pick-coke-can")).created == before
 
 
@@ -176,7 +221,7 @@ TINY_METAWORLD = {
 
 
 @pytest.mark.slow
-def test_metaworld_config_runs_every_stage(tmp_path):
+def test_metaworld_config_runs_every_stage(job_cluster, tmp_path):
     from distcur.data import eval_key, policy_key, scores_key, selection_key
     from distcur.store import Store
 
@@ -189,7 +234,7 @@ def test_metaworld_config_runs_every_stage(tmp_path):
     config = shrunk(shrunk(config, SHRINK), TINY_METAWORLD)
     path = tmp_path / "metaworld.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    outputs = {stage: run_job(stage, str(path), str(tmp_path)) for stage in stages_of(config)}
+    outputs = {stage: run_job(stage, str(path), str(tmp_path), job_cluster) for stage in stages_of(config)}
     assert list(outputs) == ["ingest", "embed", "score", "datamodel", "select", "rebalance", "train", "evaluate",
                              "demo"]
     store = Store(store_uri)
