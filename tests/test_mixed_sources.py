@@ -114,6 +114,13 @@ def test_action_standardizer_round_trips_and_detects_other_units():
     assert statistics_differ(stats)
     near = {"a": stats["a"], "c": {"action_mean": [0.2, 1.5], "action_std": [1.5, 1.0]}}
     assert not statistics_differ(near)
+    # a gripper held closed in one source is not another action space; nor are two sources in [-1, 1]
+    held = {"a": stats["a"], "g": {"action_mean": [0.1, 1.0], "action_std": [0.9, 0.0]}}
+    assert not statistics_differ(held)
+    unit = {s: {"action_mean": m, "action_std": d, "action_min": [-1.0, -1.0], "action_max": [1.0, 1.0]}
+            for s, m, d in (("u", [0.0, 0.0], [0.5, 0.5]), ("v", [0.0, 0.9], [0.01, 0.01]))}
+    assert not statistics_differ(unit)
+    assert statistics_differ({**unit, "v": {**unit["v"], "action_max": [1.0, 5.0]}})
     assert choose_mode("auto", {"a": ("x",), "c": ("x",)}, near) == "global"
     assert choose_mode("auto", {"a": ("x",), "c": ("y",)}, near) == "per-source"
     assert choose_mode("global", {"a": ("x",), "b": ("x",)}, stats) == "global"

@@ -75,20 +75,31 @@ STD_RATIO = 10.0
 MEAN_SHIFT_STDS = 3.0
 
 
+def _within_unit_box(v: dict) -> bool:
+    lo, hi = v.get("action_min"), v.get("action_max")
+    return lo is not None and hi is not None and min(lo) >= -1.0 and max(hi) <= 1.0
+
+
 def statistics_differ(stats: dict[str, dict]) -> bool:
     """Whether two sources' action statistics (``action_mean``, ``action_std`` per dim) are too far
-    apart to be one action space: a dim whose std differs by more than ``STD_RATIO`` times, or whose
-    means differ by more than ``MEAN_SHIFT_STDS`` of the larger std."""
+    apart to be one action space: a dim whose std differs by more than ``STD_RATIO`` times (dims
+    nearly constant in either source, e.g. a gripper held closed, are not compared), or whose means
+    differ by more than ``MEAN_SHIFT_STDS`` of the larger std. Sources whose actions all lie in
+    [-1, 1] (``action_min`` / ``action_max``: an already normalised space, as MetaWorld's) never differ."""
     names = sorted(stats)
+    if all(_within_unit_box(stats[s]) for s in names):
+        return False
     mean = {s: np.asarray(stats[s]["action_mean"], np.float64) for s in names}
     std = {s: np.maximum(np.asarray(stats[s]["action_std"], np.float64), STD_FLOOR) for s in names}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             if len(mean[a]) != len(mean[b]):
                 return True
-            ratio = np.maximum(std[a], std[b]) / np.minimum(std[a], std[b])
-            shift = np.abs(mean[a] - mean[b]) / np.maximum(std[a], std[b])
-            if (ratio > STD_RATIO).any() or (shift > MEAN_SHIFT_STDS).any():
+            big = np.maximum(std[a], std[b])
+            varies = np.minimum(std[a], std[b]) > 1e-3 * (big + np.maximum(np.abs(mean[a]), np.abs(mean[b])))
+            ratio = big / np.minimum(std[a], std[b])
+            shift = np.abs(mean[a] - mean[b]) / big
+            if (varies & (ratio > STD_RATIO)).any() or (shift > MEAN_SHIFT_STDS).any():
                 return True
     return False
 
