@@ -40,9 +40,9 @@ import torch
 
 from distcur.commands.datamodel import DatamodelConfig, MetagradSettings, RegressionSettings
 from distcur.datamodels.metagrad import sqrt_checkpoint_every, weight_meta_gradient
-from distcur.datamodels.proxy import make_proxy_fn
 from distcur.policy.ensemble import batch_weights, init_ensemble, sample_batches, train_ensemble, train_single
 from distcur.policy.functional import AdamConfig, PolicySpec, adam_init, init_params, make_train_step
+from distcur.policy.proxy import make_proxy_fn
 
 DS, DA = 39, 4
 N_POOL, N_CLUSTERS = 20000, 200

@@ -44,13 +44,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, machine_facts  # noqa: E402
 
 from distcur.clusters import cluster_ids  # noqa: E402
-from distcur.data import load_steps, steps_key, target_source  # noqa: E402
-from distcur.datamodels.proxy import proxy_loss  # noqa: E402
+from distcur.data import (  # noqa: E402
+    heldout_source,  # noqa: E402
+    load_steps,
+    steps_key,
+    target_source,
+)
 from distcur.evaluate.metaworld import evaluate_success  # noqa: E402
 from distcur.evaluate.proxy import load_heldout, proxy_loss_on_source  # noqa: E402
-from distcur.pipeline import heldout_source  # noqa: E402
 from distcur.policy.functional import PolicySpec  # noqa: E402
 from distcur.policy.loaded import TrainedPolicy  # noqa: E402
+from distcur.policy.proxy import proxy_loss  # noqa: E402
 from distcur.policy.train import TrainConfig, load_training_data, train_policy  # noqa: E402
 from distcur.schema import SELECTION_SCHEMA  # noqa: E402
 from distcur.store import Store  # noqa: E402

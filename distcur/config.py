@@ -9,6 +9,7 @@ and the expected type, instead of being silently misread.
 
 from __future__ import annotations
 
+import argparse
 import collections.abc
 import dataclasses
 import enum
@@ -207,3 +208,46 @@ def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, **
 def to_dict(config: Any) -> dict:
     """A config as a plain JSON-able dict (for manifests)."""
     return dataclasses.asdict(config)
+
+
+def _flag_kwargs(hint: Any) -> dict:
+    """argparse ``type`` / ``nargs`` for a field's type hint (Optional[X] as X)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else str
+        return {"nargs": "+", "type": item if item in (int, float) else str}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if hint in (int, float):
+        return {"type": hint}
+    return {}  # str, and unions such as "str | float" that the dataclass parses itself
+
+
+def add_config_flags(parser, cls: type, flags: dict[str, str] | None = None, helps: dict[str, str] | None = None,
+                     choices: dict[str, tuple] | None = None, skip: tuple[str, ...] = ()) -> list[str]:
+    """One ``--<field>`` flag per field of dataclass ``cls`` (default None: only what is given
+    overrides the config file; the dataclass checks the value). ``flags`` renames a field's flag,
+    ``helps`` gives its help (else the field's ``metadata["help"]``), ``choices`` its choices (else
+    the field's ``metadata["choices"]``). Returns the field names added, for :func:`config_from_args`."""
+    hints = typing.get_type_hints(cls)
+    added = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kw = {"default": None, "dest": f.name, **_flag_kwargs(hints[f.name])}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = (helps or {}).get(f.name) or f.metadata.get("help", f.name.replace("_", " "))
+        kw["help"] = text + (f" (default {default})" if default not in (None, "") and "default" not in text else "")
+        if (choices or {}).get(f.name) or "choices" in f.metadata:
+            kw["choices"] = (choices or {}).get(f.name) or f.metadata["choices"]
+        parser.add_argument((flags or {}).get(f.name) or "--" + f.name.replace("_", "-"), **kw)
+        added.append(f.name)
+    return added
+
+
+def config_from_args(cls: type[T], args, names: list[str], source: str | os.PathLike | None = None) -> T:
+    """``cls`` from the YAML ``source`` (if any), the flags given on the command line winning."""
+    return load_config(cls, source, **{n: getattr(args, n) for n in names})

@@ -23,9 +23,24 @@ def steps_key(source: str) -> str:
     return f"{STEPS_PREFIX}/source={source}"
 
 
+TARGET_PREFIX = "target-"
+
+
 def target_source(task: str) -> str:
     """Source name of the target demonstrations of ``task`` (kept apart from the prior)."""
-    return f"target-{task}"
+    return f"{TARGET_PREFIX}{task}"
+
+
+def heldout_source(task: str) -> str:
+    """Source of the held-out target demos that define the reported proxy loss.
+
+    It starts with ``target-`` so no stage mistakes it for prior data."""
+    return f"{target_source(task)}-heldout"
+
+
+def is_target_source(source: str) -> bool:
+    """A target set (``target-<task>``, its held-out demos included), never prior data."""
+    return source.startswith(TARGET_PREFIX)
 
 
 def embeddings_key(encoder: str, source: str) -> str:
@@ -57,7 +72,7 @@ def list_sources(store: Store) -> list[str]:
 def default_prior_sources(store: Store, prior_sources: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """The given prior sources, or every ingested source in the store that is not a ``target-*`` set."""
     sources = prior_sources if prior_sources is not None else [s for s in list_sources(store)
-                                                               if not s.startswith("target-")]
+                                                               if not is_target_source(s)]
     if not sources:
         raise FileNotFoundError(f"no prior step tables under {store.uri_of(STEPS_PREFIX)} (only target-* sources?)")
     return list(sources)

@@ -32,29 +32,23 @@ import numpy as np
 import pyarrow as pa
 
 from distcur.config import DEFAULT_STORE, to_dict
-from distcur.data import eval_key, scores_key, selection_key, steps_key, target_source
+from distcur.data import eval_key, heldout_source, scores_key, selection_key, steps_key, target_source
+from distcur.methods import REGISTRY, names
 from distcur.policy.sampler import MIXINGS
 from distcur.sources.metaworld import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.store import Store, fingerprint
 
 log = logging.getLogger(__name__)
 
-SCORERS = ("sr", "ar", "br", "strap", "iwr", "random")
-SIMILARITY = ("sr", "ar", "br", "strap", "iwr")
-RANDOM_LEVELS = {"random": "step", "random-subtraj": "subtraj", "random-episode": "episode"}
-DATAMODELS = ("datamodel-regression", "datamodel-metagrad")
-BASELINES = ("target_only", "all")
-REFERENCES = ("oracle",)
-ALL_METHODS = (*BASELINES, *SCORERS, "random-subtraj", "random-episode", *DATAMODELS, *REFERENCES)
+SCORERS = names("scorer")
+# the random scorer at the demo's retrieval level ("random") and at fixed granularities
+RANDOM_METHODS = ("random", *names("random"))
+DATAMODELS = names("datamodel")
+BASELINES = names("baseline")
+REFERENCES = names("reference")
+ALL_METHODS = names()
 # What ``distcur demo`` runs unless told: every method, random at the step and episode granularities.
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "random-subtraj")
-
-
-def heldout_source(task: str) -> str:
-    """Source of the held-out target demos that define the reported proxy loss.
-
-    It starts with ``target-`` so no stage mistakes it for prior data."""
-    return f"{target_source(task)}-heldout"
 
 
 # The quick demo trains 256 subset models instead of the datamodel's default 1024 and runs 8
@@ -145,15 +139,11 @@ class DemoConfig:
 
     def level_of(self, method: str) -> str:
         """The granularity at which ``method`` fills the step budget."""
-        if method in RANDOM_LEVELS:
-            return RANDOM_LEVELS[method] if method != "random" else self.retrieval_level
         if method in DATAMODELS:
             from distcur.commands.datamodel import make_config
 
             return make_config(dict(self.datamodel)).cluster
-        if method == "oracle":
-            return "episode"
-        return "step" if method == "strap" else self.retrieval_level
+        return REGISTRY[method].level or self.retrieval_level  # STRAP, oracle, random-<level>: their own
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -196,8 +186,8 @@ def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
     for method in cfg.methods:
         run = f"{cfg.run}-{method}"
         t0 = time.time()
-        if method in SCORERS or method in RANDOM_LEVELS:
-            score(store, "random" if method in RANDOM_LEVELS else method, cfg.target, run, address=cfg.address,
+        if method in SCORERS or method in RANDOM_METHODS:
+            score(store, "random" if method in RANDOM_METHODS else method, cfg.target, run, address=cfg.address,
                   **scorer_options(cfg, method))
         elif method in DATAMODELS:
             from distcur.commands.datamodel import make_config, run_datamodel
@@ -220,7 +210,7 @@ def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
 
 def scorer_options(cfg: DemoConfig, method: str) -> dict[str, Any]:
     """The scorer options a method runs with in the demo."""
-    if method in RANDOM_LEVELS:
+    if method in RANDOM_METHODS:
         level = cfg.level_of(method)
         return {"seed": 0, **({"level": level, "horizon": cfg.horizon} if level != "step" else {})}
     if method == "strap":  # every match, ranked within its segment: the budget decides how many are kept
@@ -293,7 +283,7 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     t0 = time.time()
     params, normalizer, history = train_policy(data, tcfg)
     train_s = time.time() - t0
-    policy = TrainedPolicy(params, _spec(data, tcfg), normalizer)
+    policy = TrainedPolicy(params, data.policy_spec(tcfg.hidden), normalizer)
     t0 = time.time()
     success = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(seed,), max_steps=cfg.max_steps,
                                envs_per_worker=cfg.episodes, parallel=False)[0]
@@ -302,12 +292,6 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
             "success": success["success"], "proxy_loss": proxy, "selected_steps": int(data.n_prior),
             "train_s": round(train_s, 2), "eval_s": round(time.time() - t0, 2),
             "final_train_loss": history[-1]["loss"] if history else None}
-
-
-def _spec(data, tcfg):
-    from distcur.policy.functional import PolicySpec
-
-    return PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=tcfg.hidden)
 
 
 RESULT_SCHEMA = pa.schema([

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distcur import __version__
+from distcur import methods as registry
 from distcur.data import eval_key, steps_key
 from distcur.store import Manifest, Store
 
@@ -151,7 +152,7 @@ def success_summary(results: pa.Table | list[dict], key: str = "method") -> list
     return out
 
 
-SIMILARITY_METHODS = ("sr", "ar", "br", "strap", "iwr")
+SIMILARITY_METHODS = registry.names(similarity=True)
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dict:
@@ -197,7 +198,7 @@ def format_table(rows: list[dict], paired: dict[str, dict[str, dict]] | None = N
     method, with its 95% interval."""
     paired = paired or {}
     refs = next(iter(paired.values()), {})
-    head = f"{'method':<24}{'success':>10}{'± s.e.':>9}{'seeds':>7}{'proxy loss':>12}"
+    head = f"{'method':<24}{'success':>10}{'± s.e.':>9}{'seeds':>7}{'proxy (nll)':>12}"
     for name, d in refs.items():
         head += f"{'vs ' + (d['reference'] if name == 'random' else 'best sim (' + d['reference'] + ')'):>30}"
     lines = [head]

@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distcur.clusters import DEFAULT_HORIZON, episode_clusters
 from distcur.composition import composition, selection_composition
 from distcur.data import scores_key, selection_key, steps_key
 from distcur.schema import SELECTION_SCHEMA
@@ -46,7 +47,6 @@ from distcur.store import Manifest, Store
 
 SELECT_LEVELS = ("step", "subtraj", "episode")
 WEIGHTINGS = ("uniform", "score")
-DEFAULT_HORIZON = 30
 LEROBOT_SUFFIX = "lerobot"
 LEROBOT_SCHEMA = pa.schema([pa.field("index", pa.int64(), nullable=False),
                             pa.field("weight", pa.float32(), nullable=False)])
@@ -99,25 +99,13 @@ def cluster_scores(source_code: np.ndarray, episode: np.ndarray, step: np.ndarra
     """
     if level not in SELECT_LEVELS:
         raise ValueError(f"selection level must be one of {SELECT_LEVELS}, got {level!r}")
-    n = len(score)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0)
-    if level == "step":
-        window = np.asarray(step, np.int64)
-    elif level == "subtraj":
-        window = np.asarray(step, np.int64) // horizon
-    else:
-        window = np.zeros(n, np.int64)
-    order = np.lexsort((window, episode, source_code))
-    keys = np.stack([np.asarray(source_code, np.int64)[order], np.asarray(episode, np.int64)[order], window[order]])
-    new = np.ones(n, bool)
-    new[1:] = (keys[:, 1:] != keys[:, :-1]).any(0)
-    starts = np.flatnonzero(new)
-    sums = np.add.reduceat(np.asarray(score, np.float64)[order], starts)
-    counts = np.diff(np.append(starts, n))
-    cluster = np.empty(n, np.int64)
-    cluster[order] = np.cumsum(new) - 1
-    return cluster, sums / counts
+    cluster, _ = episode_clusters(source_code, episode, step, level, horizon)
+    if not len(cluster):
+        return cluster, np.zeros(0)
+    order = np.argsort(cluster, kind="stable")  # each cluster's rows in table order
+    counts = np.bincount(cluster)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return cluster, np.add.reduceat(np.asarray(score, np.float64)[order], starts) / counts
 
 
 def rank_clusters(cluster_score: np.ndarray, tie_seed: int = 0) -> np.ndarray:

@@ -69,7 +69,7 @@ def test_without_a_terminal_every_job_is_one_log_line(monkeypatch, capsys, caplo
         wait_for_jobs([(m, s) for m, _, s in JOBS], JOBS)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 3 and lines[0].startswith("[1/3] br ") and lines[2].startswith("[3/3] iwr ")
-    assert "success 0.50, proxy -1.250 (train 40 s, eval 9 s)" in lines[0]
+    assert "success 0.50, proxy nll -1.250 (train 40 s, eval 9 s)" in lines[0]
     assert capsys.readouterr().err == ""
 
 

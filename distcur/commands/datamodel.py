@@ -46,7 +46,7 @@ from distcur.datamodels.metagrad import (
     datamil_metagrad_scores,
     datamil_reference_scores,
 )
-from distcur.datamodels.proxy import PROXIES, check_proxy, make_proxy_fn, split_target
+from distcur.datamodels.proxy import split_target
 from distcur.datamodels.regression import (
     PENALTIES,
     fit_linear_datamodel,
@@ -55,6 +55,7 @@ from distcur.datamodels.regression import (
 )
 from distcur.datamodels.subsets import SubsetTrainingData, masks_table, subset_masks
 from distcur.policy.functional import AdamConfig, Normalizer, PolicySpec
+from distcur.policy.proxy import PROXIES, check_proxy, make_proxy_fn
 from distcur.policy.train import source_action_standardizer
 from distcur.progress import bar
 from distcur.schema import SCORE_SCHEMA

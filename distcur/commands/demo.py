@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import time
 
+from distcur import methods as registry
+from distcur.methods import IWR_KERNELS
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="ingest, embed, score, datamodels, co-train and evaluate on MetaWorld")
     p.add_argument("--target", default=None, help="MetaWorld target task (default pick-place-wall-v3)")
     p.add_argument("--store", default=None, help="store URI (default ./distcur-store/demo)")
     p.add_argument("--run", default=None, help="run name (default demo)")
-    p.add_argument("--methods", nargs="+", default=None, help="subset of methods to compare")
+    p.add_argument("--methods", nargs="+", default=None, choices=registry.names(), metavar="METHOD",
+                   help=f"subset of methods to compare: {', '.join(registry.names())}")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--episodes", type=int, default=None, help="rollouts per (method, seed)")
     p.add_argument("--full", action="store_true", help="paper-size run (hours on 2 cores)")
@@ -32,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--mixing", choices=("bernoulli", "split"), default=None,
                    help="co-training batches: each element from the target with probability alpha (default), or "
                         "exactly alpha x batch target rows (BehaviorRetrieval's half-and-half batches)")
-    p.add_argument("--iwr-kernel", choices=("shared-prior", "per-set"), default=None,
+    p.add_argument("--iwr-kernel", choices=IWR_KERNELS, default=None,
                    help="IWR's KDEs: one whitening by the prior's covariance (default), or each set its own "
                         "covariance and Scott factor (two scipy gaussian_kde)")
     p.add_argument("--datamodel-proxy", choices=("nll", "mse"), default=None,

@@ -81,8 +81,7 @@ def register(sub) -> None:
 def proxy_source_for(store, task: str, proxy_source: str | None = None, in_sample: bool = False) -> str | None:
     """The step source the proxy is scored on: ``proxy_source``, else the task's held-out demos
     (None, with a warning, when there are none), else with ``in_sample`` the training target demos."""
-    from distcur.data import steps_key, target_source
-    from distcur.pipeline import heldout_source
+    from distcur.data import heldout_source, steps_key, target_source
 
     if proxy_source is not None and in_sample:
         raise ValueError(f"--proxy-source {proxy_source!r} and --in-sample-proxy: give one of them")

@@ -228,8 +228,8 @@ def run_metaworld(args) -> int:
     store = output_store(args.out, args)
     info = generate_metaworld(config, store, address=args.address, progress=progress.enabled())
     if args.heldout_demos:
-        from distcur.data import steps_key
-        from distcur.pipeline import heldout_source, write_heldout_target
+        from distcur.data import heldout_source, steps_key
+        from distcur.pipeline import write_heldout_target
 
         write_heldout_target(store, config, args.heldout_demos)
         key = steps_key(heldout_source(config.target))

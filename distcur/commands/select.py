@@ -5,7 +5,20 @@ from __future__ import annotations
 import json
 
 from distcur.commands import add_rerun_options, output_store
-from distcur.config import DEFAULT_STORE
+from distcur.config import DEFAULT_STORE, add_config_flags, config_from_args
+from distcur.select import SELECT_LEVELS, WEIGHTINGS, SelectConfig
+
+FLAGS = {"budget_percent": "--budget", "top_percent": "--top"}
+HELPS = {
+    "budget_percent": "select this share (PERCENT) of the prior's steps, clusters in score order, the last cut "
+                      "(default 10; at most one of --budget, --top, --threshold)",
+    "top_percent": "keep the top X percent of clusters, whatever their size",
+    "threshold": "keep clusters with mean score >= T",
+    "level": "cluster granularity (default step)",
+    "horizon": "sub-trajectory length H for --level subtraj",
+    "weighting": "selected steps' weight: 1, or their cluster's score (default uniform)",
+    "tie_seed": "seed of the permutation that breaks score ties",
+}
 
 
 def register(sub) -> None:
@@ -14,16 +27,8 @@ def register(sub) -> None:
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
     p.add_argument("--scores", required=True, help="score run to select from (scores/<run>)")
     p.add_argument("--run", required=True, help="output run name: writes selections/<run>")
-    rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--budget", type=float, default=None, metavar="PERCENT",
-                      help="select this share of the prior's steps, clusters in score order, the last cut (default 10)")
-    rule.add_argument("--top", type=float, default=None, help="keep the top X percent of clusters, whatever their size")
-    rule.add_argument("--threshold", type=float, default=None, help="keep clusters with mean score >= T")
-    p.add_argument("--level", default="step", choices=("step", "subtraj", "episode"),
-                   help="cluster granularity (default: step)")
-    p.add_argument("--tie-seed", type=int, default=0, help="seed of the permutation that breaks score ties")
-    p.add_argument("--horizon", type=int, default=30, help="sub-trajectory length H for --level subtraj")
-    p.add_argument("--weighting", default="uniform", choices=("uniform", "score"))
+    add_config_flags(p, SelectConfig, flags=FLAGS, helps=HELPS, choices={"level": SELECT_LEVELS, "weighting": WEIGHTINGS})
+    p.add_argument("--config", default=None, metavar="YAML", help="SelectConfig options; the flags above win over it")
     add_rerun_options(p)
     p.add_argument("--export-lerobot", action="store_true",
                    help="also write selections/<run>/lerobot: (index, weight); for LeRobot-ingested sources the "
@@ -39,10 +44,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from distcur.select import SelectConfig, lerobot_key, run_select
+    from distcur.select import lerobot_key, run_select
 
-    config = SelectConfig(budget_percent=args.budget, top_percent=args.top, threshold=args.threshold, level=args.level,
-                          horizon=args.horizon, weighting=args.weighting, tie_seed=args.tie_seed)
+    config = config_from_args(SelectConfig, args, list(HELPS), args.config)
     m = run_select(output_store(args.store, args), args.scores, args.run, config, export_lerobot=args.export_lerobot,
                    dense=not args.export_sparse, alpha=args.alpha, export_hdf5_mask=args.export_hdf5_mask)
     out = {"selection": f"selections/{args.run}", "rows": m.rows,

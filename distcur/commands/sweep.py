@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 from distcur.config import DEFAULT_STORE
-
-
-def _bandwidth(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
+from distcur.methods import names
 
 
 def register(sub) -> None:
@@ -17,8 +11,9 @@ def register(sub) -> None:
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI with the prior, target and embeddings")
     p.add_argument("--target", default=None, help="target task (default pick-place-wall-v3)")
     p.add_argument("--run", default=None, help="sweep name (default sweep)")
-    p.add_argument("--methods", nargs="+", default=None, help="scorers to sweep (sr ar br iwr strap random)")
-    p.add_argument("--bandwidths", nargs="+", type=_bandwidth, default=None,
+    p.add_argument("--methods", nargs="+", default=None, choices=names("scorer"), metavar="METHOD",
+                   help=f"scorers to sweep: {', '.join(names('scorer'))}")
+    p.add_argument("--bandwidths", nargs="+", default=None,
                    help="IWR KDE bandwidths: scott, silverman, likelihood or a number")
     p.add_argument("--top", nargs="+", type=float, default=None, dest="top_percents", help="top-x%% values")
     p.add_argument("--alphas", nargs="+", type=float, default=None, help="co-training target probabilities")

@@ -50,7 +50,7 @@ class SubsetTrainSettings:
     target_fraction: float
     seed: int
     shared_init: bool = True  # every model starts from the same init and sees the same minibatch rows
-    proxy: str = "nll"  # distcur.datamodels.proxy.PROXIES
+    proxy: str = "nll"  # distcur.policy.proxy.PROXIES
 
     def as_dict(self) -> dict:
         return {

@@ -30,7 +30,7 @@ def run_policy_jobs(store_uri: str, cfg, jobs: list[tuple[str, str | None, int]]
 
 def job_line(r: dict) -> str:
     """One finished job, as its log line and the job bar's postfix say it."""
-    return (f"{r['method']:<22} seed {r['seed']}: success {r['success']:.2f}, proxy {r['proxy_loss']:.3f} "
+    return (f"{r['method']:<22} seed {r['seed']}: success {r['success']:.2f}, proxy nll {r['proxy_loss']:.3f} "
             f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)")
 
 

@@ -36,6 +36,7 @@ from distcur.data import (
     steps_key,
     target_source,
 )
+from distcur.methods import RandomConfig, names, scorer_options
 from distcur.schema import SCORE_SCHEMA, list_column_to_numpy
 from distcur.score import strap as strap_lib
 from distcur.score.nearest import NEAREST_FEATURES, check_features, min_distances, minmax_scale
@@ -44,7 +45,7 @@ from distcur.store import Manifest, Store
 
 log = logging.getLogger(__name__)
 
-SCORE_METHODS = ("sr", "ar", "br", "strap", "iwr", "random")
+SCORE_METHODS = names("scorer")
 STAGE = "score"
 READ_BATCH = 65_536
 
@@ -209,9 +210,6 @@ def _random_part(store: Store, path: str, rel: str, seed: int, level: str, horiz
     return rel, table.num_rows
 
 
-RANDOM_LEVELS = ("step", "subtraj", "episode")
-
-
 def run_random(store: Store, target_task: str, out_key: str, prior_sources: list[str] | None = None,
                seed: int = 0, level: str = "step", horizon: int = 30, address: str | None = None) -> Manifest:
     """Uniform random scores for every prior step (the target only names the run).
@@ -223,8 +221,7 @@ def run_random(store: Store, target_task: str, out_key: str, prior_sources: list
 
     from distcur.distributed.session import ensure_ray
 
-    if level not in RANDOM_LEVELS or horizon < 1:
-        raise ValueError(f"random: level must be one of {RANDOM_LEVELS} and horizon >= 1, got {level!r}, {horizon}")
+    RandomConfig(seed=seed, level=level, horizon=horizon)  # the options' checks
     sources = default_prior_sources(store, prior_sources)
     target_key = steps_key(target_source(target_task))
     if store.manifest(target_key) is None:  # the scores ignore it, but the run is named for it
@@ -383,27 +380,29 @@ def run_strap(store: Store, target_task: str, out_key: str, prior_sources: list[
 
 
 # -- one entry point --------------------------------------------------------------------------------
-def score(store: Store, method: str, target_task: str, out_run: str, **opts) -> Manifest:
+def score(store: Store, method: str, target_task: str, out_run: str, prior_sources: list[str] | None = None,
+          address: str | None = None, **opts) -> Manifest:
     """Score every prior step for ``target_task`` with ``method``; commit ``scores/<out_run>``.
 
-    Options by method (all optional): ``prior_sources`` (default: every non-target source),
-    ``address`` (Ray); sr/ar/br: ``block``, br: ``encoder``; strap: ``encoder``, ``k``,
-    ``threshold``, ``min_length``, ``position_dims``, ``scoring``, ``padding``; random: ``seed``,
-    ``level``, ``horizon``; iwr: ``encoder``, ``bandwidth``, ``kernel`` ("shared-prior" or "per-set"),
-    ``mode``, ``num_shards``, ``subsample``.
+    ``opts``: the fields of the method's config in :mod:`distcur.methods` (``StateNearestConfig``,
+    ``BrConfig``, ``StrapConfig``, ``RandomConfig``, ``IwrConfig``), checked there: an option the
+    method does not take is an error. ``prior_sources`` (default: every non-target source),
+    ``address`` (Ray).
     """
+    if method not in SCORE_METHODS:
+        raise ValueError(f"unknown score method {method!r}; expected one of {SCORE_METHODS}")
+    options = scorer_options(method, **opts)
     out_key = scores_key(out_run)
+    common = {"prior_sources": prior_sources, "address": address}
     if method in NEAREST_FEATURES:
-        return run_nearest(store, method, target_task, out_key, **opts)
+        return run_nearest(store, method, target_task, out_key, **common, **options)
     if method == "strap":
-        return run_strap(store, target_task, out_key, **opts)
+        return run_strap(store, target_task, out_key, **common, **options)
     if method == "random":
-        return run_random(store, target_task, out_key, **opts)
-    if method == "iwr":
-        from distcur.score.iwr import run_iwr
+        return run_random(store, target_task, out_key, **common, **options)
+    from distcur.score.iwr import run_iwr
 
-        encoder = opts.pop("encoder", "vae")
-        sources = default_prior_sources(store, opts.pop("prior_sources", None))
-        return run_iwr(store, [embeddings_key(encoder, s) for s in sources],
-                       embeddings_key(encoder, target_source(target_task)), out_key, **opts)
-    raise ValueError(f"unknown score method {method!r}; expected one of {SCORE_METHODS}")
+    encoder = options.pop("encoder")
+    sources = default_prior_sources(store, prior_sources)
+    return run_iwr(store, [embeddings_key(encoder, s) for s in sources],
+                   embeddings_key(encoder, target_source(target_task)), out_key, address=address, **options)

@@ -25,13 +25,14 @@ import pyarrow as pa
 
 from distcur.config import to_dict
 from distcur.data import target_source
+from distcur.methods import names, parse_bandwidth
 from distcur.progress import bar
 from distcur.store import Store, fingerprint
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = {"proxy": ("proxy_loss", "min"), "success": ("success", "max")}
-SWEEP_SCORERS = ("sr", "ar", "br", "iwr", "strap", "random")
+SWEEP_SCORERS = names("scorer")
 
 
 @dataclass
@@ -64,7 +65,7 @@ class SweepConfig:
             raise ValueError(f"SweepConfig.methods: unknown {bad or '()'}; choose from {SWEEP_SCORERS}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SweepConfig.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
-        self.bandwidths = tuple(b if isinstance(b, str) else float(b) for b in self.bandwidths)
+        self.bandwidths = tuple(parse_bandwidth(b) for b in self.bandwidths)  # "0.3" -> 0.3; a bad one fails here
         self.top_percents = tuple(float(x) for x in self.top_percents)
         self.alphas = tuple(float(a) for a in self.alphas)
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -103,10 +104,10 @@ def _trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from distcur.evaluate.proxy import load_heldout, proxy_loss
+    from distcur.evaluate.proxy import load_heldout
     from distcur.policy import checkpoint as ckpt
-    from distcur.policy.functional import PolicySpec
     from distcur.policy.loaded import TrainedPolicy
+    from distcur.policy.proxy import policy_proxy
     from distcur.policy.train import TrainConfig, load_training_data, read_selection, train_policy
 
     torch.set_num_threads(1)
@@ -116,11 +117,11 @@ def _trial(config: dict) -> None:
     heldout = load_heldout(store, config["heldout"])
     tcfg = TrainConfig(hidden=cfg.hidden, batch_size=cfg.batch_size, steps=cfg.train_steps, alpha=config["alpha"],
                        seed=cfg.seed, checkpoint_every=cfg.report_every)
-    spec = PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=tcfg.hidden)
+    spec = data.policy_spec(tcfg.hidden)
 
     def report_proxy(state: dict) -> None:
         params, _, normalizer = ckpt.unpack(state)
-        loss = proxy_loss(TrainedPolicy(params, spec, normalizer), heldout.state, heldout.action)
+        loss = policy_proxy(TrainedPolicy(params, spec, normalizer), heldout.state, heldout.action)
         tune.report({"proxy_loss": loss, "step": int(state["step"])})
 
     params, normalizer, _ = train_policy(data, tcfg, checkpoint_fn=report_proxy if cfg.objective == "proxy" else None)
@@ -130,7 +131,7 @@ def _trial(config: dict) -> None:
         policy = TrainedPolicy(params, spec, normalizer)
         res = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(cfg.seed,), max_steps=cfg.max_steps,
                                envs_per_worker=cfg.episodes, parallel=False)[0]
-        loss = proxy_loss(policy, heldout.state, heldout.action)
+        loss = policy_proxy(policy, heldout.state, heldout.action)
         tune.report({"success": float(res["success"]), "proxy_loss": loss, "step": cfg.train_steps,
                      "selected_steps": int(data.n_prior)})
 
@@ -224,7 +225,6 @@ def run_sweep(cfg: SweepConfig) -> pa.Table:
 
 
 def _default_heldout(store: Store, task: str) -> str:
-    from distcur.data import steps_key
-    from distcur.pipeline import heldout_source
+    from distcur.data import heldout_source, steps_key
 
     return heldout_source(task) if store.manifest(steps_key(heldout_source(task))) else target_source(task)

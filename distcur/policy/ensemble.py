@@ -210,8 +210,8 @@ def train_single(
 def ensemble_loss(params: Params, spec: PolicySpec, obs: torch.Tensor, act: torch.Tensor,
                   proxy: str = "nll") -> torch.Tensor:
     """Each stacked model's proxy loss on the same (obs, act), (k,): the mean BC loss (``nll``)
-    or the executed action's squared error (``mse``), as :func:`distcur.datamodels.proxy.proxy_loss`."""
-    from distcur.datamodels.proxy import proxy_loss
+    or the executed action's squared error (``mse``), as :func:`distcur.policy.proxy.proxy_loss`."""
+    from distcur.policy.proxy import proxy_loss
 
     with torch.no_grad():
         return torch.func.vmap(lambda p: proxy_loss(p, spec, obs, act, proxy), in_dims=(0,))(params)

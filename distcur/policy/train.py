@@ -30,6 +30,7 @@ import torch
 from distcur.config import to_dict
 from distcur.data import (
     action_space_of,
+    is_target_source,
     list_sources,
     load_steps,
     policy_key,
@@ -150,6 +151,10 @@ class TrainingData:
     @property
     def n_prior(self) -> int:
         return len(self.prior_weight)
+
+    def policy_spec(self, hidden: tuple[int, ...]) -> PolicySpec:
+        """The shape of a policy trained on these arrays, with ``hidden`` layer widths."""
+        return PolicySpec(state_dim=self.obs.shape[1], action_dim=self.act.shape[1], hidden=tuple(hidden))
 
     def fit_normalizer(self, action_bounds: tuple[float, float] | None) -> Normalizer:
         """State/action statistics of the training data (target + every selected prior step); the
@@ -360,7 +365,7 @@ def baseline_selection(
         return SELECTION_SCHEMA.empty_table()
     if kind == "random" and (fraction is None or not 0 < fraction <= 1):
         raise ValueError(f"random baseline needs a fraction in (0, 1], got {fraction}")
-    sources = sources if sources is not None else [s for s in list_sources(store) if not s.startswith("target-")]
+    sources = sources if sources is not None else [s for s in list_sources(store) if not is_target_source(s)]
     if not sources:
         raise FileNotFoundError(f"no prior step sources in {store.uri} for the {kind!r} baseline")
     parts = [store.read_table(steps_key(s), columns=["source", "episode", "step"]) for s in sources]
@@ -448,7 +453,7 @@ def train_policy(
     (progress, fault injection). With ``world_size > 1`` (Ray Train) each worker takes the
     rows ``rank::world_size`` of every global batch and ``all_reduce`` sums gradients.
     """
-    spec = PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=cfg.hidden)
+    spec = data.policy_spec(cfg.hidden)
     config_dict = json.loads(json.dumps(to_dict(cfg)))
     if resume_from is not None:
         _check_resume(resume_from, cfg, spec)
@@ -507,7 +512,7 @@ def train_policy(
 
 def final_state(params: Params, normalizer: Normalizer, cfg: TrainConfig, data: TrainingData, history: list[dict]) -> dict:
     """The checkpoint dict of a finished policy (no optimiser state)."""
-    spec = PolicySpec(state_dim=data.obs.shape[1], action_dim=data.act.shape[1], hidden=cfg.hidden)
+    spec = data.policy_spec(cfg.hidden)
     meta = {"config": json.loads(json.dumps(to_dict(cfg))), "history": history,
             "data": {"n_target": data.n_target, "n_prior": data.n_prior, "inputs": dict(data.inputs)},
             "action_norm": data.action_norm}

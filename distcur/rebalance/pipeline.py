@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from distcur.config import to_dict
-from distcur.data import embeddings_key, list_sources, load_steps, selection_key, steps_key
+from distcur.data import embeddings_key, is_target_source, list_sources, load_steps, selection_key, steps_key
 from distcur.policy.functional import Normalizer, PolicySpec
 from distcur.policy.train import source_action_standardizer
 from distcur.rebalance.dro import DROConfig, dro_rebalance
@@ -177,7 +177,7 @@ def run_rebalance(store: Store | str, method: str | None = None, run: str = "reb
         cfg = dataclasses.replace(cfg, method=method)
     # held-out target demos (target-<task>-heldout, from `ingest metaworld`) define the proxy: never trained on
     sources = list(cfg.sources) if cfg.sources else [s for s in list_sources(store)
-                                                     if not (s.startswith("target-") and s.endswith("-heldout"))]
+                                                     if not (is_target_source(s) and s.endswith("-heldout"))]
     if not sources:
         raise FileNotFoundError(f"no step tables under {store.uri_of('steps')}")
     inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}

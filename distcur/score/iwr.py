@@ -31,10 +31,9 @@ Bandwidths (in each KDE's whitened units):
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from distcur.methods import IWR_KERNELS as KERNELS
 from distcur.score.kde import (
     Whitening,
     bandwidth_factor,
@@ -46,9 +45,6 @@ from distcur.score.kde import (
 )
 from distcur.store import Manifest, Store
 
-BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
-MODES = ("exact", "subsample")
-KERNELS = ("shared-prior", "per-set")
 HELDOUT_FOLDS = 5
 
 
@@ -148,23 +144,10 @@ def run_iwr(
     blocks (default: one per 100k prior rows).
     ``address``: a Ray cluster to join (default: local Ray or RAY_ADDRESS).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown IWR mode {mode!r}: expected one of {MODES}")
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown IWR kernel {kernel!r}: expected one of {KERNELS}")
-    if mode == "subsample" and (subsample is None or subsample < 2):
-        raise ValueError(f"mode='subsample' needs subsample >= 2 reference points, got {subsample}")
-    if mode == "exact" and subsample is not None:
-        raise ValueError("subsample is only used with mode='subsample'; got mode='exact'")
-    if isinstance(bandwidth, str) and bandwidth not in BANDWIDTH_RULES:
-        try:
-            bandwidth = float(bandwidth)
-        except ValueError:
-            raise ValueError(f"unknown bandwidth {bandwidth!r}: expected a number or one of {BANDWIDTH_RULES}") from None
-    if not isinstance(bandwidth, str) and not (math.isfinite(bandwidth) and bandwidth > 0):
-        raise ValueError(f"bandwidth must be a positive finite number, got {bandwidth}")
-    if num_shards is not None and num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    from distcur.methods import IwrConfig
+
+    bandwidth = IwrConfig(bandwidth=bandwidth, mode=mode, kernel=kernel, num_shards=num_shards,
+                          subsample=subsample).bandwidth  # the options' checks; "0.3" -> 0.3
     if not prior_keys:
         raise ValueError("run_iwr: prior_keys is empty")
     from distcur.distributed.kde import distributed_iwr

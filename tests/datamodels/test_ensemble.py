@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from distcur.datamodels.proxy import proxy_loss
 from distcur.datamodels.subsets import SubsetTrainingData, train_subset_models
 from distcur.policy.ensemble import (
     batch_weights,
@@ -17,6 +16,7 @@ from distcur.policy.ensemble import (
     train_single,
 )
 from distcur.policy.functional import AdamConfig, PolicySpec, adam_init, bc_loss, init_params, unstack_params
+from distcur.policy.proxy import proxy_loss
 
 SPEC = PolicySpec(7, 3, (16, 16))
 ADAM = AdamConfig(lr=3e-3)

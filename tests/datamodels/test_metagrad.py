@@ -16,7 +16,6 @@ from distcur.datamodels.metagrad import (
     update_pool,
     weight_meta_gradient,
 )
-from distcur.datamodels.proxy import make_proxy_fn
 from distcur.policy.functional import (
     AdamConfig,
     PolicySpec,
@@ -26,6 +25,7 @@ from distcur.policy.functional import (
     make_train_step,
     policy_forward,
 )
+from distcur.policy.proxy import make_proxy_fn
 
 DT = torch.float64
 SPEC = PolicySpec(5, 2, (8, 8))

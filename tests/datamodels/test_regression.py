@@ -112,6 +112,24 @@ def test_cluster_levels():
         cluster_ids(s, "subtraj", horizon=0)
 
 
+def test_datamodel_and_selection_clusters_are_one_partition():
+    # the datamodel numbers clusters by first appearance, selection by key; the partition is the same
+    from distcur.select import cluster_scores
+
+    rng = np.random.default_rng(3)
+    s = _steps([7, 4, 9, 5], sources=["b", "a", "b", "a"], tasks=["x", "y", "x", "y"])
+    perm = rng.permutation(len(s))
+    s = type(s)(**{k: v[perm] for k, v in vars(s).items()})
+    code = np.unique(s.source.astype(str), return_inverse=True)[1]
+    for level in ("step", "subtraj", "episode"):
+        dm = cluster_ids(s, level, horizon=3)
+        sel, _ = cluster_scores(code, s.episode, s.step, np.zeros(len(s)), level, 3)
+        pairs = set(zip(dm.ids.tolist(), sel.tolist()))
+        assert len(pairs) == dm.n_clusters == len(set(sel.tolist())), level
+        assert dm.ids[0] == 0 and list(dm.keys).index(f"{s.source[0]}/{s.episode[0]}" + (
+            f"/{s.step[0]}" if level == "step" else f"/h{s.step[0] // 3}" if level == "subtraj" else "")) == 0
+
+
 def test_split_target_halves_by_episode():
     t = _steps([4, 4, 4, 4, 4])
     split = split_target(t, seed=1)

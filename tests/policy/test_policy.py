@@ -13,7 +13,7 @@ import torch
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
 from distcur.data import steps_key
-from distcur.evaluate.proxy import proxy_loss, proxy_loss_on_source
+from distcur.evaluate.proxy import proxy_loss_on_source
 from distcur.policy import checkpoint as ckpt
 from distcur.policy.functional import (
     AdamConfig,
@@ -26,6 +26,7 @@ from distcur.policy.functional import (
     tanh_gaussian_nll,
 )
 from distcur.policy.loaded import TrainedPolicy
+from distcur.policy.proxy import policy_proxy
 from distcur.policy.sampler import MixtureSampler
 from distcur.policy.train import (
     TrainConfig,
@@ -328,9 +329,16 @@ def test_proxy_loss_drops_with_training(store_factory):
     assert heldout < proxy_loss_on_source(untrained, store, "target-toy", episodes=[20, 21]) - 1.0
     direct = bc_loss(params, torch.from_numpy(norm.state(train.obs)), torch.from_numpy(norm.action(train.act)),
                      trained.spec).item()
-    assert proxy_loss(trained, train.obs, train.act, batch_size=7) == pytest.approx(direct, rel=1e-5)
+    assert policy_proxy(trained, train.obs, train.act, batch_size=7) == pytest.approx(direct, rel=1e-5)
+    mean, _ = policy_forward(params, torch.from_numpy(norm.state(train.obs)), trained.spec)
+    mse = ((torch.tanh(mean) - torch.from_numpy(norm.action(train.act))) ** 2).sum(-1).mean().item()
+    assert policy_proxy(trained, train.obs, train.act, "mse", batch_size=7) == pytest.approx(mse, rel=1e-5)
+    assert (proxy_loss_on_source(trained, store, "target-toy", episodes=[20, 21], kind="mse")
+            < proxy_loss_on_source(untrained, store, "target-toy", episodes=[20, 21], kind="mse"))
     with pytest.raises(ValueError, match="dims"):
-        proxy_loss(trained, train.obs[:, :3], train.act)
+        policy_proxy(trained, train.obs[:, :3], train.act)
+    with pytest.raises(ValueError, match="proxy must be one of"):
+        policy_proxy(trained, train.obs, train.act, "l1")
 
 
 def test_cli_train_and_evaluate_proxy_only(store_factory, tmp_path):
