@@ -49,6 +49,8 @@ SHRINK = {
                              "dro": {"steps": 10, "reference_steps": 10, "batch_size": 32}}},
     "train": {"config": TINY_MODEL},
 }
+# Sizes an entry sets itself, shrunk where it sets them (IWR's 128 reference shards are 16k KDE tasks).
+SHRINK_WHERE_SET = {"score": {"num_shards": 2, "subsample": 64}}
 
 
 def _oxe_config_text(bucket: str) -> str:
@@ -58,9 +60,10 @@ def _oxe_config_text(bucket: str) -> str:
     return text.replace(f"s3://{SHIPPED_BUCKET}/", f"s3://{bucket}/")
 
 
-def shrunk(config: dict, shrink: dict) -> dict:
+def shrunk(config: dict, shrink: dict, where_set: dict | None = None) -> dict:
     """``config`` with ``shrink[stage]`` merged into every entry of that stage's section (nested
-    mappings merged, e.g. an entry's own ``config:``)."""
+    mappings merged, e.g. an entry's own ``config:``), and ``where_set[stage]``'s keys replaced in
+    the entries that set them."""
     def merge(base, over):
         out = dict(base)
         for k, v in over.items():
@@ -73,6 +76,9 @@ def shrunk(config: dict, shrink: dict) -> dict:
             continue
         section = out[stage]
         out[stage] = [merge(e, over) for e in section] if isinstance(section, list) else merge(section or {}, over)
+    for stage, over in (where_set or {}).items():
+        for entry in out.get(stage) or []:
+            entry.update({k: v for k, v in over.items() if k in entry})
     return out
 
 
@@ -168,12 +174,13 @@ def test_oxe_s3_config_runs_every_stage_on_loopback_s3(job_cluster, s3_bucket, f
     bucket = s3_bucket[len("s3://"):]
     config = yaml.safe_load(_oxe_config_text(bucket))
     upload_inputs(config, fractal_datasets)
-    config = shrunk(config, SHRINK)
+    config = shrunk(config, SHRINK, SHRINK_WHERE_SET)
     path = tmp_path / "oxe_s3.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     outputs = {}
     for stage in stages_of(config):
         outputs[stage] = run_job(stage, str(path), str(tmp_path), job_cluster)
+        print(f"jobs/{stage}.py done", flush=True)
     assert stages_of(config) == ["ingest", "embed", "score", "datamodel", "select", "rebalance", "train", "evaluate"]
 
     store = Store(config["common"]["store"])
@@ -277,7 +284,7 @@ def test_oxe_config_ingest_datamodel_train_evaluate_on_loopback_s3(s3_then_ray, 
     bucket = s3_bucket[len("s3://"):]
     config = yaml.safe_load(_oxe_config_text(bucket))
     upload_inputs(config, fractal_datasets)
-    config = shrunk(config, SHRINK)
+    config = shrunk(config, SHRINK, SHRINK_WHERE_SET)
     # Ray Train's TorchTrainer start-up is the slow test's; here the same section trains in-process.
     config["train"] = [{**config["train"][0], "ray": False}]
     config["evaluate"] = config["evaluate"][:1]
