@@ -243,11 +243,11 @@ def _prepare(store: Store, cfg: DatamodelConfig, target_task: str, inject: bool)
     """(prior, clusters, one SubsetTrainingData per fold, spec). With ``inject`` fold 0 injects the
     first target half and scores on the second, and with ``cross_fit`` fold 1 swaps them; without,
     one fold trains on the prior alone and scores on every target demo."""
+    cfg = dataclasses.replace(cfg, prior_sources=tuple(default_prior_sources(store, cfg.prior_sources)))
     if cfg.cross_fit and not inject:
         raise ValueError(f"cross_fit needs target injection, but inject_target={cfg.inject_target!r} "
                          f"resolved to false for the simulated prior {list(cfg.prior_sources)}; "
                          "set inject_target: true")
-    cfg = dataclasses.replace(cfg, prior_sources=tuple(default_prior_sources(store, cfg.prior_sources)))
     prior = load_steps(store, list(cfg.prior_sources))
     target = load_steps(store, [target_source(target_task)])
     if prior.state.shape[1] != target.state.shape[1] or prior.action.shape[1] != target.action.shape[1]:
