@@ -241,7 +241,10 @@ def test_metaworld_config_runs_every_stage(job_cluster, tmp_path):
     config = shrunk(shrunk(config, SHRINK), TINY_METAWORLD)
     path = tmp_path / "metaworld.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    outputs = {stage: run_job(stage, str(path), str(tmp_path), job_cluster) for stage in stages_of(config)}
+    outputs = {}
+    for stage in stages_of(config):
+        outputs[stage] = run_job(stage, str(path), str(tmp_path), job_cluster)
+        print(f"jobs/{stage}.py done", flush=True)
     assert list(outputs) == ["ingest", "embed", "score", "datamodel", "select", "rebalance", "train", "evaluate",
                              "demo"]
     store = Store(store_uri)
