@@ -142,6 +142,16 @@ def run_job(stage: str, config_path: str, cwd: str, address: str, timeout: int =
     return r.stdout
 
 
+def run_every_stage(config: dict, path, address: str) -> tuple[str, dict[str, str]]:
+    """Write ``config`` to ``path`` and run each stage it lists, in order, as its job; (path, outputs)."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    outputs = {}
+    for stage in stages_of(config):
+        outputs[stage] = run_job(stage, str(path), str(path.parent), address)
+        print(f"jobs/{stage}.py done", flush=True)
+    return str(path), outputs
+
+
 @pytest.fixture(scope="module")
 def fractal_datasets(tmp_path_factory):
     """A prior and a target in RT-1's fractal20220817_data layout (the shipped RLDS config reads them)."""
@@ -175,12 +185,7 @@ def test_oxe_s3_config_runs_every_stage_on_loopback_s3(job_cluster, s3_bucket, f
     config = yaml.safe_load(_oxe_config_text(bucket))
     upload_inputs(config, fractal_datasets)
     config = shrunk(config, SHRINK, SHRINK_WHERE_SET)
-    path = tmp_path / "oxe_s3.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    outputs = {}
-    for stage in stages_of(config):
-        outputs[stage] = run_job(stage, str(path), str(tmp_path), job_cluster)
-        print(f"jobs/{stage}.py done", flush=True)
+    path, outputs = run_every_stage(config, tmp_path / "oxe_s3.yaml", job_cluster)
     assert stages_of(config) == ["ingest", "embed", "score", "datamodel", "select", "rebalance", "train", "evaluate"]
 
     store = Store(config["common"]["store"])
@@ -205,7 +210,7 @@ def test_oxe_s3_config_runs_every_stage_on_loopback_s3(job_cluster, s3_bucket, f
     assert outputs["evaluate"].count("PROXY-ONLY evaluation") == len(config["evaluate"])
     # resubmitted, a stage finds its outputs committed and recomputes nothing
     before = store.manifest(scores_key("iwr-pick-coke-can")).created
-    run_job("score", str(path), str(tmp_path), job_cluster)
+    run_job("score", path, str(tmp_path), job_cluster)
     assert store.manifest(scores_key("iwr-pick-coke-can")).created == before
 
 
@@ -239,12 +244,7 @@ def test_metaworld_config_runs_every_stage(job_cluster, tmp_path):
     config["ingest"]["out"] = store_uri
     config["demo"]["store"] = str(tmp_path / "demo-store")
     config = shrunk(shrunk(config, SHRINK), TINY_METAWORLD)
-    path = tmp_path / "metaworld.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    outputs = {}
-    for stage in stages_of(config):
-        outputs[stage] = run_job(stage, str(path), str(tmp_path), job_cluster)
-        print(f"jobs/{stage}.py done", flush=True)
+    _, outputs = run_every_stage(config, tmp_path / "metaworld.yaml", job_cluster)
     assert list(outputs) == ["ingest", "embed", "score", "datamodel", "select", "rebalance", "train", "evaluate",
                              "demo"]
     store = Store(store_uri)
