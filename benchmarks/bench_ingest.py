@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from common import machine_facts, peak_rss_of_command, summarize, write_result  # noqa: E402
+from common import init_local_ray, machine_facts, run_ingest_child, summarize, write_result  # noqa: E402
 
 from distcur.sources.rlds_configs import OXE_DICT_ACTION, RLDSConfig  # noqa: E402
 
@@ -75,19 +75,9 @@ def child(mode: str, dataset: str, warmup: str | None, store_dir: str) -> None:
 
     kwargs = dict(source="bench", force=True, progress=False)
     if mode == "ray":
-        import ray
-
         from distcur.distributed.ingest import ingest_rlds_ray
 
-        for attempt in range(3):  # Ray's raylet start wait is a fixed 30 s; a loaded machine can miss it
-            try:
-                ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
-                         log_to_driver=False)
-                break
-            except Exception as e:
-                if "timed out during startup" not in str(e) or attempt == 2:
-                    raise
-                ray.shutdown()
+        init_local_ray()
 
         def run(path: str, store: Store):
             return ingest_rlds_ray(path, CONFIG, store, **kwargs)
@@ -103,26 +93,12 @@ def child(mode: str, dataset: str, warmup: str | None, store_dir: str) -> None:
     print(json.dumps({"steps": result.manifest.rows, "wall_s": wall}))
 
 
-def run_child(mode: str, dataset: str, warmup: str | None, workdir: str, attempts: int = 3) -> dict:
+def run_child(mode: str, dataset: str, warmup: str | None, workdir: str) -> dict:
     """One measurement in a fresh process; retried when Ray fails to start on a loaded machine."""
-    for attempt in range(attempts):
-        store_dir = tempfile.mkdtemp(prefix=f"store-{mode}-", dir=workdir)
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, dataset, store_dir]
-        if warmup:
-            cmd.append(warmup)
-        with tempfile.TemporaryFile("w+") as err:
-            out = peak_rss_of_command(cmd, env={"RAY_USAGE_STATS_ENABLED": "0"}, stderr=err)
-            err.seek(0)
-            log = err.read()
-        shutil.rmtree(store_dir, ignore_errors=True)
-        if out["returncode"] == 0:
-            break
-        if "timed out during startup" not in log or attempt == attempts - 1:
-            raise RuntimeError(f"{cmd} failed with code {out['returncode']}:\n{log[-4000:]}")
-        print(f"Ray failed to start (attempt {attempt + 1}); retrying", flush=True)
-    timed = json.loads(out["stdout"].strip().splitlines()[-1])
-    return {"steps": timed["steps"], "wall_s": timed["wall_s"], "steps_per_s": timed["steps"] / timed["wall_s"],
-            "peak_rss_bytes": out["peak_rss_bytes"], "peak_single_rss_bytes": out["peak_single_rss_bytes"]}
+    def make_cmd(store_dir: str) -> list[str]:
+        return [sys.executable, os.path.abspath(__file__), "--child", mode, dataset, store_dir, *([warmup] if warmup else [])]
+
+    return run_ingest_child(make_cmd, workdir, mode)
 
 
 def main() -> None:

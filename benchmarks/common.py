@@ -216,6 +216,8 @@ def update_result(name: str, updates: dict[str, Any]) -> str:
             current = {}
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); fix or remove it before updating it") from e
+        if not isinstance(current, dict):
+            raise ValueError(f"{path}: expected a JSON object at top level, got {type(current).__name__}")
         current.update(updates)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
@@ -235,3 +237,44 @@ def write_result(name: str, payload: dict[str, Any]) -> str:
         json.dump(payload, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
     return path
+
+
+def init_local_ray(attempts: int = 3) -> None:
+    """A private local Ray with every usable core; retried, since Ray's raylet start wait is a fixed
+    30 s that a loaded machine can miss."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
+                     log_to_driver=False)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
+
+
+def run_ingest_child(make_cmd: Callable[[str], list[str]], workdir: str, prefix: str, attempts: int = 3) -> dict:
+    """One ingest measurement in a fresh process: ``make_cmd(store_dir)`` (a fresh store folder under
+    ``workdir``) must print ``{"steps", "wall_s"}`` as its last line. Retried when Ray fails to start.
+    Returns steps, wall_s, steps_per_s and the process tree's peak RSS (summed, and largest process)."""
+    import shutil
+    import tempfile
+
+    for attempt in range(attempts):
+        store_dir = tempfile.mkdtemp(prefix=f"store-{prefix}-", dir=workdir)
+        cmd = make_cmd(store_dir)
+        with tempfile.TemporaryFile("w+") as err:
+            out = peak_rss_of_command(cmd, env={"RAY_USAGE_STATS_ENABLED": "0"}, stderr=err)
+            err.seek(0)
+            log = err.read()
+        shutil.rmtree(store_dir, ignore_errors=True)
+        if out["returncode"] == 0:
+            break
+        if "timed out during startup" not in log or attempt == attempts - 1:
+            raise RuntimeError(f"{cmd} failed with code {out['returncode']}:\n{log[-4000:]}")
+        print(f"Ray failed to start (attempt {attempt + 1}); retrying", flush=True)
+    timed = json.loads(out["stdout"].strip().splitlines()[-1])
+    return {"steps": timed["steps"], "wall_s": timed["wall_s"], "steps_per_s": timed["steps"] / timed["wall_s"],
+            "peak_rss_bytes": out["peak_rss_bytes"], "peak_single_rss_bytes": out["peak_single_rss_bytes"]}

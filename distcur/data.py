@@ -69,6 +69,37 @@ def list_sources(store: Store) -> list[str]:
     return [n[len("source="):] for n in names if store.manifest(f"{STEPS_PREFIX}/{n}") is not None]
 
 
+def default_prior_sources(store: Store, prior_sources: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The given prior sources, or every ingested source in the store that is not a ``target-*`` set."""
+    sources = prior_sources if prior_sources is not None else [s for s in list_sources(store)
+                                                               if not is_target_source(s)]
+    if not sources:
+        raise FileNotFoundError(f"no prior step tables under {store.uri_of(STEPS_PREFIX)} (only target-* sources?)")
+    return list(sources)
+
+
+def source_metadata_of(store: Store, source: str) -> dict:
+    """The per-source metadata an ingest recorded in the manifest of ``steps/source=<source>``
+    (dims, action statistics, format and action fields; :func:`distcur.schema.source_metadata`)."""
+    m = store.manifest(steps_key(source))
+    if m is None:
+        raise FileNotFoundError(f"no committed step table at {store.uri_of(steps_key(source))}")
+    meta = m.metadata.get(source) or (m.metadata.get("sources") or {}).get(source)
+    if not isinstance(meta, dict) or "action_mean" not in meta or "action_std" not in meta:
+        raise ValueError(f"{store.uri_of(steps_key(source))}/manifest.json: no action statistics (action_mean, "
+                         f"action_std) for source {source!r} in its metadata; re-ingest it with this distcur version")
+    return {**meta, "stage": m.stage}
+
+
+def action_space_of(meta: dict) -> tuple:
+    """What an action vector of a source means, from its manifest metadata: the ingest stage, the
+    fields the action was built from (RLDS action_keys, HDF5 / LeRobot action_key, a Parquet mapping)
+    and its width. Sources with equal tuples share one action space."""
+    fields = meta.get("action_keys") or meta.get("action_key") or (meta.get("map") or {}).get("action")
+    fields = tuple(fields) if isinstance(fields, list | tuple) else fields
+    return meta.get("stage"), meta.get("dataset"), fields, int(meta["action_dim"])
+
+
 @dataclass
 class StepArrays:
     """Columns of a step table as arrays; row i is step ``step[i]`` of ``(source[i], episode[i])``."""
@@ -120,10 +151,16 @@ class StepArrays:
         return order[inverse].astype(np.int64)
 
 
+# The step columns StepArrays holds: what load_steps reads (never ``image``, ``reward``, ...).
+ARRAY_COLUMNS = ("source", "episode", "step", "task", "state", "action", "success", "is_first", "is_last")
+
+
 def load_steps(store: Store, sources: list[str] | None = None, columns_filter=None) -> StepArrays:
-    """All steps of ``sources`` (default: every source in the store) as arrays."""
+    """All steps of ``sources`` (default: every source in the store) as arrays; reads only
+    :data:`ARRAY_COLUMNS` (camera images stay in the store)."""
     sources = sources if sources is not None else list_sources(store)
     if not sources:
         raise FileNotFoundError(f"no step tables under {store.uri_of(STEPS_PREFIX)}")
-    parts = [StepArrays.from_table(store.read_table(steps_key(s), filters=columns_filter)) for s in sources]
+    parts = [StepArrays.from_table(store.read_table(steps_key(s), columns=list(ARRAY_COLUMNS),
+                                                    filters=columns_filter)) for s in sources]
     return StepArrays.concat(parts)

@@ -526,6 +526,11 @@ def build_report(store: Store, runs: str | Sequence[str] | None = None) -> str:
 
     if rows:
         sections.append("<h2>Success</h2>")
+        proxy_only = sorted({f"{r['label']} on {r.get('task')}" for r in rows if r.get("evaluation") == "proxy-only"})
+        if proxy_only:
+            sections.append("<p><b>Proxy-only evaluation</b> (no simulator, or no rollouts asked for): success was not "
+                            "measured for " + html.escape(", ".join(proxy_only)) + "; compare these by their proxy "
+                            "loss only.</p>")
         sections.append(_figure("success per method", _png(success_figure(plt, rows, method_colour)),
                                 "Rollout success per method: each point is one seed's policy, the bar its mean, the "
                                 "whiskers the 95% t-interval over seeds (drawn within [0, 1]; with 2 seeds it is "

@@ -18,6 +18,17 @@ for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "test
     os.environ.setdefault(_k, _v)
 
 
+def load_jobs_common(name: str = "distcur_jobs_common"):
+    """``jobs/_common.py`` (the job entry points' module; jobs/ is not a package) as a module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "_common.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,10 @@ import numpy as np
 
 IMAGE_HW = (8, 10)
 STATE_DIM = 5
+# observation keys the state is split into, with their widths (the default: one 5-d observation/state)
+STATE_LAYOUT = (("state", STATE_DIM),)
+# RT-1's fractal20220817_data: 7-d end-effector pose and a 1-d gripper state (rlds_configs.CONFIGS)
+FRACTAL_STATE_LAYOUT = (("base_pose_tool_reached", 7), ("gripper_closed", 1))
 
 
 @dataclass
@@ -29,7 +33,7 @@ class FactoryEpisode:
     instruction: str
     image: list[bytes]
     wrist_image: list[bytes]
-    state: np.ndarray  # (T, STATE_DIM) float32
+    state: np.ndarray  # (T, state dim) float32
     world_vector: np.ndarray  # (T, 3)
     rotation_delta: np.ndarray  # (T, 3)
     gripper: np.ndarray  # (T, 1)
@@ -66,7 +70,7 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
 
 
 def make_episode(
-    rng: np.random.Generator, index: int, steps: int, image_hw: tuple[int, int] = IMAGE_HW
+    rng: np.random.Generator, index: int, steps: int, image_hw: tuple[int, int] = IMAGE_HW, state_dim: int = STATE_DIM
 ) -> FactoryEpisode:
     h, w = image_hw
     images = [_encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "jpeg") for _ in range(steps)]
@@ -78,7 +82,7 @@ def make_episode(
         instruction=f"pick object {index % 3}",
         image=images,
         wrist_image=wrist,
-        state=rng.normal(size=(steps, STATE_DIM)).astype(np.float32),
+        state=rng.normal(size=(steps, state_dim)).astype(np.float32),
         world_vector=rng.normal(size=(steps, 3)).astype(np.float32),
         rotation_delta=rng.normal(size=(steps, 3)).astype(np.float32),
         gripper=rng.uniform(-1, 1, size=(steps, 1)).astype(np.float32),
@@ -87,7 +91,8 @@ def make_episode(
     )
 
 
-def rlds_features(language_in_observation: bool = False, image_hw: tuple[int, int] = IMAGE_HW):
+def rlds_features(language_in_observation: bool = False, image_hw: tuple[int, int] = IMAGE_HW,
+                  state_layout: tuple = STATE_LAYOUT):
     """The TFDS FeaturesDict of the factory's datasets (OXE-like)."""
     import tensorflow_datasets as tfds
 
@@ -95,7 +100,7 @@ def rlds_features(language_in_observation: bool = False, image_hw: tuple[int, in
     observation = {
         "image": tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="jpeg"),
         "wrist_image": tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="png"),
-        "state": tfds.features.Tensor(shape=(STATE_DIM,), dtype=np.float32),
+        **{k: tfds.features.Tensor(shape=(d,), dtype=np.float32) for k, d in state_layout},
     }
     step = {
         "action": tfds.features.FeaturesDict(
@@ -124,10 +129,13 @@ def rlds_features(language_in_observation: bool = False, image_hw: tuple[int, in
     )
 
 
-def episode_example(ep: FactoryEpisode, index: int, language_in_observation: bool) -> dict:
+def episode_example(ep: FactoryEpisode, index: int, language_in_observation: bool,
+                    state_layout: tuple = STATE_LAYOUT) -> dict:
+    bounds = np.cumsum([0, *(d for _, d in state_layout)])
     steps = []
     for t in range(ep.steps):
-        observation = {"image": ep.image[t], "wrist_image": ep.wrist_image[t], "state": ep.state[t]}
+        observation = {"image": ep.image[t], "wrist_image": ep.wrist_image[t],
+                       **{k: ep.state[t, bounds[i]:bounds[i + 1]] for i, (k, _) in enumerate(state_layout)}}
         step = {
             "action": {
                 "world_vector": ep.world_vector[t],
@@ -160,25 +168,28 @@ def make_rlds_dataset(
     language_in_observation: bool = False,
     episodes: list[FactoryEpisode] | None = None,
     image_hw: tuple[int, int] = IMAGE_HW,
+    state_layout: tuple = STATE_LAYOUT,
 ) -> FactoryDataset:
     """Write an RLDS dataset with TFDS (``file_format`` 'tfrecord' or 'array_record').
 
     Returns the dataset directory (``root/name/1.0.0``) and the episodes in file order
     (shards are written in order with shuffling disabled). Pass ``episodes`` to write the
-    same episodes again with another format or shard count.
+    same episodes again with another format or shard count. ``state_layout``: the observation
+    keys the state is written under, with their widths (``FRACTAL_STATE_LAYOUT``: RT-1's).
     """
     import tensorflow_datasets as tfds
 
     rng = np.random.default_rng(seed)
     if episodes is None:
         episodes = [
-            make_episode(rng, i, int(rng.integers(steps[0], steps[1] + 1)), image_hw) for i in range(num_episodes)
+            make_episode(rng, i, int(rng.integers(steps[0], steps[1] + 1)), image_hw,
+                         sum(d for _, d in state_layout)) for i in range(num_episodes)
         ]
-    examples = [(i, episode_example(ep, i, language_in_observation)) for i, ep in enumerate(episodes)]
+    examples = [(i, episode_example(ep, i, language_in_observation, state_layout)) for i, ep in enumerate(episodes)]
     builder = tfds.dataset_builders.store_as_tfds_dataset(
         name=name,
         version="1.0.0",
-        features=rlds_features(language_in_observation, image_hw),
+        features=rlds_features(language_in_observation, image_hw, state_layout),
         split_datasets={"train": examples},
         data_dir=os.fspath(root),
         file_format=file_format,

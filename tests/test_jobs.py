@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 
 import pytest
 import yaml
+from conftest import load_jobs_common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = os.path.join(REPO, "jobs")
@@ -27,14 +27,7 @@ CONFIGS = sorted(os.path.join(JOBS, "configs", f) for f in os.listdir(os.path.jo
 STAGES = ("ingest", "embed", "score", "select", "datamodel", "rebalance", "train", "evaluate", "demo")
 
 
-def _load_common():
-    spec = importlib.util.spec_from_file_location("distcur_jobs_common", os.path.join(JOBS, "_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load_common()
+common = load_jobs_common()
 
 
 # -- translation --------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import torch
 from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
 from distcur.commands import add_rerun_options, output_store
 from distcur.config import DEFAULT_STORE, ConfigError, load_config, read_yaml, to_dict
-from distcur.data import load_steps, scores_key, steps_key, target_source
+from distcur.data import default_prior_sources, load_steps, scores_key, steps_key, target_source
 from distcur.datamodels.metagrad import (
     RECIPES,
     MetagradRunConfig,
@@ -64,6 +64,7 @@ from distcur.datamodels.subsets import SubsetTrainingData, masks_table, subset_m
 from distcur.distributed.raytrain import EXECUTORS, RayTrainSettings, check_executor
 from distcur.policy.functional import AdamConfig, Normalizer, PolicySpec
 from distcur.policy.proxy import PROXIES, check_proxy, make_proxy_fn
+from distcur.policy.train import source_action_standardizer
 from distcur.progress import bar
 from distcur.schema import SCORE_SCHEMA
 from distcur.sources.metaworld import PRIOR_SOURCE as METAWORLD_SOURCE
@@ -139,7 +140,7 @@ class MetagradSettings:
 @dataclass
 class DatamodelConfig:
     estimator: str = "regression"
-    prior_sources: tuple[str, ...] = ("metaworld",)
+    prior_sources: tuple[str, ...] | None = None  # None: every ingested non-target source in the store
     cluster: str = "episode"
     horizon: int = DEFAULT_HORIZON
     # The subset model: small, so that many train at once; 128 wide, because at 64 the batched GEMMs
@@ -251,13 +252,14 @@ def resolve_inject_target(store: Store, cfg: DatamodelConfig) -> bool:
         m = store.manifest(steps_key(source))
         return source == METAWORLD_SOURCE or (m is not None and m.stage == METAWORLD_STAGE)
 
-    return not all(simulated(s) for s in cfg.prior_sources)
+    return not all(simulated(s) for s in default_prior_sources(store, cfg.prior_sources))
 
 
 def _prepare(store: Store, cfg: DatamodelConfig, target_task: str, inject: bool):
     """(prior, clusters, one SubsetTrainingData per fold, spec). With ``inject`` fold 0 injects the
     first target half and scores on the second, and with ``cross_fit`` fold 1 swaps them; without,
     one fold trains on the prior alone and scores on every target demo."""
+    cfg = dataclasses.replace(cfg, prior_sources=tuple(default_prior_sources(store, cfg.prior_sources)))
     if cfg.cross_fit and not inject:
         raise ValueError(f"cross_fit needs target injection, but inject_target={cfg.inject_target!r} "
                          f"resolved to false for the simulated prior {list(cfg.prior_sources)}; "
@@ -270,8 +272,12 @@ def _prepare(store: Store, cfg: DatamodelConfig, target_task: str, inject: bool)
             f"but target {target_source(target_task)} has {target.state.shape[1]}/{target.action.shape[1]}"
         )
     clusters = cluster_ids(prior, cfg.cluster, cfg.horizon)
+    # sources with different action spaces: each standardised by its own statistics (distcur.policy.actions)
+    std = source_action_standardizer(store, [*cfg.prior_sources, target_source(target_task)], target_source(target_task))
+    if std is not None:
+        prior.action, target.action = std.apply(prior.action, prior.source), std.apply(target.action, target.source)
     all_act = np.concatenate([prior.action, target.action])
-    bounds = (-1.0, 1.0) if np.abs(all_act).max() <= 1.0 else None
+    bounds = (-1.0, 1.0) if std is None and np.abs(all_act).max() <= 1.0 else None
     norm = Normalizer.fit(np.concatenate([prior.state, target.state]), all_act, bounds)
     if inject:
         split = split_target(target, cfg.seed)
@@ -432,7 +438,9 @@ def run_datamodel(store: Store | str, estimator: str, target_task: str, run: str
     Skipped (the committed manifest returned) when ``scores/<run>`` was made from the same
     config and inputs."""
     store = store if isinstance(store, Store) else Store(store)
-    cfg = dataclasses.replace(cfg or DatamodelConfig(), estimator=estimator)
+    cfg = cfg or DatamodelConfig()
+    cfg = dataclasses.replace(cfg, estimator=estimator,
+                              prior_sources=tuple(default_prior_sources(store, cfg.prior_sources)))
     # where it runs is not what it computes: the executor and its scaling stay out of the config
     config = {k: v for k, v in to_dict(cfg).items() if k not in ("executor", "ray_train")}
     config = {**config, "target": target_task, "address": None}
@@ -477,6 +485,8 @@ def register(subparsers) -> None:
     p.add_argument("--target", required=True, help="target task name (its demos at steps/source=target-<task>)")
     p.add_argument("--run", default=None, help="run name (default: datamodel-<estimator>-<target>)")
     p.add_argument("--cluster", choices=CLUSTER_LEVELS, default=None)
+    p.add_argument("--prior-sources", nargs="+", default=None,
+                   help="prior step sources (default: every ingested source but the target-* ones)")
     p.add_argument("--horizon", type=int, default=None, help="steps per sub-trajectory cluster")
     p.add_argument("--proxy", choices=PROXIES, default=None,
                    help="proxy loss on the held-out target half: mse (the executed action's error, default) or nll (BC loss)")
@@ -519,7 +529,8 @@ def _main(args: argparse.Namespace) -> int:
         nested["ray_train"] = {k: v for k, v in scaling.items() if v is not None}
     inject = {None: None, "auto": "auto", "true": True, "false": False}[args.inject_target]
     cfg = make_config(merge_options(_read(args.config), nested), args.full, args.metagrad_preset,
-                      cluster=args.cluster, horizon=args.horizon, address=args.address,
+                      cluster=args.cluster, horizon=args.horizon,
+                      prior_sources=tuple(args.prior_sources) if args.prior_sources else None, address=args.address,
                       estimator=args.estimator, proxy=args.proxy, cross_fit=args.cross_fit,
                       inject_target=inject, executor=args.executor)
     run = args.run or f"datamodel-{args.estimator}-{args.target}"

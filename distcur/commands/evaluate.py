@@ -13,21 +13,42 @@ after the selection the policy was trained on (``--method iwr`` for ``selections
 The proxy is the BC loss on held-out target demos: ``steps/source=target-<task>-heldout``, which
 ``distcur ingest metaworld`` writes (``--heldout-demos``). ``--proxy-source`` names another source
 of demos not trained on; ``--in-sample-proxy`` scores the training target demos instead (recorded
-as such, and said so). ``--episodes 0`` computes only the proxy (success is NaN). What the proxy
-measures and why it is held out: docs/benchmarks.md.
+as such, and said so). ``--episodes 0`` computes only the proxy (success is NaN). A task with no
+simulator (not a MetaWorld v3 task, e.g. an OXE robot's) is evaluated by the proxy only as well: the
+stage prints a ``PROXY-ONLY`` line, and its rows say ``evaluation: proxy-only`` (the report repeats
+it). What the proxy measures and why it is held out: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 
 from distcur.config import DEFAULT_STORE
 
 log = logging.getLogger(__name__)
 
 EVAL_COLUMNS = ("method", "task", "seed", "episodes", "success", "proxy_loss", "proxy_source", "policy",
-                "selected_fraction", "level")
+                "selected_fraction", "level", "evaluation")
+PROXY_ONLY, ROLLOUTS = "proxy-only", "rollouts"
+
+
+def simulator_for(task: str) -> str | None:
+    """The simulator that can roll out ``task`` ("metaworld"), or None when there is none here."""
+    try:
+        import metaworld
+    except ImportError:
+        return None
+    return "metaworld" if task in metaworld.MT1.ENV_NAMES else None
+
+
+def proxy_only_reason(task: str, episodes: int) -> str | None:
+    """Why an evaluation of ``task`` measures no success (None when it rolls out ``episodes``)."""
+    # a mistyped MetaWorld name (...-v3) still goes to the rollouts, which name the valid tasks
+    if simulator_for(task) is None and not re.fullmatch(r"[a-z0-9-]+-v[23]", task):
+        return f"no simulator for task {task!r} (not a MetaWorld v3 task, or metaworld is not installed)"
+    return "--episodes 0" if episodes == 0 else None
 
 
 def register(sub) -> None:
@@ -93,6 +114,12 @@ def evaluate_policy(store, policy_ref: str, task: str, episodes: int, seeds, met
     policy = TrainedPolicy.load(store, policy_ref)
     source = proxy_source_for(store, task, proxy_source, in_sample_proxy)
     proxy = proxy_loss_on_source(policy, store, source, proxy_episodes) if source else float("nan")
+    reason = proxy_only_reason(task, episodes)
+    if reason is not None:
+        print(f"evaluate {policy_ref}: PROXY-ONLY evaluation, {reason}: success is not measured (NaN); the proxy "
+              f"loss is the BC loss on {source or 'no demos (NaN)'}"
+              f"{' (in-sample: the demos it trained on)' if in_sample_proxy else ''}", flush=True)
+        episodes = 0
     if episodes > 0:
         from distcur.evaluate.metaworld import evaluate_success
 
@@ -106,7 +133,7 @@ def evaluate_policy(store, policy_ref: str, task: str, episodes: int, seeds, met
              "level": selection.config.get("level") if selection else None}
     return [{"method": method, "task": task, "seed": int(r["seed"]), "episodes": int(r["episodes"]),
              "success": float(r["success"]), "proxy_loss": float(proxy), "proxy_source": source or "",
-             "policy": policy_ref, **share} for r in rates]
+             "policy": policy_ref, **share, "evaluation": PROXY_ONLY if reason else ROLLOUTS} for r in rates]
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:

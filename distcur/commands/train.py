@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="override TrainConfig.device: auto (CUDA when present; under --ray, a GPU per worker when "
                         "the cluster has GPUs), cpu, cuda")
+    p.add_argument("--action-normalization", choices=("auto", "global", "per-source"), default=None,
+                   help="per-source: standardise each source's actions by its own mean/std (manifest) and act in "
+                        "the target's space; auto (default): per-source when the sources' action spaces differ")
     p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints instead of resuming")
     p.add_argument("--ray", action="store_true", help="train under Ray Train's TorchTrainer")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (with --ray)")
@@ -100,7 +103,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(TrainConfig, args.config, steps=args.steps, seed=args.seed, alpha=args.alpha,
-                      batch_size=args.batch_size, device=args.device)
+                      batch_size=args.batch_size, device=args.device,
+                      action_normalization=args.action_normalization)
     store = output_store(args.store, args)
     # a forced run starts over: resuming a finished run's checkpoints would recompute nothing
     fresh = args.fresh or args.force
@@ -120,7 +124,8 @@ def run(args) -> int:
         )
     else:
         table = read_selection(store, selection) if isinstance(selection, str) else selection
-        data = load_training_data(store, target, table, prior_store, allow_empty_selection=allow_empty)
+        data = load_training_data(store, target, table, prior_store, allow_empty_selection=allow_empty,
+                                  action_normalization=cfg.action_normalization)
         log.info("training %s: %d target + %d prior steps", args.out, data.n_target, data.n_prior)
         manifest = train_to_store(store, args.out, data, cfg, resume=not fresh)
     print(json.dumps({"policy": store.uri_of(f"{policy_key(args.out)}/policy.pt"), "target": target,

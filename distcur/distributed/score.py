@@ -29,9 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distcur.data import (
+    default_prior_sources,
     embeddings_key,
-    is_target_source,
-    list_sources,
     load_steps,
     scores_key,
     steps_key,
@@ -52,15 +51,6 @@ READ_BATCH = 65_536
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def default_prior_sources(store: Store, prior_sources: list[str] | None = None) -> list[str]:
-    """The given prior sources, or every source in the store that is not a ``target-*`` set."""
-    sources = prior_sources if prior_sources is not None else [s for s in list_sources(store)
-                                                               if not is_target_source(s)]
-    if not sources:
-        raise FileNotFoundError(f"no prior step tables under {store.uri_of('steps')} (only target-* sources?)")
-    return list(sources)
-
-
 def _iter_part(store: Store, path: str, columns: list[str]):
     pf = pq.ParquetFile(store.fs.open_input_file(path))
     yield from pf.iter_batches(batch_size=READ_BATCH, columns=columns)

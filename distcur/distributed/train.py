@@ -61,9 +61,10 @@ def _worker_loop(config: dict) -> None:
     selection = config["selection"]
     if isinstance(selection, str):
         selection = read_selection(store, selection)
-    data = load_training_data(store, config["target"], selection, Store(config["prior_store"]),
-                              allow_empty_selection=config["allow_empty_selection"])
     cfg: TrainConfig = config["cfg"]
+    data = load_training_data(store, config["target"], selection, Store(config["prior_store"]),
+                              allow_empty_selection=config["allow_empty_selection"],
+                              action_normalization=cfg.action_normalization)
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -136,7 +137,8 @@ def train_policy_ray(
         raise ValueError(f"selection must be a store key, a table or None, got {type(selection).__name__}")
     # The driver assembles the data once: it validates the inputs early and gives the skip check its inputs.
     sel_table = read_selection(store, selection) if isinstance(selection, str) else selection
-    data = load_training_data(store, target_source, sel_table, Store(prior_uri), allow_empty_selection)
+    data = load_training_data(store, target_source, sel_table, Store(prior_uri), allow_empty_selection,
+                              action_normalization=cfg.action_normalization)
     config = fingerprint_config(cfg)
     if store.is_done(policy_key(run), STAGE, config, data.inputs):
         log.info("policy %s is up to date, skipping", store.uri_of(policy_key(run)))

@@ -55,7 +55,8 @@ def make_proxy_fn(spec: PolicySpec, obs: torch.Tensor, act: torch.Tensor, kind: 
 def policy_proxy(policy: TrainedPolicy, states: np.ndarray, actions: np.ndarray, kind: str = "nll",
                  batch_size: int = 65536) -> float:
     """The ``kind`` proxy of a trained policy on ``actions`` (N, action_dim) given ``states``
-    (N, state_dim), in raw units (normalised by the policy's own :class:`Normalizer`)."""
+    (N, state_dim), in raw units of the target's action space (normalised by the policy's own
+    :class:`Normalizer`, after its per-source action standardisation if it was trained with one)."""
     check_proxy(kind)
     states, actions = np.asarray(states, np.float32), np.asarray(actions, np.float32)
     if states.ndim != 2 or actions.ndim != 2 or len(states) != len(actions) or len(states) == 0:
@@ -68,6 +69,7 @@ def policy_proxy(policy: TrainedPolicy, states: np.ndarray, actions: np.ndarray,
     with torch.no_grad():
         for start in range(0, len(states), batch_size):
             obs = torch.from_numpy(policy.normalizer.state(states[start : start + batch_size]))
-            act = torch.from_numpy(policy.normalizer.action(actions[start : start + batch_size]))
+            raw = policy.training_actions(actions[start : start + batch_size])  # per-source standardised
+            act = torch.from_numpy(policy.normalizer.action(raw))
             total += float(proxy_loss(policy.params, policy.spec, obs, act, kind)) * len(obs)
     return total / len(states)

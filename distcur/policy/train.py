@@ -28,9 +28,20 @@ import pyarrow as pa
 import torch
 
 from distcur.config import to_dict
-from distcur.data import is_target_source, list_sources, load_steps, policy_key, selection_key, steps_key
+from distcur.data import (
+    action_space_of,
+    is_target_source,
+    list_sources,
+    load_steps,
+    policy_key,
+    selection_key,
+    source_metadata_of,
+    steps_key,
+)
 from distcur.devices import check_device, resolve_device
 from distcur.policy import checkpoint as ckpt
+from distcur.policy.actions import MODES as ACTION_MODES
+from distcur.policy.actions import ActionStandardizer, choose_mode
 from distcur.policy.functional import (
     AdamConfig,
     Normalizer,
@@ -70,6 +81,10 @@ class TrainConfig:
     ``cuda`` (:mod:`distcur.devices`); under Ray Train, ``auto``/``cuda`` ask for a GPU per worker.
     The device is how a run computes, not what: it is left out of the run's fingerprint
     (:func:`fingerprint_config`), and a checkpoint resumes on another device.
+    ``action_normalization``: ``per-source`` standardises each source's actions with its own mean/std
+    from its manifest (:mod:`distcur.policy.actions`; the range is then fitted, ``action_bounds`` unused)
+    and the policy acts in the target's space; ``global`` does not; ``auto`` (default) is per-source
+    exactly when the target and the selected sources do not share one action space.
     """
 
     hidden: tuple[int, ...] = (400, 400, 400)
@@ -85,6 +100,7 @@ class TrainConfig:
     log_every: int = 100
     action_bounds: tuple[float, float] | None = (-1.0, 1.0)
     device: str = "auto"
+    action_normalization: str = "auto"
 
     def __post_init__(self):
         check_device(self.device, "TrainConfig.device")
@@ -108,6 +124,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.action_normalization not in ACTION_MODES:
+            raise ValueError(f"TrainConfig.action_normalization must be one of {ACTION_MODES}, "
+                             f"got {self.action_normalization!r}")
         if self.action_bounds is not None:
             lo, hi = (float(x) for x in self.action_bounds)
             if not lo < hi:
@@ -116,8 +135,11 @@ class TrainConfig:
 
 
 def fingerprint_config(cfg: TrainConfig) -> dict:
-    """The JSON config a policy's manifest and checkpoints record: every field but ``device``."""
-    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k != "device"}
+    """The JSON config a policy's manifest and checkpoints record: every field but ``device`` (how
+    it computes, not what) and ``action_normalization`` at its default ``auto`` (what auto chose is
+    in the training data's inputs: ``per-source`` when it standardised per source)."""
+    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items()
+            if k != "device" and not (k == "action_normalization" and v == "auto")}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -127,9 +149,10 @@ def fingerprint_config(cfg: TrainConfig) -> dict:
 class TrainingData:
     """Raw training arrays: rows ``[0, n_target)`` are target steps, the rest the prior selection.
 
-    ``obs`` (N, state_dim) float32, ``act`` (N, action_dim) float32 raw (unnormalised),
-    ``prior_weight`` (N - n_target,) float64 selection weights, ``inputs`` fingerprints of what
-    the arrays were built from (for the training manifest).
+    ``obs`` (N, state_dim) float32, ``act`` (N, action_dim) float32 raw (unnormalised), or with
+    ``action_norm`` (an :class:`~distcur.policy.actions.ActionStandardizer` as a dict) each row
+    standardised by its source's statistics; ``prior_weight`` (N - n_target,) float64 selection
+    weights, ``inputs`` fingerprints of what the arrays were built from (for the training manifest).
     """
 
     obs: np.ndarray
@@ -137,6 +160,7 @@ class TrainingData:
     n_target: int
     prior_weight: np.ndarray
     inputs: dict[str, str] = field(default_factory=dict)
+    action_norm: dict | None = None
 
     @property
     def n_prior(self) -> int:
@@ -147,8 +171,9 @@ class TrainingData:
         return PolicySpec(state_dim=self.obs.shape[1], action_dim=self.act.shape[1], hidden=tuple(hidden))
 
     def fit_normalizer(self, action_bounds: tuple[float, float] | None) -> Normalizer:
-        """State/action statistics of the training data (target + every selected prior step)."""
-        return Normalizer.fit(self.obs, self.act, action_bounds)
+        """State/action statistics of the training data (target + every selected prior step); the
+        action range is fitted when actions were standardised per source."""
+        return Normalizer.fit(self.obs, self.act, None if self.action_norm else action_bounds)
 
 
 def table_fingerprint(table: pa.Table) -> str:
@@ -255,6 +280,29 @@ def _join_prior(prior: Store, selection: pa.Table) -> tuple[np.ndarray, np.ndarr
     return states, actions, inputs
 
 
+def source_action_standardizer(store: Store, sources: list[str], output: str, mode: str = "auto",
+                               prior_store: Store | None = None) -> ActionStandardizer | None:
+    """The per-source action standardisation for training on ``sources`` together (None: none), acting in
+    ``output``'s action space; ``mode`` is TrainConfig.action_normalization (:mod:`distcur.policy.actions`).
+    Statistics come from each source's manifest (``output`` from ``store``, the rest from ``prior_store``,
+    default ``store``)."""
+    if len(sources) < 2 and mode != "per-source":
+        return None
+    stores = {s: store if s == output else (prior_store or store) for s in sources}
+    try:
+        metas = {s: source_metadata_of(stores[s], s) for s in sources}
+    except ValueError:  # a step table committed without per-source metadata (not by an ingest)
+        if mode == "per-source":
+            raise
+        log.warning("sources %s: no action statistics in a manifest; actions not standardised per source", sources)
+        return None
+    if choose_mode(mode, {s: action_space_of(m) for s, m in metas.items()}, metas) != "per-source":
+        return None
+    log.info("actions standardised per source (%s), the policy acting in %s's action space", ", ".join(sources),
+             output)
+    return ActionStandardizer.from_stats(metas, output=output)
+
+
 def load_training_data(
     store: Store,
     target_source: str,
@@ -262,6 +310,7 @@ def load_training_data(
     prior_store: Store | None = None,
     allow_empty_selection: bool = False,
     target_episodes: list[int] | None = None,
+    action_normalization: str = "auto",
 ) -> TrainingData:
     """Target steps of ``target_source`` plus the prior steps a selection names, with weights.
 
@@ -269,6 +318,8 @@ def load_training_data(
     zero, is an error unless ``allow_empty_selection`` (then: target-only). The prior steps are
     read from ``prior_store`` (default: ``store``), only the selected episodes of each source.
     ``target_episodes`` keeps only those target episodes (to hold others out for the proxy).
+    ``action_normalization`` (TrainConfig's): per-source standardisation of the actions, see
+    :mod:`distcur.policy.actions`; the choice is logged and recorded in ``inputs``.
     """
     key = steps_key(target_source)
     if store.manifest(key) is None:
@@ -282,6 +333,7 @@ def load_training_data(
         target = target.take(np.flatnonzero(keep))
     inputs = {"target": store.input_fingerprint(key)}
     obs, act = target.state, target.action
+    row_source = np.full(len(target), target_source, dtype=object)
     weights = np.zeros(0)
     if selection is not None:
         selection = check_selection(selection)
@@ -298,9 +350,18 @@ def load_training_data(
                     f"{obs.shape[1]}/{act.shape[1]} ({store.uri_of(key)})"
                 )
             obs, act, weights = np.concatenate([obs, p_obs]), np.concatenate([act, p_act]), w
+            row_source = np.concatenate([row_source, selection.column("source").to_numpy(zero_copy_only=False)])
             inputs.update(p_inputs)
         inputs["selection"] = table_fingerprint(selection)
-    return TrainingData(obs=obs, act=act, n_target=len(target), prior_weight=weights, inputs=inputs)
+    action_norm = None
+    standardizer = source_action_standardizer(store, [str(s) for s in pd.unique(row_source)], target_source,
+                                              action_normalization, prior_store)
+    if standardizer is not None:
+        act = standardizer.apply(act, row_source)
+        action_norm = standardizer.to_dict()
+        inputs["action_normalization"] = "per-source"
+    return TrainingData(obs=obs, act=act, n_target=len(target), prior_weight=weights, inputs=inputs,
+                        action_norm=action_norm)
 
 
 def baseline_selection(
@@ -442,7 +503,7 @@ def train_policy(
     def state_at(step: int) -> dict:
         meta = {"config": config_dict, "sampler": {**sampler.state(), "step": step}, "history": list(history),
                 "log_acc": [acc_sum, acc_n], "data": {"n_target": data.n_target, "n_prior": data.n_prior,
-                                                      "inputs": dict(data.inputs)}}
+                                                      "inputs": dict(data.inputs)}, "action_norm": data.action_norm}
         return ckpt.make_state(_to_device(params, "cpu"), spec, normalizer, step, _to_device(opt_state, "cpu"), meta)
 
     progress = bar(total=cfg.steps, initial=start, desc="policy training", unit="step", disable=rank != 0)
@@ -482,7 +543,8 @@ def final_state(params: Params, normalizer: Normalizer, cfg: TrainConfig, data: 
     """The checkpoint dict of a finished policy (no optimiser state)."""
     spec = data.policy_spec(cfg.hidden)
     meta = {"config": fingerprint_config(cfg), "history": history,
-            "data": {"n_target": data.n_target, "n_prior": data.n_prior, "inputs": dict(data.inputs)}}
+            "data": {"n_target": data.n_target, "n_prior": data.n_prior, "inputs": dict(data.inputs)},
+            "action_norm": data.action_norm}
     return ckpt.make_state(params, spec, normalizer, cfg.steps, None, meta)
 
 

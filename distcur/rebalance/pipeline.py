@@ -23,6 +23,7 @@ import torch
 from distcur.config import to_dict
 from distcur.data import embeddings_key, is_target_source, list_sources, load_steps, selection_key, steps_key
 from distcur.policy.functional import Normalizer, PolicySpec
+from distcur.policy.train import source_action_standardizer
 from distcur.rebalance.dro import DROConfig, dro_rebalance
 from distcur.rebalance.frequency import frequency_alpha
 from distcur.rebalance.group import (
@@ -191,6 +192,10 @@ def run_rebalance(store: Store | str, method: str | None = None, run: str = "reb
         return store.manifest(key)
     t0 = time.time()
     steps = load_steps(store, sources)
+    # sources with different action spaces: each standardised by its own statistics (distcur.policy.actions)
+    standardizer = source_action_standardizer(store, sources, sources[0])
+    if standardizer is not None:
+        steps.action = standardizer.apply(steps.action, steps.source)
     groups = make_groups(store, cfg, steps, sources)
     counts = groups.counts()
     torch.manual_seed(cfg.seed)
