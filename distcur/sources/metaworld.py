@@ -36,8 +36,8 @@ seed with its recorded actions (the replay is checked against the recorded state
 frame before each action is rendered by ``mujoco.Renderer`` from camera ``camera`` at
 ``image_size x image_size``, stored PNG (or JPEG) encoded in the step table's ``image`` column;
 the camera is named in the manifest (``camera_names``, ``image_key``). Headless rendering needs a
-GL: ``MUJOCO_GL`` defaults to ``osmesa`` here when no display is set (``apt-get install
-libosmesa6``; about 0.1-0.2 s per frame on one CPU core whatever the size, so keep rendered sets
+GL: a rendering run sets ``MUJOCO_GL=osmesa`` when no display is set and none is chosen
+(:func:`use_headless_gl`, before mujoco is imported; ``apt-get install libosmesa6``; about 0.1-0.2 s per frame on one CPU core whatever the size, so keep rendered sets
 small) and may be ``egl`` on GPU nodes.
 
 Only the per-episode maths lives here; the Ray fan-out over (task x chunk) is in
@@ -62,8 +62,14 @@ from distcur.data import steps_key, target_source
 from distcur.schema import source_metadata, steps_table, validate_steps
 from distcur.store import Manifest, Store
 
-if not os.environ.get("DISPLAY"):  # before mujoco is imported: its GL backend is fixed at import
-    os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+def use_headless_gl() -> None:
+    """``MUJOCO_GL=osmesa`` when no display is set and no backend was chosen, for a process about
+    to render. Call it before mujoco is imported (its GL backend is fixed at import) and only where
+    frames are rendered: with mujoco's OSMesa backend loaded, importing TensorFlow in the same
+    process crashes (both bring their own LLVM), so distcur never sets it on import."""
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 PRIOR_SOURCE = "metaworld"
 STAGE = "ingest-metaworld"
@@ -582,6 +588,8 @@ def _renderer(task: str, env: Any, size: int) -> Any:
 
 def generate_chunk(cfg: MetaWorldPriorConfig, specs: Sequence[EpisodeSpec]) -> tuple[pa.Table, list[dict]]:
     """Generate planned episodes (all of one source) into a step table plus per-episode stats."""
+    if cfg.image_size:
+        use_headless_gl()
     parts, stats = [], []
     for spec in specs:
         cpu0 = time.process_time()
@@ -680,6 +688,8 @@ def generate_metaworld(
     given, e.g. :func:`run_chunks_locally`. Returns ``{"prior": info, "target": info, "wall_s"}``
     where info is ``{"key", "skipped", "rows", "episodes", "tasks": per-task counts}``.
     """
+    if cfg.image_size:  # before Ray starts, so that its workers render headless too
+        use_headless_gl()
     t0 = time.time()
     outputs = {
         "prior": (steps_key(PRIOR_SOURCE), cfg.to_dict()),

@@ -1,6 +1,10 @@
 """The rendered MetaWorld variant: frames replayed and rendered headless (MUJOCO_GL=osmesa), and the
 image path end to end on those real frames through the CLI: ingest -> embed (conv VAE) -> score
-BR / IWR on image latents -> select."""
+BR / IWR on image latents -> select.
+
+These tests render, so they run in a process of their own (``test_rendering.py`` starts it with
+``DISTCUR_RENDER_TESTS=1``): with mujoco's OSMesa backend loaded, importing TensorFlow (which
+other tests use to write TFRecord fixtures) crashes the process."""
 
 from __future__ import annotations
 
@@ -27,8 +31,12 @@ from distcur.store import Store
 
 pytest.importorskip("PIL.Image")
 GL = os.environ.get("MUJOCO_GL", "osmesa")
-pytestmark = pytest.mark.skipif(GL == "osmesa" and ctypes.util.find_library("OSMesa") is None,
-                                reason="no OSMesa for headless rendering (apt-get install libosmesa6)")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("DISTCUR_RENDER_TESTS") != "1",
+                       reason="rendering tests run in their own process (tests/sources/test_rendering.py)"),
+    pytest.mark.skipif(GL == "osmesa" and ctypes.util.find_library("OSMesa") is None,
+                       reason="no OSMesa for headless rendering (apt-get install libosmesa6)"),
+]
 
 TARGET = "reach-v3"
 # about 130 frames in all (render time ~0.1-0.5 s a frame on this machine, whatever the size)
