@@ -49,8 +49,9 @@ SHRINK = {
                              "dro": {"steps": 10, "reference_steps": 10, "batch_size": 32}}},
     "train": {"config": TINY_MODEL},
 }
-# Sizes an entry sets itself, shrunk where it sets them (IWR's 128 reference shards are 16k KDE tasks).
-SHRINK_WHERE_SET = {"score": {"num_shards": 2, "subsample": 64}}
+# Sizes an entry sets itself, shrunk where it sets them (IWR's 128 reference shards are 16k KDE tasks;
+# the datamodel's Ray Train workers hold a GPU each on a cluster, and this machine has none).
+SHRINK_WHERE_SET = {"score": {"num_shards": 2, "subsample": 64}, "datamodel": {"gpus_per_worker": 0}}
 
 
 def _oxe_config_text(bucket: str) -> str:
