@@ -156,7 +156,8 @@ def test_evaluate_adds_a_methods_rows(store, monkeypatch, capsys):
     def fake(store, policy, task, episodes, seeds, method, *a, **k):
         time.sleep(0.2)  # the rollouts' time, which the manifest's wall time must include
         return [{"method": method, "task": task, "seed": s, "episodes": 1, "success": 1.0, "proxy_loss": 2.0,
-                 "proxy_source": "x", "policy": policy, "selected_fraction": None, "level": None} for s in seeds]
+                 "proxy_source": "x", "policy": policy, "selected_fraction": None, "level": None,
+                 "evaluation": evaluate_cmd.ROLLOUTS} for s in seeds]
 
     monkeypatch.setattr(evaluate_cmd, "evaluate_policy", fake)
     evaluate_cmd.run(_args(store, "iwr"))
