@@ -210,7 +210,7 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def _flag_kwargs(hint: Any) -> dict:
+def flag_kwargs(hint: Any) -> dict:
     """argparse ``type`` / ``nargs`` for a field's type hint (Optional[X] as X)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
@@ -237,7 +237,7 @@ def add_config_flags(parser, cls: type, flags: dict[str, str] | None = None, hel
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kw = {"default": None, "dest": f.name, **_flag_kwargs(hints[f.name])}
+        kw = {"default": None, "dest": f.name, **flag_kwargs(hints[f.name])}
         default = f.default if f.default is not dataclasses.MISSING else None
         text = (helps or {}).get(f.name) or f.metadata.get("help", f.name.replace("_", " "))
         kw["help"] = text + (f" (default {default})" if default not in (None, "") and "default" not in text else "")

@@ -19,7 +19,7 @@ This module is light (no torch, no Ray, no store): the CLI builds its flags from
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from distcur.score.strap import DEFAULT_MIN_LENGTH, DEFAULT_THRESHOLD, DEFAULT_TOP_K
@@ -231,6 +231,3 @@ def option_fields() -> dict[str, tuple[Any, list[str]]]:
             out.setdefault(f.name, (f, []))[1].append(name)
     return out
 
-
-def field_default(f) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()

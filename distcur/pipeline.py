@@ -224,7 +224,7 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
     """``scores/<run>``: 1 for every step of a successful prior episode, 0 otherwise (the oracle
     reference row: selected at episode level, its ties broken at random, it is a random subset of
     the prior's successful demos)."""
-    from distcur.distributed.score import default_prior_sources
+    from distcur.data import default_prior_sources
     from distcur.schema import SCORE_SCHEMA
 
     sources = default_prior_sources(store)
@@ -245,7 +245,7 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
 
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     """Commit the selection of a baseline (all data) under ``selections/<run>-<kind>``."""
-    from distcur.distributed.score import default_prior_sources
+    from distcur.data import default_prior_sources
     from distcur.policy.train import baseline_selection
     from distcur.select import selection_metadata
 

@@ -6,10 +6,11 @@ option the chosen method does not take is an error, never silently ignored."""
 from __future__ import annotations
 
 import json
+import typing
 
 from distcur.commands import add_rerun_options, output_store
-from distcur.config import DEFAULT_STORE
-from distcur.methods import names, option_fields
+from distcur.config import DEFAULT_STORE, flag_kwargs
+from distcur.methods import get, names, option_fields
 
 
 def _flag(f) -> str:
@@ -17,18 +18,13 @@ def _flag(f) -> str:
 
 
 def _argument(f, methods: list[str]) -> dict:
-    """argparse keywords for one config field (default None: only options given are passed)."""
-    kind = str(f.type)
-    kw = {"default": None, "dest": f.name, "help": f"{'/'.join(methods)}: {f.metadata['help']}"}
+    """argparse keywords for one config field (default None: only options given are passed); its
+    type as :func:`distcur.config.flag_kwargs` maps every config field's."""
+    hint = typing.get_type_hints(get(methods[0]).config)[f.name]
+    kw = {"default": None, "dest": f.name, "help": f"{'/'.join(methods)}: {f.metadata['help']}", **flag_kwargs(hint)}
     if "choices" in f.metadata:
         kw["choices"] = f.metadata["choices"]
-    if kind.startswith("tuple[int"):
-        kw.update(nargs="+", type=int)
-    elif kind.startswith("int"):
-        kw["type"] = int
-    elif kind == "float":
-        kw["type"] = float
-    return kw  # str, and "str | float" (IWR's bandwidth: a rule or a number, parsed by its config)
+    return kw
 
 
 def register(sub) -> None:
@@ -51,7 +47,6 @@ def _options_file(path: str, method: str) -> dict:
     """The method options in the YAML at ``path``, checked against the method's config class
     (unknown keys and wrong types are errors naming the file)."""
     from distcur.config import load_config, read_yaml
-    from distcur.methods import get
 
     cfg = load_config(get(method).config, path)
     return {k: getattr(cfg, k) for k in read_yaml(path) or {}}

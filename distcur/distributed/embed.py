@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distcur.data import embeddings_key, list_sources, steps_key
+from distcur.data import embeddings_key, is_target_source, list_sources, steps_key
 from distcur.devices import actor_device, check_device, ray_gpus, resolve_device
 from distcur.embed.encoders import SAMPLE_KEYS, Batch, Encoder, build_encoder, encoder_from_bytes
 from distcur.progress import bar
@@ -149,7 +149,7 @@ def _default_sources(store: Store, config: EmbedConfig) -> tuple[list[str], list
         raise FileNotFoundError(f"no step tables to embed under {store.uri_of('steps')}")
     fit_sources = config.fit_sources
     if fit_sources is None:
-        fit_sources = [s for s in sources if not s.startswith("target-")]
+        fit_sources = [s for s in sources if not is_target_source(s)]
     return list(sources), list(fit_sources)
 
 
