@@ -226,28 +226,74 @@ def flag_kwargs(hint: Any) -> dict:
     return {}  # str, and unions such as "str | float" that the dataclass parses itself
 
 
+def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """Every non-dataclass field of ``cls``, nested dataclass fields flattened: (path, field, hint)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _leaves(hints[f.name], (*path, f.name))
+        else:
+            out.append(((*path, f.name), f, hints[f.name]))
+    return out
+
+
 def add_config_flags(parser, cls: type, flags: dict[str, str] | None = None, helps: dict[str, str] | None = None,
                      choices: dict[str, tuple] | None = None, skip: tuple[str, ...] = ()) -> list[str]:
     """One ``--<field>`` flag per field of dataclass ``cls`` (default None: only what is given
-    overrides the config file; the dataclass checks the value). ``flags`` renames a field's flag,
+    overrides the config file; the dataclass checks the value). The fields of a nested dataclass
+    field (a stage config's ``train: TrainConfig``) get flags too: ``--<subfield>``, or
+    ``--<field>-<subfield>`` where two nested configs share a name. ``flags`` renames a field's flag,
     ``helps`` gives its help (else the field's ``metadata["help"]``), ``choices`` its choices (else
-    the field's ``metadata["choices"]``). Returns the field names added, for :func:`config_from_args`."""
-    hints = typing.get_type_hints(cls)
+    the field's ``metadata["choices"]``), ``skip`` leaves fields out; all three are keyed by the
+    field's dotted path (``"train.lr"``) or, for a top-level field, its name. Returns the dotted
+    paths added, for :func:`config_from_args`."""
+    leaves = [leaf for leaf in _leaves(cls) if ".".join(leaf[0]) not in skip and leaf[0][0] not in skip]
+    counts = collections.Counter(path[-1] for path, _, _ in leaves)
     added = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kw = {"default": None, "dest": f.name, **flag_kwargs(hints[f.name])}
+    for path, f, hint in leaves:
+        name = ".".join(path)
+        flag = (flags or {}).get(name)
+        if flag is None:
+            words = path[-1] if counts[path[-1]] == 1 or len(path) == 1 else "-".join(path[-2:])
+            flag = "--" + words.replace("_", "-")
+        kw = {"default": None, "dest": name, **flag_kwargs(hint)}
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = (helps or {}).get(f.name) or f.metadata.get("help", f.name.replace("_", " "))
+        text = (helps or {}).get(name) or f.metadata.get("help", path[-1].replace("_", " "))
         kw["help"] = text + (f" (default {default})" if default not in (None, "") and "default" not in text else "")
-        if (choices or {}).get(f.name) or "choices" in f.metadata:
-            kw["choices"] = (choices or {}).get(f.name) or f.metadata["choices"]
-        parser.add_argument((flags or {}).get(f.name) or "--" + f.name.replace("_", "-"), **kw)
-        added.append(f.name)
+        if (choices or {}).get(name) or "choices" in f.metadata:
+            kw["choices"] = (choices or {}).get(name) or f.metadata["choices"]
+        parser.add_argument(flag, **kw)
+        added.append(name)
     return added
 
 
-def config_from_args(cls: type[T], args, names: list[str], source: str | os.PathLike | None = None) -> T:
-    """``cls`` from the YAML ``source`` (if any), the flags given on the command line winning."""
-    return load_config(cls, source, **{n: getattr(args, n) for n in names})
+def _merge(data: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        inner = data.get(key)
+        data[key] = inner = dict(inner) if isinstance(inner, dict) else ({} if inner is None else inner)
+        if not isinstance(inner, dict):  # an already-built dataclass: rebuilt from its fields
+            data[key] = inner = dataclasses.asdict(inner)
+        data = inner
+    data[path[-1]] = value
+
+
+def config_from_args(cls: type[T], args, names: list[str], source: str | os.PathLike | dict | None = None) -> T:
+    """``cls`` from the YAML ``source`` (if any), the flags given on the command line winning; ``names``
+    are the dotted paths :func:`add_config_flags` returned."""
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if not any("." in n for n in given):
+        return load_config(cls, source, **given)
+    if source is not None:
+        load_config(cls, source)  # the file's own errors, naming it
+    data = {} if source is None else _source_dict(source)
+    for name, value in given.items():
+        _merge(data, name.split("."), value)
+    return load_config(cls, data)
+
+
+def _source_dict(source: str | os.PathLike | dict) -> dict:
+    if isinstance(source, dict):
+        return dict(source)
+    data = read_yaml(source)
+    return {} if data is None else dict(data)

@@ -138,3 +138,41 @@ def test_real_stage_configs_reject_the_reported_values(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(f"{p}: {key} = ") + f".*{cls.__name__}.{key} expects "
                                               + re.escape(expected)):
             load_config(cls, p)
+
+
+def test_nested_config_flags_build_the_nested_dataclass(tmp_path):
+    import argparse
+    from dataclasses import dataclass, field
+
+    from distcur.config import add_config_flags, config_from_args
+
+    @dataclass
+    class Inner:
+        lr: float = 1e-3
+        seed: int = 0
+
+    @dataclass
+    class Other:
+        seed: int = 1
+
+    @dataclass
+    class Outer:
+        name: str = "x"
+        train: Inner = field(default_factory=Inner)
+        other: Other = field(default_factory=Other)
+
+    p = argparse.ArgumentParser()
+    names = add_config_flags(p, Outer)
+    assert names == ["name", "train.lr", "train.seed", "other.seed"]
+    # a name two nested configs share is prefixed with its field; a unique one is not
+    args = p.parse_args(["--lr", "0.5", "--train-seed", "3", "--other-seed", "4"])
+    cfg = config_from_args(Outer, args, names)
+    assert cfg == Outer(train=Inner(lr=0.5, seed=3), other=Other(seed=4))
+    path = tmp_path / "c.yaml"
+    path.write_text("name: y\ntrain:\n  seed: 9\n")
+    cfg = config_from_args(Outer, p.parse_args(["--lr", "0.25"]), names, path)
+    assert cfg == Outer(name="y", train=Inner(lr=0.25, seed=9))
+    assert config_from_args(Outer, p.parse_args([]), names, path) == Outer(name="y", train=Inner(seed=9))
+    path.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*lr = 'fast'"):
+        config_from_args(Outer, p.parse_args(["--train-seed", "2"]), names, path)
