@@ -125,7 +125,7 @@ class DemoConfig:
     @classmethod
     def full(cls, **overrides) -> DemoConfig:
         """The reference size (hours on 2 cores; meant for a cluster)."""
-        from distcur.commands.datamodel import FULL_PRESET
+        from distcur.stages.datamodel import FULL_PRESET
 
         base = {"seeds": (0, 1, 2), "episodes": 50, **PROTOCOL_POLICY,
                 "prior": {"success_per_task": 50, "failed_per_task": 50}, "datamodel": dict(FULL_PRESET)}
@@ -140,7 +140,7 @@ class DemoConfig:
     def level_of(self, method: str) -> str:
         """The granularity at which ``method`` fills the step budget."""
         if method in DATAMODELS:
-            from distcur.commands.datamodel import make_config
+            from distcur.stages.datamodel import make_config
 
             return make_config(dict(self.datamodel)).cluster
         return REGISTRY[method].level or self.retrieval_level  # STRAP, oracle, random-<level>: their own
@@ -190,10 +190,10 @@ def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
             score(store, "random" if method in RANDOM_METHODS else method, cfg.target, run, address=cfg.address,
                   **scorer_options(cfg, method))
         elif method in DATAMODELS:
-            from distcur.commands.datamodel import make_config, run_datamodel
+            from distcur.stages import datamodel
 
-            dm_cfg = make_config(dict(cfg.datamodel), address=cfg.address)
-            run_datamodel(store, method.split("-", 1)[1], cfg.target, run, dm_cfg)
+            dm_cfg = datamodel.make_config(dict(cfg.datamodel), address=cfg.address, estimator=method.split("-", 1)[1])
+            datamodel.run(store, dm_cfg, cfg.target, run)
         elif method == "oracle":
             oracle_scores(store, cfg.target, run)
         else:
@@ -246,8 +246,8 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     """Commit the selection of a baseline (all data) under ``selections/<run>-<kind>``."""
     from distcur.data import default_prior_sources
-    from distcur.policy.train import baseline_selection
     from distcur.select import selection_metadata
+    from distcur.stages.train import baseline_selection
 
     run = f"{cfg.run}-{kind}"
     key = selection_key(run)
@@ -268,30 +268,15 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     A plain function (the Ray task in :mod:`distcur.distributed.pipeline` only calls it)."""
     import torch
 
-    from distcur.evaluate.metaworld import evaluate_success
-    from distcur.evaluate.proxy import proxy_loss_on_source
-    from distcur.policy.loaded import TrainedPolicy
-    from distcur.policy.train import TrainConfig, load_training_data, read_selection, train_policy
+    from distcur.policy.train import TrainConfig
+    from distcur.stages import evaluate
 
     torch.set_num_threads(1)
-    store = Store(store_uri)
-    selection = read_selection(store, selection_run) if selection_run else None
-    data = load_training_data(store, target_source(cfg.target), selection)
-    alpha = 1.0 if selection is None else (cfg.alpha if cfg.cotrain else 0.0)
+    alpha = 1.0 if selection_run is None else (cfg.alpha if cfg.cotrain else 0.0)
     tcfg = TrainConfig(hidden=cfg.hidden, lr=cfg.lr, batch_size=cfg.batch_size, steps=cfg.train_steps,
                        alpha=alpha, seed=seed, checkpoint_every=0, mixing=cfg.mixing)
-    t0 = time.time()
-    params, normalizer, history = train_policy(data, tcfg)
-    train_s = time.time() - t0
-    policy = TrainedPolicy(params, data.policy_spec(tcfg.hidden), normalizer)
-    t0 = time.time()
-    success = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(seed,), max_steps=cfg.max_steps,
-                               envs_per_worker=cfg.episodes, parallel=False)[0]
-    proxy = proxy_loss_on_source(policy, store, heldout_source(cfg.target))
-    return {"method": method, "task": cfg.target, "seed": seed, "episodes": success["episodes"],
-            "success": success["success"], "proxy_loss": proxy, "selected_steps": int(data.n_prior),
-            "train_s": round(train_s, 2), "eval_s": round(time.time() - t0, 2),
-            "final_train_loss": history[-1]["loss"] if history else None}
+    return evaluate.train_and_evaluate(Store(store_uri), cfg.target, selection_run, tcfg, method, cfg.episodes,
+                                       cfg.max_steps)
 
 
 RESULT_SCHEMA = pa.schema([
@@ -521,7 +506,7 @@ def check_recordable(path: str | os.PathLike, new: dict) -> None:
 
 def _datamodel_protocol(cfg: DemoConfig) -> dict:
     """The DataMIL methods' resolved settings (defaults included), without the runtime fields."""
-    from distcur.commands.datamodel import make_config
+    from distcur.stages.datamodel import make_config
 
     d = to_dict(make_config(dict(cfg.datamodel)))
     return {k: v for k, v in d.items() if k not in ("address", "max_retries", "estimator")}

@@ -95,8 +95,8 @@ def run(args) -> int:
     if args.iwr_kernel:
         cfg.iwr = {**cfg.iwr, "kernel": args.iwr_kernel}
     if args.datamodel_config:
-        from distcur.commands.datamodel import merge_options
         from distcur.config import read_yaml
+        from distcur.stages.datamodel import merge_options
 
         given = read_yaml(args.datamodel_config) or {}
         if not isinstance(given, dict):

@@ -104,11 +104,12 @@ def _trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from distcur.evaluate.proxy import load_heldout
     from distcur.policy import checkpoint as ckpt
     from distcur.policy.loaded import TrainedPolicy
     from distcur.policy.proxy import policy_proxy
-    from distcur.policy.train import TrainConfig, load_training_data, read_selection, train_policy
+    from distcur.policy.train import TrainConfig, train_policy
+    from distcur.stages.evaluate import load_heldout
+    from distcur.stages.train import load_training_data, read_selection
 
     torch.set_num_threads(1)
     cfg: SweepConfig = config["sweep"]
