@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,7 @@ from distcur.data import (
     steps_key,
     target_source,
 )
+from distcur.policy import checkpoint as ckpt
 from distcur.policy.loaded import TrainedPolicy
 from distcur.policy.proxy import PROXIES, check_proxy, policy_proxy
 from distcur.policy.train import TrainConfig, train_policy
@@ -225,24 +227,35 @@ def run(store: Store | str, config: EvaluateConfig, policy: str, task: str) -> t
 
 def train_and_evaluate(store: Store | str, target_task: str, selection_run: str | None, train: TrainConfig,
                        method: str, episodes: int, max_steps: int | None = None, proxy_kind: str = "nll",
-                       proxy_source: str | None = None) -> dict:
+                       proxy_source: str | None = None,
+                       on_checkpoint: Callable[[int, float], None] | None = None) -> dict:
     """Train a policy on ``target-<target_task>`` plus ``selections/<selection_run>`` (None:
     target-only) in this process, without writing it, then evaluate it: ``episodes`` MetaWorld
     rollouts with ``train.seed`` (0: none, success NaN) and the ``proxy_kind`` proxy on
-    ``proxy_source`` (default the task's held-out demos). One result row: method, task, seed,
-    episodes, success, proxy_loss, proxy_kind, selected_steps, train_s, eval_s, final_train_loss."""
+    ``proxy_source`` (default the task's held-out demos). ``on_checkpoint(step, proxy)`` is called
+    with the proxy of every checkpoint (each ``train.checkpoint_every`` steps: a sweep's reports).
+    One result row: method, task, seed, episodes, success, proxy_loss, proxy_kind, selected_steps,
+    train_s, eval_s, final_train_loss."""
     store = store if isinstance(store, Store) else Store(store)
     selection = read_selection(store, selection_run) if selection_run else None
     data = load_training_data(store, target_source(target_task), selection)
+    heldout = load_heldout(store, proxy_source or heldout_source(target_task))
+    spec = data.policy_spec(train.hidden)
+
+    def report(state: dict) -> None:
+        p, _, norm = ckpt.unpack(state)
+        on_checkpoint(int(state["step"]), policy_proxy(TrainedPolicy(p, spec, norm), heldout.state, heldout.action,
+                                                       proxy_kind))
+
     t0 = time.time()
-    params, normalizer, history = train_policy(data, train)
+    params, normalizer, history = train_policy(data, train, checkpoint_fn=report if on_checkpoint else None)
     train_s = time.time() - t0
-    policy = TrainedPolicy(params, data.policy_spec(train.hidden), normalizer)
+    policy = TrainedPolicy(params, spec, normalizer)
     t0 = time.time()
     rollout = {"max_steps": max_steps} if max_steps is not None else {}
     success = _success(policy, target_task, episodes, (train.seed,), envs_per_worker=max(episodes, 1), parallel=False,
                        **rollout)[0]
-    proxy = proxy_loss_on_source(policy, store, proxy_source or heldout_source(target_task), kind=proxy_kind)
+    proxy = policy_proxy(policy, heldout.state, heldout.action, proxy_kind)
     return {"method": method, "task": target_task, "seed": train.seed, "episodes": success["episodes"],
             "success": success["success"], "proxy_loss": proxy, "proxy_kind": proxy_kind,
             "selected_steps": int(data.n_prior), "train_s": round(train_s, 2), "eval_s": round(time.time() - t0, 2),

@@ -45,6 +45,11 @@ def test_train_and_evaluate_trains_on_the_selection_and_scores_the_named_proxy(s
     mse = evaluate.train_and_evaluate(store, "toy", "rand", cfg, "random50", episodes=0, proxy_kind="mse")
     assert mse["proxy_kind"] == "mse" and mse["proxy_loss"] == pytest.approx(
         evaluate.proxy_loss_on_source(policy, store, "target-toy-heldout", kind="mse"), rel=1e-6)
+    reports = []
+    every = TrainConfig(**{**CFG, "checkpoint_every": 10}, seed=3)  # the same run, its checkpoints' proxies reported
+    again = evaluate.train_and_evaluate(store, "toy", "rand", every, "random50", 0, on_checkpoint=lambda *r: reports.append(r))
+    assert [s for s, _ in reports] == [10, 20] and reports[-1][1] == pytest.approx(row["proxy_loss"], rel=1e-6)
+    assert again["proxy_loss"] == pytest.approx(row["proxy_loss"], rel=1e-6)
     target_only = evaluate.train_and_evaluate(store, "toy", None, TrainConfig(**CFG, alpha=1.0), "target_only", 0)
     assert target_only["selected_steps"] == 0 and np.isfinite(target_only["proxy_loss"])
 

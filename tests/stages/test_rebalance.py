@@ -21,13 +21,7 @@ from distcur.stages.rebalance import RebalanceConfig
 from distcur.stages.train import read_selection
 from distcur.store import Store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+torch.set_num_threads(1)  # tiny policies on a shared 2-core machine: threads only contend
 
 
 @pytest.fixture(scope="module")
