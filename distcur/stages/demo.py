@@ -35,6 +35,7 @@ from distcur.data import eval_key, heldout_source, scores_key, selection_key, st
 from distcur.methods import REGISTRY, names
 from distcur.policy.train import TrainConfig
 from distcur.sources.metaworld import PRIOR_KINDS, MetaWorldPriorConfig
+from distcur.stages.output import commit_table
 from distcur.store import Store
 
 log = logging.getLogger(__name__)
@@ -275,17 +276,18 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
     sources = default_prior_sources(store)
     inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
     config = {"method": "oracle", "target": target, "prior_sources": sources}
-    if store.is_done(scores_key(run), "score", config, inputs):
-        return
-    parts = []
-    for src in sources:
-        t = store.read_table(steps_key(src), columns=["source", "episode", "step", "success"])
-        parts.append(pa.Table.from_arrays(
-            [t.column("source"), t.column("episode"), t.column("step"),
-             pa.array(t.column("success").to_numpy(zero_copy_only=False).astype(np.float64)),
-             pa.array(["oracle"] * t.num_rows, pa.string())], schema=SCORE_SCHEMA))
-    store.write_table(scores_key(run), pa.concat_tables(parts), "score", config, inputs,
-                      metadata={"method": "oracle", "target": target})
+
+    def make():
+        parts = []
+        for src in sources:
+            t = store.read_table(steps_key(src), columns=["source", "episode", "step", "success"])
+            parts.append(pa.Table.from_arrays(
+                [t.column("source"), t.column("episode"), t.column("step"),
+                 pa.array(t.column("success").to_numpy(zero_copy_only=False).astype(np.float64)),
+                 pa.array(["oracle"] * t.num_rows, pa.string())], schema=SCORE_SCHEMA))
+        return pa.concat_tables(parts), {"method": "oracle", "target": target}
+
+    commit_table(store, scores_key(run), "score", config, inputs, make, quiet=True)
 
 
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
@@ -298,12 +300,14 @@ def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     key = selection_key(run)
     sources = default_prior_sources(store)
     inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
-    if not store.is_done(key, "select", {"baseline": kind}, inputs):
+
+    def make():
         table = baseline_selection(store, kind, sources=sources)
         prior_steps = sum(store.manifest(steps_key(s)).rows for s in sources)
-        store.write_table(key, table, "select", {"baseline": kind}, inputs,
-                          metadata={"method": kind, "target": cfg.target,
-                                    **selection_metadata(store, table, prior_steps, cfg.target)})
+        return table, {"method": kind, "target": cfg.target,
+                       **selection_metadata(store, table, prior_steps, cfg.target)}
+
+    commit_table(store, key, "select", {"baseline": kind}, inputs, make, quiet=True)
     return run
 
 
@@ -385,7 +389,8 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
         return job_key(cfg.run, method, seed), {**shared, "method": method, "seed": seed}, inputs
 
     specs = {job: job_spec(job) for job in jobs}
-    done = {job: store.read_table(s[0]).to_pylist()[0] for job, s in specs.items() if store.is_done(s[0], "demo-job", *s[1:])}
+    done = {job: store.read_table(s[0]).to_pylist()[0] for job, s in specs.items()
+            if store.is_done(s[0], "demo-job", *s[1:])}
     todo = [job for job in jobs if job not in done]
     if done:
         log.info("train/evaluate: %d of %d (method, seed) jobs already committed, training %d", len(done), len(jobs),
@@ -393,7 +398,7 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
 
     def commit(job, row):
         key, config, inputs = specs[job]
-        store.write_table(key, pa.Table.from_pylist([row]), "demo-job", config, inputs)
+        commit_table(store, key, "demo-job", config, inputs, lambda: (pa.Table.from_pylist([row]), None), force=True)
 
     fresh = {}
     if todo:
@@ -436,9 +441,8 @@ def run_demo(cfg: DemoConfig, force: bool = False) -> pa.Table:
     key = eval_key(cfg.run)
     inputs = {r: store.input_fingerprint(selection_key(r)) for r in selections.values() if r}
     config = {k: v for k, v in cfg.flat().items() if k not in ("store", "address")}
-    if store.is_done(key, "demo", config, inputs):
-        table = store.read_table(key)
-    else:
+
+    def make():
         t0 = time.time()
         rows = _train_evaluate_resumable(store, cfg, jobs)
         timings["train_evaluate"] = time.time() - t0
@@ -448,9 +452,10 @@ def run_demo(cfg: DemoConfig, force: bool = False) -> pa.Table:
                      budget=cfg.budget_percent / 100 if r["method"] not in BASELINES else None)
         table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in rows], schema=RESULT_SCHEMA)
         timings["total"] = time.time() - t_start
-        store.write_table(key, table, "demo", config, inputs, metadata={"timings_s": timings,
-                                                                       "selections": diagnostics})
-    return table
+        return table, {"timings_s": timings, "selections": diagnostics}
+
+    commit_table(store, key, "demo", config, inputs, make, quiet=True)
+    return store.read_table(key)
 
 
 def selection_diagnostics(store: Store, selections: dict[str, str | None], target: str) -> dict[str, dict]:
