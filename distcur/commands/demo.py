@@ -83,9 +83,10 @@ def demo_config(args):
 
 def run(args) -> int:
     from distcur.data import eval_key
-    from distcur.report import format_table, paired_comparisons, success_summary, write_report
     from distcur.stages.demo import run_demo
     from distcur.stages.quality import check_recordable, merge_quality_json, protocol_of, quality_records
+    from distcur.stages.report import write_report
+    from distcur.stats import format_table, paired_comparisons, success_summary
     from distcur.store import Store
 
     t0 = time.time()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from distcur.policy.train import TrainConfig
-from distcur.report import build_report, success_summary
 from distcur.stages.demo import DemoConfig, DemoEvaluation, job_key, run_demo
+from distcur.stages.report import build_report
+from distcur.stats import success_summary
 from distcur.store import Store
 
 TINY = dict(
