@@ -3,8 +3,8 @@
 import pytest
 
 from distcur.distributed.sweep import SweepConfig, run_sweep
-from distcur.pipeline import write_heldout_target
 from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
+from distcur.stages.demo import write_heldout_target
 from distcur.store import Store
 
 

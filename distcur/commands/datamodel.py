@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from distcur.commands import add_rerun_options, output_store
-from distcur.config import DEFAULT_STORE, add_config_flags, config_from_args
+from distcur.config import DEFAULT_STORE, add_config_flags, config_from_args, merge_options
 
 
 def register(subparsers) -> None:
@@ -35,8 +35,7 @@ def _main(args: argparse.Namespace) -> int:
     from distcur.stages import datamodel
 
     datamodel.make_config(args.config, args.full, args.metagrad_preset)  # the file's own errors, naming it
-    options = datamodel.merge_options(datamodel.preset_options(args.full, args.metagrad_preset),
-                                      datamodel.read_options(args.config))
+    options = merge_options(datamodel.preset_options(args.full, args.metagrad_preset), datamodel.read_options(args.config))
     cfg = config_from_args(datamodel.DatamodelConfig, args, args.config_names, options)
     run = args.run or f"datamodel-{cfg.estimator}-{args.target}"
     m = datamodel.run(output_store(args.store, args), cfg, args.target, run)

@@ -64,7 +64,7 @@ import pyarrow as pa
 import torch
 
 from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
-from distcur.config import ConfigError, load_config, read_yaml, to_dict
+from distcur.config import ConfigError, load_config, merge_options, read_yaml, to_dict
 from distcur.data import default_prior_sources, load_steps, scores_key, steps_key, target_source
 from distcur.datamodels.metagrad import (
     RECIPES,
@@ -263,13 +263,6 @@ METAGRAD_PRESETS: dict[str, dict[str, Any]] = {
                      "lr_schedule": "linear", "warmup_steps": 20},
     },
 }
-
-
-def merge_options(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge_options(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def preset_options(full: bool = False, metagrad_preset: str | None = None) -> dict:
