@@ -19,7 +19,7 @@ from distcur.commands import evaluate as evaluate_cmd
 from distcur.data import eval_key, scores_key, selection_key, steps_key
 from distcur.report import DPI, build_report, collect, percentile_ranks, write_report
 from distcur.schema import SCORE_SCHEMA, SELECTION_SCHEMA, steps_table
-from distcur.select import selection_metadata
+from distcur.stages.select import selection_metadata
 from distcur.store import Store
 
 TARGET = "reach"
