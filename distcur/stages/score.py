@@ -107,6 +107,8 @@ class ScoreConfig:
     scorer: Any = None
 
     def __post_init__(self) -> None:
+        if not self.method:
+            raise ValueError(f"ScoreConfig.method is required (--method): one of {SCORE_METHODS}")
         if self.method not in SCORE_METHODS:
             raise ValueError(f"ScoreConfig.method: unknown score method {self.method!r}; expected one of {SCORE_METHODS}")
         for name in ("target", "run"):
