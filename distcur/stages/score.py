@@ -187,6 +187,15 @@ def _parts(store: Store, keys: dict[str, str]) -> list[tuple[str, str]]:
     return [(src, path) for src, key in keys.items() for path in store.files(key)]
 
 
+def _write_part(store: Store, rel: str, tables: list[pa.Table]) -> tuple[str, int]:
+    """A task's score tables as one part at ``rel``: (rel, rows); an empty part writes nothing."""
+    if not tables:
+        return rel, 0
+    table = pa.concat_tables(tables)
+    store.write_parquet(rel, table)
+    return rel, table.num_rows
+
+
 def _add_parts(writer, results: list[tuple[str, int]]) -> None:
     """The parts the tasks wrote, (rel, rows) each; an empty prior still commits a readable, empty table."""
     rels = [r for r, _ in results]
@@ -234,11 +243,7 @@ def _random_part(store: Store, path: str, rel: str, seed: int, level: str, horiz
             rows = source == src
             scores[rows] = random_scores(str(src), episode[rows], window[rows], seed)
         tables.append(_score_table(source, episode, step, scores, "random"))
-    if not tables:
-        return rel, 0
-    table = pa.concat_tables(tables)
-    store.write_parquet(rel, table)
-    return rel, table.num_rows
+    return _write_part(store, rel, tables)
 
 
 # -- STRAP ------------------------------------------------------------------------------------------
@@ -278,13 +283,7 @@ def _strap_write_part(store: Store, path: str, source: str, rel: str, kept: list
         src, episode, step = _keys(rb)
         scores = strap_lib.step_scores_from_matches(source, episode, step, kept, match_scores, padding)
         tables.append(_score_table(src, episode, step, scores, "strap"))
-    if not tables:
-        return rel, 0
-    table = pa.concat_tables(tables)
-    store.write_parquet(rel, table)
-    return rel, table.num_rows
-
-
+    return _write_part(store, rel, tables)
 
 
 # -- the scorers ------------------------------------------------------------------------------------
