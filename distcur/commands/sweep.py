@@ -10,8 +10,7 @@ from distcur.config import add_config_flags, config_from_args
 from distcur.stages.sweep import PER_TRIAL, SweepConfig
 
 FLAGS = {"top_percents": "--top", "train.steps": "--train-steps"}
-HELPS = {"train.steps": "training steps of each trial (default 1000)",
-         "train.hidden": "hidden layer sizes of each trial's policy (default 256 256)"}
+HELPS = {"train.steps": "training steps of each trial"}
 
 
 def register(sub) -> None:

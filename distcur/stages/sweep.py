@@ -9,8 +9,8 @@ the objective:
   so ASHA stops the unpromising trials early;
 * ``success`` — MetaWorld success rate after training (one report per trial: no early stopping).
 
-Each trial trains with ``train`` (:class:`distcur.policy.train.TrainConfig`), its ``alpha`` the
-trial's and ``checkpoint_every`` = ``report_every``. Tune's experiment state lives under
+Each trial trains with ``train`` (:class:`distcur.policy.train.TrainConfig`; the sweep's defaults:
+2 x 256 hidden units, 1000 steps), its ``alpha`` the trial's and ``checkpoint_every`` = ``report_every``. Tune's experiment state lives under
 ``sweeps/<run>/tune`` in the store (local or S3), so an interrupted sweep resumes with
 ``Tuner.restore`` (:mod:`distcur.distributed.sweep`); the results table is committed at
 ``sweeps/<run>`` as Parquet with a manifest like every stage.
@@ -35,14 +35,17 @@ from distcur.store import Store, fingerprint
 
 OBJECTIVES = {"proxy": ("proxy_loss", "min"), "success": ("success", "max")}
 SWEEP_SCORERS = names("scorer")
-# the sweep's own training defaults (a smaller policy, fewer steps than TrainConfig's)
-DEFAULT_TRAIN = {"hidden": (256, 256), "steps": 1000}
 # set per trial, never by the user: the trial's alpha, a checkpoint (a proxy report) every report_every steps
 PER_TRIAL = ("alpha", "checkpoint_every")
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(**DEFAULT_TRAIN)
+@dataclass
+class SweepTrainConfig(TrainConfig):
+    """:class:`TrainConfig` with the sweep's own defaults (a smaller policy, fewer steps), whichever
+    of its fields a YAML or a flag sets."""
+
+    hidden: tuple[int, ...] = (256, 256)
+    steps: int = 1000
 
 
 @dataclass
@@ -68,7 +71,7 @@ class SweepConfig:
     max_concurrent: int = field(default=2, metadata={"help": "trials at a time"})
     grace_period: int = 3  # ASHA: reports before a trial may be stopped
     address: str | None = field(default=None, metadata={"help": "Ray address (default: local Ray or RAY_ADDRESS)"})
-    train: TrainConfig = field(default_factory=_default_train)
+    train: SweepTrainConfig = field(default_factory=SweepTrainConfig)
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
