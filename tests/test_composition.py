@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from distcur.composition import pairwise_jaccard
-from distcur.report import paired_comparisons, paired_difference
 from distcur.schema import SELECTION_SCHEMA
+from distcur.stats import paired_comparisons, paired_difference
 
 
 def selection(rows: list[tuple[str, int, int]]) -> pa.Table:

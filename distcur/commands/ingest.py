@@ -235,7 +235,7 @@ def run_metaworld(args) -> int:
     info = generate_metaworld(config, store, address=args.address, progress=progress.enabled())
     if args.heldout_demos:
         from distcur.data import heldout_source, steps_key
-        from distcur.pipeline import write_heldout_target
+        from distcur.stages.demo import write_heldout_target
 
         write_heldout_target(store, config, args.heldout_demos)
         key = steps_key(heldout_source(config.target))

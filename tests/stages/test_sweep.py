@@ -2,9 +2,9 @@
 
 import pytest
 
-from distcur.pipeline import write_heldout_target
 from distcur.policy.train import TrainConfig
 from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
+from distcur.stages.demo import write_heldout_target
 from distcur.stages.sweep import SweepConfig
 from distcur.stages.sweep import run as run_sweep
 from distcur.store import Store
