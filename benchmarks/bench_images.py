@@ -115,10 +115,9 @@ def quality(args, save=lambda partial: None) -> dict:
     """The image-vs-state comparison; ``save(partial)`` records each finished phase (a long run that is
     stopped keeps what it measured)."""
     from distcur.data import embeddings_key
-    from distcur.distributed.embed import EmbedConfig, run_embed
-    from distcur.distributed.score import score
     from distcur.policy.train import TrainConfig
-    from distcur.select import SelectConfig, run_select
+    from distcur.select import SelectConfig
+    from distcur.stages import embed, score, select
     from distcur.stages.demo import DemoConfig, DemoEvaluation, _train_evaluate_resumable, ingest
     from distcur.stages.quality import protocol_of
     from distcur.store import Store
@@ -142,8 +141,8 @@ def quality(args, save=lambda partial: None) -> dict:
     jobs, embed_rates = [], {}
     for latent, (encoder, options) in encoders.items():
         t0 = time.time()
-        out = run_embed(store, EmbedConfig(encoder=encoder, encoder_options=options, device="auto",
-                                           batch_size=1024, concurrency=2))
+        out = embed.run(store, embed.EmbedConfig(encoder=encoder, encoder_options=options, device="auto",
+                                                 batch_size=1024, concurrency=2))
         timings[f"embed_{latent}_s"] = round(time.time() - t0, 1)
         rows = sum(m.rows for m in out.values())
         stage_s = sum(m.wall_s or 0 for m in out.values())
@@ -152,8 +151,9 @@ def quality(args, save=lambda partial: None) -> dict:
                                 "fit_wall_s": store.manifest(f"encoders/{encoder}").wall_s}
         for method in ("br", "iwr"):
             run = f"images-{latent}-{method}"
-            score(store, method, cfg.target, run, encoder=encoder)
-            run_select(store, run, run, SelectConfig(budget_percent=cfg.budget_percent, level="step"))
+            score.run(store, score.ScoreConfig(method=method, target=cfg.target, run=run,
+                                               scorer={"encoder": encoder}))
+            select.run(store, run, run, SelectConfig(budget_percent=cfg.budget_percent, level="step"))
             jobs += [(f"{method}-{latent}", run, s) for s in cfg.seeds]
         assert embeddings_key(encoder, "metaworld") in out
         save({"status": f"embedded and selected on {latent} latents", "embed_stage": embed_rates, "timings": timings})

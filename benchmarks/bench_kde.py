@@ -12,7 +12,7 @@ shared by the peers of that repetition cancels; the JSON reports median/min/max 
   plain numpy (float64, blockwise, scipy logsumexp): timed on a subset of the queries, scaled linearly.
 
 Ray Data vs task grid (``ray_data_kde_overhead``): wall time of the whole IWR stage
-(:func:`distcur.score.iwr.run_iwr`, exact mode, N prior x N prior log-KDE plus the target KDE) with
+(:func:`distcur.stages.score.run_iwr`, exact mode, N prior x N prior log-KDE plus the target KDE) with
 ``executor="ray-data"`` over ``executor="tasks"`` at N = 200k prior steps (d = 16, a 2000-step target,
 default shards), runs in the order tasks, ray-data, ray-data, tasks, ... so drifting load cancels;
 each run's scores table must equal the first task-grid run's.
@@ -298,7 +298,8 @@ def ray_data_overhead(n: int, d: int, n_target: int, pairs: int, num_shards: int
 
     from distcur.data import embeddings_key
     from distcur.distributed.session import ensure_ray
-    from distcur.score.iwr import run_iwr
+    from distcur.methods import IwrConfig
+    from distcur.stages.score import run_iwr
     from distcur.store import Store
 
     rng = np.random.default_rng(0)
@@ -322,7 +323,8 @@ def ray_data_overhead(n: int, d: int, n_target: int, pairs: int, num_shards: int
         cold = {}
         for executor in walls:  # warm-up: worker processes, Ray Data's executor, the numba kernel's cache
             t = time.perf_counter()
-            run_iwr(store, [small_key], target_key, f"scores/warm-{executor}", num_shards=2, executor=executor)
+            run_iwr(store, [small_key], target_key, f"scores/warm-{executor}",
+                    IwrConfig(num_shards=2, executor=executor))
             cold[executor] = time.perf_counter() - t
         reference: pa.Table | None = None
         order = [e for _ in range(pairs) for e in ("tasks", "ray-data", "ray-data", "tasks")][: 2 * pairs]
@@ -330,7 +332,7 @@ def ray_data_overhead(n: int, d: int, n_target: int, pairs: int, num_shards: int
             key = f"scores/{executor}-{i}"
             load = os.getloadavg()
             t = time.perf_counter()
-            m = run_iwr(store, [prior_key], target_key, key, num_shards=num_shards, executor=executor)
+            m = run_iwr(store, [prior_key], target_key, key, IwrConfig(num_shards=num_shards, executor=executor))
             wall = time.perf_counter() - t
             table = store.read_table(key).sort_by([("source", "ascending"), ("episode", "ascending"),
                                                    ("step", "ascending")])

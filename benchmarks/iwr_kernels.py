@@ -5,7 +5,7 @@ of its own mean and covariance, ``--episodes`` episodes per task of ``--steps`` 
 steps (AR(1), rho 0.95), in ``--dim`` dims (the VAE's latent size). The target is
 ``--target-episodes`` episodes of task 0's process, slightly shifted; task 0's prior episodes are
 the ones a retrieval should find. For each seed both kernels score the same prior with
-:func:`distcur.score.iwr.run_iwr` (exact mode, Ray, Scott's rule unless ``--bandwidth``), and the
+:func:`distcur.stages.score.run_iwr` (exact mode, Ray, Scott's rule unless ``--bandwidth``), and the
 script reports per seed and as median/min/max over seeds:
 
 - agreement of the two score vectors: Spearman over prior steps, overlap of the top 10% of steps
@@ -38,8 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import summarize, write_result  # noqa: E402
 
 from distcur.data import embeddings_key  # noqa: E402
+from distcur.methods import IwrConfig  # noqa: E402
 from distcur.schema import EMBEDDING_SCHEMA  # noqa: E402
-from distcur.score.iwr import KERNELS, run_iwr  # noqa: E402
+from distcur.score.iwr import KERNELS  # noqa: E402
+from distcur.stages.score import run_iwr  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
 RHO = 0.95  # step-to-step autocorrelation of the latent process within an episode
@@ -99,12 +101,12 @@ def one_seed(seed: int, args) -> dict:
         store = Store(root)
         keys, target_key = generate(store, seed, args)
         scores, runs = {}, {k: {"wall_s": [], "compute_s": []} for k in KERNELS}
-        run_iwr(store, keys, target_key, "scores/warm-up", num_shards=args.num_shards)  # Ray workers started
+        run_iwr(store, keys, target_key, "scores/warm-up", IwrConfig(num_shards=args.num_shards))  # Ray workers started
         for r in range(args.repeats):
             for kernel in KERNELS if r % 2 == 0 else KERNELS[::-1]:
                 t = time.perf_counter()
-                m = run_iwr(store, keys, target_key, f"scores/{kernel}-{r}", bandwidth=args.bandwidth,
-                            kernel=kernel, num_shards=args.num_shards)
+                m = run_iwr(store, keys, target_key, f"scores/{kernel}-{r}",
+                            IwrConfig(bandwidth=args.bandwidth, kernel=kernel, num_shards=args.num_shards))
                 runs[kernel]["wall_s"].append(round(time.perf_counter() - t, 3))
                 runs[kernel]["compute_s"].append(m.metadata["compute_s"])
                 runs[kernel].update(h_target=m.metadata["bandwidth"]["h_target"],

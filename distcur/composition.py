@@ -9,8 +9,8 @@ For a selection (``source, episode, step`` rows) over prior step tables that car
   its manifest as ``episode_modes``; ``failed`` where none was recorded),
 
 and the overlap (Jaccard index of the step sets) between selections. The maths works on arrays;
-:func:`selection_composition` reads what it needs from the store (four narrow columns of the
-selected episodes only).
+:func:`distcur.stages.select.selection_composition` reads what it needs from the store (four
+narrow columns of the selected episodes only).
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
-
-from distcur.data import steps_key
-from distcur.store import Store
 
 
 def step_codes(source: np.ndarray, episode: np.ndarray, step: np.ndarray, sources: list[str]) -> np.ndarray:
@@ -56,46 +53,6 @@ def composition(task: np.ndarray, success: np.ndarray, kind: np.ndarray, target_
             "target_task_share": round(float(is_target.mean()), 4),
             "target_failure_share": round(float((is_target & ~success).mean()), 4),
             "tasks": shares(task), "kinds": shares(np.asarray(kind).astype(str))}
-
-
-def selection_composition(store: Store, selection: pa.Table, target_task: str | None) -> dict:
-    """:func:`composition` of a selection table, reading ``task`` and ``success`` of its episodes."""
-    src = np.asarray(selection.column("source").to_pylist(), dtype=object)
-    ep = selection.column("episode").to_numpy().astype(np.int64)
-    st = selection.column("step").to_numpy().astype(np.int64)
-    task = np.empty(len(ep), dtype=object)
-    success = np.zeros(len(ep), bool)
-    kind = np.empty(len(ep), dtype=object)
-    for source in sorted(set(src.tolist())):
-        rows = np.flatnonzero(src == source)
-        key = steps_key(source)
-        manifest = store.manifest(key)
-        if manifest is None:
-            raise FileNotFoundError(f"composition: the selection names source {source!r} but {store.uri_of(key)} "
-                                    "has no committed step table")
-        wanted = ["episode", "step", "task", "success"]
-        episodes = np.unique(ep[rows]).tolist()
-        table = store.read_table(key, columns=wanted, filters=[("episode", "in", episodes)])
-        t_ep = table.column("episode").to_numpy().astype(np.int64)
-        t_st = table.column("step").to_numpy().astype(np.int64)
-        order = np.lexsort((t_st, t_ep))
-        t_ep, t_st = t_ep[order], t_st[order]
-        pos = np.searchsorted(t_ep * (1 << 32) + t_st, ep[rows] * (1 << 32) + st[rows])
-        pos = np.minimum(pos, max(len(t_ep) - 1, 0))
-        missing = (np.ones(len(rows), bool) if not len(t_ep)
-                   else (t_ep[pos] != ep[rows]) | (t_st[pos] != st[rows]))
-        if missing.any():
-            i = rows[np.argmax(missing)]
-            raise ValueError(f"composition: selection row source={source!r}, episode={ep[i]}, step={st[i]} is not "
-                             f"in {store.uri_of(key)}")
-        task[rows] = np.asarray(table.column("task").to_pylist(), dtype=object)[order][pos]
-        success[rows] = table.column("success").to_numpy(zero_copy_only=False)[order][pos]
-        modes = manifest.metadata.get("episode_modes")
-        if modes:
-            kind[rows] = np.asarray(modes, dtype=object)[ep[rows]]
-        else:
-            kind[rows] = np.where(success[rows], "success", "failed")
-    return composition(task, success, kind, target_task)
 
 
 def pairwise_jaccard(selections: Mapping[str, pa.Table]) -> dict[str, dict[str, float]]:

@@ -104,7 +104,7 @@ class RandomConfig:
 BANDWIDTH_RULES = ("scott", "silverman", "likelihood")
 IWR_MODES = ("exact", "subsample")
 IWR_KERNELS = ("shared-prior", "per-set")
-KDE_EXECUTORS = ("tasks", "ray-data")  # distcur.distributed.kde
+KDE_EXECUTORS = ("tasks", "ray-data")  # the grid executors of distcur.distributed.kde
 
 
 def parse_bandwidth(value: str | float) -> str | float:

@@ -1,4 +1,5 @@
-"""Selection make-up on a store whose answer is known; paired differences between methods."""
+"""Overlaps between selections; paired differences between methods (a selection's make-up from the store:
+tests/stages/test_select.py)."""
 
 from __future__ import annotations
 
@@ -6,46 +7,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from distcur.composition import pairwise_jaccard, selection_composition
-from distcur.data import steps_key
-from distcur.schema import SELECTION_SCHEMA, steps_table
+from distcur.composition import pairwise_jaccard
+from distcur.schema import SELECTION_SCHEMA
 from distcur.stats import paired_comparisons, paired_difference
-from distcur.store import Store
 
 
 def selection(rows: list[tuple[str, int, int]]) -> pa.Table:
     src, ep, st = zip(*rows)
     return pa.Table.from_arrays([pa.array(src, pa.string()), pa.array(ep, pa.int64()), pa.array(st, pa.int32()),
                                  pa.array(np.ones(len(rows)), pa.float32())], schema=SELECTION_SCHEMA)
-
-
-@pytest.fixture
-def store(tmp_path):
-    """Four 10-step episodes: 0 a successful 'reach' demo, 1 a failed 'reach' (noisy), 2 a successful
-    'push' demo, 3 a failed 'push' (other_expert); the target task is 'reach'."""
-    s = Store(tmp_path)
-    ep = np.repeat(np.arange(4), 10)
-    step = np.tile(np.arange(10), 4)
-    task = np.where(ep < 2, "reach", "push").astype(object)
-    s.write_table(steps_key("prior"), steps_table({
-        "source": "prior", "episode": ep, "step": step, "task": task, "state": np.zeros((40, 2)),
-        "action": np.zeros((40, 1)), "is_first": step == 0, "is_last": step == 9, "is_terminal": step == 9,
-        "success": np.isin(ep, [0, 2])}), "ingest", {},
-        metadata={"episode_modes": ["success", "noisy", "success", "other_expert"]}, rows_per_part=15)
-    return s
-
-
-def test_composition_of_a_known_selection(store):
-    # 10 steps of episode 1 (target failure), 5 of episode 2 (success), 5 of episode 3 (failure)
-    rows = [("prior", 1, i) for i in range(10)] + [("prior", 2, i) for i in range(5)] + [("prior", 3, i)
-                                                                                        for i in range(5)]
-    c = selection_composition(store, selection(rows), "reach")
-    assert c["selected_steps"] == 20 and c["success_share"] == 0.25
-    assert c["target_task_share"] == 0.5 and c["target_failure_share"] == 0.5
-    assert c["tasks"] == {"reach": 0.5, "push": 0.5}
-    assert c["kinds"] == {"noisy": 0.5, "success": 0.25, "other_expert": 0.25}
-    with pytest.raises(ValueError, match="episode=7, step=0 is not in"):
-        selection_composition(store, selection([("prior", 7, 0)]), "reach")
 
 
 def test_jaccard_between_selections():

@@ -37,7 +37,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            out += [(node.lineno, name)] if node.module else [(node.lineno, f"{name}.{a.name}") for a in node.names]
+            # ``from distcur import progress`` imports the module distcur.progress
+            whole = node.module and name != "distcur"
+            out += [(node.lineno, name)] if whole else [(node.lineno, f"{name}.{a.name}") for a in node.names]
     return out
 
 

@@ -59,8 +59,8 @@ def test_score_cli_has_a_flag_for_every_scorer_option():
 
 
 def test_demo_and_sweep_take_their_methods_from_the_registry():
-    from distcur.distributed.sweep import SweepConfig
     from distcur.stages.demo import ALL_METHODS, DemoConfig
+    from distcur.stages.sweep import SweepConfig
 
     assert ALL_METHODS == methods.names()
     cfg = DemoConfig()

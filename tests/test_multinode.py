@@ -5,7 +5,7 @@ while the stage is running: as soon as its first output part is committed, so th
 still in flight on both nodes. Ray retries the lost tasks and rebuilds lost objects from
 lineage on the head, and the stage's output must equal an undisturbed run's exactly:
 
-- IWR (distributed KDE partial sums, :func:`distcur.score.iwr.run_iwr`, as a Ray task grid and on
+- IWR (distributed KDE partial sums, :func:`distcur.stages.score.run_iwr`, as a Ray task grid and on
   Ray Data): scores table;
 - a DataMIL regression batch run (:func:`distcur.stages.datamodel.run_subset_batches`):
   the merged (model, proxy loss) table.
@@ -102,7 +102,8 @@ def _parts_committed(store: Store, key: str) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["tasks", "ray-data"])
 def test_iwr_scores_survive_losing_a_node(cluster, tmp_path, executor):
-    from distcur.score.iwr import run_iwr
+    from distcur.methods import IwrConfig
+    from distcur.stages.score import run_iwr
 
     store = Store(str(tmp_path / "store"))
     rng = np.random.default_rng(0)
@@ -117,13 +118,13 @@ def test_iwr_scores_survive_losing_a_node(cluster, tmp_path, executor):
     num_shards = 12
 
     _add_worker(cluster)
-    reference = run_iwr(store, prior_keys, target_key, "scores/iwr-undisturbed", num_shards=num_shards,
-                        executor=executor)
+    reference = run_iwr(store, prior_keys, target_key, "scores/iwr-undisturbed",
+                        IwrConfig(num_shards=num_shards, executor=executor))
 
     worker = _add_worker(cluster)
     with NodeKiller(cluster, worker, lambda: _parts_committed(store, "scores/iwr-disturbed")) as killer:
-        disturbed = run_iwr(store, prior_keys, target_key, "scores/iwr-disturbed", num_shards=num_shards,
-                            executor=executor)
+        disturbed = run_iwr(store, prior_keys, target_key, "scores/iwr-disturbed",
+                            IwrConfig(num_shards=num_shards, executor=executor))
     assert disturbed.metadata["executor"] == executor
     assert killer.error is None, killer.error
     assert killer.progress_at_removal is not None, "the worker node was never removed"

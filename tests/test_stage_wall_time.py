@@ -7,8 +7,9 @@ import pytest
 
 from distcur.data import steps_key
 from distcur.distributed import session
-from distcur.distributed.embed import EmbedConfig, encoder_key, run_embed
 from distcur.schema import steps_table
+from distcur.stages.embed import EmbedConfig, encoder_key
+from distcur.stages.embed import run as run_embed
 from distcur.store import Store
 
 

@@ -1,4 +1,8 @@
-"""``distcur select``: a budget of prior steps (or the top x% of clusters, or those above a threshold) of a score run."""
+"""``distcur select``: a budget of prior steps (or the top x% of clusters, or those above a threshold) of a score run.
+
+The selection flags are built from :class:`distcur.select.SelectConfig` (``--config`` YAML: any of
+its fields; the flags win); the run names and exports are the stage's own arguments
+(:func:`distcur.stages.select.run`)."""
 
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
     p.add_argument("--scores", required=True, help="score run to select from (scores/<run>)")
     p.add_argument("--run", required=True, help="output run name: writes selections/<run>")
-    add_config_flags(p, SelectConfig, flags=FLAGS, helps=HELPS, choices={"level": SELECT_LEVELS, "weighting": WEIGHTINGS})
+    names = add_config_flags(p, SelectConfig, flags=FLAGS, helps=HELPS,
+                             choices={"level": SELECT_LEVELS, "weighting": WEIGHTINGS})
     p.add_argument("--config", default=None, metavar="YAML", help="SelectConfig options; the flags above win over it")
     add_rerun_options(p)
     p.add_argument("--export-lerobot", action="store_true",
@@ -40,22 +45,20 @@ def register(sub) -> None:
     p.add_argument("--export-hdf5-mask", default=None, metavar="KEY",
                    help="for HDF5-ingested sources: copies of the files under selections/<run>/hdf5/ with "
                         "mask/KEY = the selected demos (the originals are never written)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_names=names)
 
 
 def run(args) -> int:
-    from distcur.select import lerobot_key, run_select
+    from distcur.stages import select
 
-    config = config_from_args(SelectConfig, args, list(HELPS), args.config)
-    m = run_select(output_store(args.store, args), args.scores, args.run, config, export_lerobot=args.export_lerobot,
+    config = config_from_args(SelectConfig, args, args.config_names, args.config)
+    m = select.run(output_store(args.store, args), args.scores, args.run, config, export_lerobot=args.export_lerobot,
                    dense=not args.export_sparse, alpha=args.alpha, export_hdf5_mask=args.export_hdf5_mask)
     out = {"selection": f"selections/{args.run}", "rows": m.rows,
            "selected_fraction": m.metadata.get("selected_fraction")}
     if args.export_lerobot:
-        out["lerobot"] = lerobot_key(args.run)
+        out["lerobot"] = select.lerobot_key(args.run)
     if args.export_hdf5_mask:
-        from distcur.select import hdf5_mask_dir
-
-        out["hdf5"] = hdf5_mask_dir(args.run)
+        out["hdf5"] = select.hdf5_mask_dir(args.run)
     print(json.dumps(out, indent=2))
     return 0

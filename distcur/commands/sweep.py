@@ -1,41 +1,31 @@
-"""``distcur sweep``: Ray Tune over scorer, KDE bandwidth, top-x% and alpha (ASHA on the proxy)."""
+"""``distcur sweep``: Ray Tune over scorer, KDE bandwidth, top-x% and alpha (ASHA on the proxy).
+
+The flags are built from :class:`distcur.stages.sweep.SweepConfig`, its training options
+(``train: TrainConfig``) included (``--lr``, ``--hidden``, ...); ``--config`` YAML: any of its
+fields, the flags winning."""
 
 from __future__ import annotations
 
-from distcur.config import DEFAULT_STORE
-from distcur.methods import names
+from distcur.config import add_config_flags, config_from_args
+from distcur.stages.sweep import PER_TRIAL, SweepConfig
+
+FLAGS = {"top_percents": "--top", "train.steps": "--train-steps"}
+HELPS = {"train.steps": "training steps of each trial"}
 
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="Ray Tune sweep of scorer / bandwidth / top-x%% / alpha; results at sweeps/<run>")
-    p.add_argument("--store", default=DEFAULT_STORE, help="store URI with the prior, target and embeddings")
-    p.add_argument("--target", default=None, help="target task (default pick-place-wall-v3)")
-    p.add_argument("--run", default=None, help="sweep name (default sweep)")
-    p.add_argument("--methods", nargs="+", default=None, choices=names("scorer"), metavar="METHOD",
-                   help=f"scorers to sweep: {', '.join(names('scorer'))}")
-    p.add_argument("--bandwidths", nargs="+", default=None,
-                   help="IWR KDE bandwidths: scott, silverman, likelihood or a number")
-    p.add_argument("--top", nargs="+", type=float, default=None, dest="top_percents", help="top-x%% values")
-    p.add_argument("--alphas", nargs="+", type=float, default=None, help="co-training target probabilities")
-    p.add_argument("--objective", choices=("proxy", "success"), default=None,
-                   help="proxy: held-out target BC loss with ASHA early stopping; success: MetaWorld rollouts")
-    p.add_argument("--train-steps", type=int, default=None)
-    p.add_argument("--report-every", type=int, default=None)
-    p.add_argument("--max-concurrent", type=int, default=None)
+    names = add_config_flags(p, SweepConfig, flags=FLAGS, helps=HELPS,
+                             skip=tuple(f"train.{n}" for n in PER_TRIAL))
     p.add_argument("--config", default=None, help="YAML with any SweepConfig field")
-    p.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_names=names)
 
 
 def run(args) -> int:
-    from distcur.config import load_config
-    from distcur.distributed.sweep import SweepConfig, run_sweep
+    from distcur.stages import sweep
 
-    fields = ("store", "target", "run", "methods", "bandwidths", "top_percents", "alphas", "objective",
-              "train_steps", "report_every", "max_concurrent", "address")
-    overrides = {f: getattr(args, f) for f in fields}
-    cfg = load_config(SweepConfig, args.config, **overrides)
-    table = run_sweep(cfg)
+    cfg = config_from_args(SweepConfig, args, args.config_names, args.config)
+    table = sweep.run(cfg)
     metric = "proxy_loss" if cfg.objective == "proxy" else "success"
     rows = sorted(table.to_pylist(), key=lambda r: r[metric], reverse=cfg.objective == "success")
     print(f"{'method':<10}{'bw':>9}{'top%':>7}{'alpha':>7}{metric:>12}{'steps':>7}")

@@ -31,6 +31,8 @@ Bandwidths (in each KDE's whitened units):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from distcur.methods import IWR_KERNELS as KERNELS
@@ -43,7 +45,6 @@ from distcur.score.kde import (
     log_normaliser,
     whitening,
 )
-from distcur.store import Manifest, Store
 
 HELDOUT_FOLDS = 5
 
@@ -121,43 +122,39 @@ def iwr_log_weights(prior_z: np.ndarray, target_z: np.ndarray, bandwidth: str | 
     return log_kde_partial_sums(yp_t, yt, h_t) - log_kde_partial_sums(yp, yp, h_p) + const
 
 
-def run_iwr(
-    store: Store,
-    prior_keys: list[str],
-    target_key: str,
-    out_key: str,
-    bandwidth: str | float = "scott",
-    mode: str = "exact",
-    kernel: str = "shared-prior",
-    num_shards: int | None = None,
-    subsample: int | None = None,
-    address: str | None = None,
-    executor: str | None = None,
-) -> Manifest:
-    """Score every prior step by IWR on Ray and commit a scores table (SCORE_SCHEMA, method="iwr").
+def relative_std(lse: np.ndarray, lse_sq: np.ndarray, s: int, n: int) -> np.ndarray:
+    """Relative std of the subsample density estimate mean_j K_j from s of n references.
 
-    prior_keys / target_key: embedding tables (EMBEDDING_SCHEMA) in ``store``. mode "exact" sums
-    over every prior point (query blocks x reference shards, logsumexp-reduced); mode "subsample"
-    uses a uniform random subsample of ``subsample`` prior points as the prior KDE's references
-    (unbiased for the density) and reports its estimation error in the manifest metadata.
-    ``kernel``: ``"shared-prior"`` or ``"per-set"`` (module docstring). ``bandwidth="likelihood"``
-    holds out whole target episodes (source, episode). ``num_shards``: reference shards = query
-    blocks (default: one per 100k prior rows).
-    ``address``: a Ray cluster to join (default: local Ray or RAY_ADDRESS). ``executor``: how the
-    KDE partial sums run, ``"tasks"`` (a grid of Ray tasks) or ``"ray-data"`` (a Ray Data dataset of
-    query blocks); the same numbers either way (default
-    :data:`distcur.distributed.kde.DEFAULT_EXECUTOR`).
+    ``lse`` = log sum_j K_j and ``lse_sq`` = log sum_j K_j^2 over the subsample; the finite-population
+    variance of a mean of s draws without replacement is (1 - s/n) sigma^2 / s.
     """
-    from distcur.distributed.kde import DEFAULT_EXECUTOR
-    from distcur.methods import IwrConfig
+    second_over_first_sq = np.exp(lse_sq - 2 * lse + math.log(s))  # E[K^2] / E[K]^2
+    sigma2_rel = np.maximum(second_over_first_sq - 1.0, 0.0) * s / max(s - 1, 1)
+    return np.sqrt((1.0 - s / n) * sigma2_rel / s)
 
-    bandwidth = IwrConfig(bandwidth=bandwidth, mode=mode, kernel=kernel, num_shards=num_shards, subsample=subsample,
-                          executor=executor).bandwidth  # the options' checks; "0.3" -> 0.3
-    executor = DEFAULT_EXECUTOR if executor is None else executor
-    if not prior_keys:
-        raise ValueError("run_iwr: prior_keys is empty")
-    from distcur.distributed.kde import distributed_iwr
 
-    return distributed_iwr(store, list(prior_keys), target_key, out_key, bandwidth=bandwidth, mode=mode,
-                           kernel=kernel, num_shards=num_shards, subsample=subsample, address=address,
-                           executor=executor)
+def rel_std_sample(rel_std: np.ndarray) -> np.ndarray:
+    """At most 1000 of a part's relative stds (drawn by a seed of their count) and their maximum."""
+    rng = np.random.default_rng(len(rel_std))
+    return np.concatenate([rng.choice(rel_std, min(1000, len(rel_std)), replace=False), [rel_std.max()]])
+
+
+def subsample_error(rel_std: np.ndarray, probe_exact_lse: np.ndarray, probe_sub_lse: np.ndarray, s: int, n: int,
+                    seed: int) -> dict:
+    """The error of a subsample prior density: estimated (``rel_std``, the parts' samples of
+    :func:`relative_std`) and measured on probe points (their kernel log-sums over all ``n`` prior
+    points and over the ``s`` subsample references)."""
+    exact = probe_exact_lse - math.log(n)
+    approx = probe_sub_lse - math.log(s)
+    rel_err = np.abs(np.expm1(approx - exact))
+    return {
+        "size": s,
+        "fraction": s / n,
+        "seed": seed,
+        "estimated_relative_std": {"median": float(np.median(rel_std)), "p90": float(np.quantile(rel_std, 0.9)),
+                                   "max": float(rel_std.max())},
+        "probe_points": len(exact),
+        "measured_relative_error": {"median": float(np.median(rel_err)), "p90": float(np.quantile(rel_err, 0.9)),
+                                    "max": float(rel_err.max())},
+        "measured_log_error_rms": float(np.sqrt(np.mean((approx - exact) ** 2))),
+    }

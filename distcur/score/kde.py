@@ -8,7 +8,7 @@ with ``Sigma = L L^T``::
 
 The logsumexp over references decomposes into partial sums over blocks (or shards) of the
 references, combined by a logsumexp reduction: that is what makes the exact computation
-distribute (see :mod:`distcur.distributed.kde`). Within one block the exponents come out of a
+distribute (see :mod:`distcur.stages.score`). Within one block the exponents come out of a
 single float32 GEMM (q log2(e) / h^2 against the references); one fused, vectorised pass
 (:func:`distcur.score._fastexp.exp2_row_sums`) exponentiates them, shifted by each row's maximum
 over the first reference block, and sums them row-wise. The shift makes every row sum >= 1 (no

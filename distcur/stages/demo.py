@@ -222,19 +222,19 @@ def write_heldout_target(store: Store, prior_cfg: MetaWorldPriorConfig, n: int) 
 
 def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
     """Score and select with every method in ``cfg.methods``; {method: selection run or None}."""
-    from distcur.distributed.embed import EmbedConfig, run_embed
-    from distcur.distributed.score import score
-    from distcur.select import SelectConfig, run_select
+    from distcur.select import SelectConfig
+    from distcur.stages import embed, score, select
 
     selections: dict[str, str | None] = {}
     if any(m in ("br", "strap", "iwr") for m in cfg.methods):
-        run_embed(store, EmbedConfig(encoder="vae", encoder_options=dict(cfg.vae)), address=cfg.address)
+        embed.run(store, embed.EmbedConfig(encoder="vae", encoder_options=dict(cfg.vae)), address=cfg.address)
     for method in cfg.methods:
         run = f"{cfg.run}-{method}"
         t0 = time.time()
         if method in SCORERS or method in RANDOM_METHODS:
-            score(store, "random" if method in RANDOM_METHODS else method, cfg.target, run, address=cfg.address,
-                  **scorer_options(cfg, method))
+            score.run(store, score.ScoreConfig(method="random" if method in RANDOM_METHODS else method,
+                                               target=cfg.target, run=run, scorer=scorer_options(cfg, method)),
+                      address=cfg.address)
         elif method in DATAMODELS:
             from distcur.stages import datamodel
 
@@ -247,7 +247,7 @@ def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
             continue
         select_cfg = SelectConfig(budget_percent=cfg.budget_percent, level=cfg.level_of(method), horizon=cfg.horizon,
                                   tie_seed=cfg.tie_seed)
-        m = run_select(store, run, run, select_cfg)
+        m = select.run(store, run, run, select_cfg)
         selections[method] = run
         log.info("%s: scored and selected %.1f%% of the prior's steps (%s level) in %.1f s", method,
                  100 * m.metadata["selected_fraction"], select_cfg.level, time.time() - t0)
@@ -293,7 +293,7 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     """Commit the selection of a baseline (all data) under ``selections/<run>-<kind>``."""
     from distcur.data import default_prior_sources
-    from distcur.select import selection_metadata
+    from distcur.stages.select import selection_metadata
     from distcur.stages.train import baseline_selection
 
     run = f"{cfg.run}-{kind}"
@@ -445,7 +445,8 @@ def run_demo(cfg: DemoConfig, force: bool = False) -> pa.Table:
 def selection_diagnostics(store: Store, selections: dict[str, str | None], target: str) -> dict[str, dict]:
     """Per method: its selection's level, size and make-up and its overlap (Jaccard of the step sets)
     with every other method's selection."""
-    from distcur.composition import pairwise_jaccard, selection_composition
+    from distcur.composition import pairwise_jaccard
+    from distcur.stages.select import selection_composition
 
     out: dict[str, dict] = {}
     tables = {}

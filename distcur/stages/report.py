@@ -451,7 +451,7 @@ def build_report(store: Store, runs: str | Sequence[str] | None = None) -> str:
 
     comps = {label: m.metadata.get("composition") for label, m in sel_meta.items() if m.metadata.get("composition")}
     if len(targets) == 1:  # a selection whose scores did not name the target counted no target-task steps
-        from distcur.composition import selection_composition
+        from distcur.stages.select import selection_composition
 
         for label, m in sel_meta.items():
             if label in comps and not m.metadata.get("target") and comps[label].get("selected_steps"):

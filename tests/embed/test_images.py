@@ -4,47 +4,22 @@ stage on an image source through Ray Data (decoding inside its actors)."""
 from __future__ import annotations
 
 import io
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from distcur.data import embeddings_key, steps_key
-from distcur.distributed.embed import EmbedConfig, embed_table, load_encoder, run_embed, sample_steps
 from distcur.embed import images as im
 from distcur.embed.backbone import DinoViT, load_backbone, normalize_frames, weights_kind
 from distcur.embed.encoders import available_encoders, build_encoder, encoder_from_bytes
-from distcur.schema import list_column_to_numpy, steps_table
 from distcur.sources.common import encode_image
-from distcur.store import Store
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from image_factory import blob_frames  # noqa: E402
 
 PIL = pytest.importorskip("PIL.Image")
-
-
-def blob_frames(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frames of one bright square on a dark background whose position is a 2-d latent (the 'state')."""
-    rng = np.random.default_rng(seed)
-    pos = rng.uniform(0, 1, size=(n, 2)).astype(np.float32)
-    frames = np.full((n, size, size, 3), 20, np.uint8)
-    s = max(2, size // 5)
-    for i, (x, y) in enumerate(pos):
-        r, c = int(y * (size - s)), int(x * (size - s))
-        frames[i, r:r + s, c:c + s] = (230, 200, 40)
-    return frames, pos
-
-
-def write_image_source(store: Store, source: str, episodes: int, length: int, seed: int, size: int = 32,
-                       fmt: str = "png", rows_per_part: int = 64) -> np.ndarray:
-    n = episodes * length
-    frames, pos = blob_frames(n, size, seed)
-    step = np.tile(np.arange(length), episodes)
-    action = np.concatenate([pos, -pos], 1).astype(np.float32)
-    table = steps_table({"source": source, "episode": np.repeat(np.arange(episodes), length), "step": step,
-                         "task": ["reach"] * n, "state": np.concatenate([pos, pos ** 2], 1), "action": action,
-                         "image": [encode_image(f, fmt) for f in frames],
-                         "is_first": step == 0, "is_last": step == length - 1, "is_terminal": step == length - 1})
-    store.write_table(steps_key(source), table, "ingest", {"seed": seed}, rows_per_part=rows_per_part)
-    return frames
 
 
 def test_decode_png_and_jpeg_resize_and_errors():
@@ -184,52 +159,3 @@ def test_backbone_errors_name_the_weights(tmp_path):
     frames, _ = blob_frames(2, 30, 0)
     with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
         enc.encode({"image": [encode_image(f) for f in frames], "action": np.zeros((2, 1), np.float32)})
-
-
-@pytest.fixture(scope="module")
-def image_store(tmp_path_factory):
-    s = Store(tmp_path_factory.mktemp("images"))
-    write_image_source(s, "cams", episodes=6, length=30, seed=0, rows_per_part=50)
-    write_image_source(s, "target-reach", episodes=2, length=30, seed=1, fmt="jpeg")
-    return s
-
-
-def test_image_sample_is_capped_and_embed_table_names_a_bad_frame(image_store):
-    sample = sample_steps(image_store, ["cams"], ("image", "action", "source", "episode", "step"), 40, seed=0)
-    assert len(sample["image"]) == 40 and isinstance(sample["image"][0], bytes)
-    enc = build_encoder("image-vae", {"image_size": 32, "channels": [8, 16], "latent_dim": 4, "train_steps": 2})
-    enc.fit(sample)
-    table = image_store.read_table(steps_key("cams")).slice(0, 5)
-    images = table.column("image").to_pylist()
-    images[3] = b"broken"
-    import pyarrow as pa
-
-    table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
-    with pytest.raises(im.ImageDecodeError, match=r"source='cams', episode=0, step=3 is not a decodable"):
-        embed_table(enc, table)
-
-
-def test_embed_stage_on_images_through_ray_data(image_store, ray_session):
-    cfg = EmbedConfig(encoder="image-vae", encoder_options={"image_size": 32, "channels": [8, 16], "latent_dim": 6,
-                                                           "train_steps": 30, "fit_rows": 100},
-                      batch_size=40, concurrency=1, device="auto")
-    out = run_embed(image_store, cfg)
-    assert set(out) == {embeddings_key("image-vae", "cams"), embeddings_key("image-vae", "target-reach")}
-    enc_manifest = image_store.manifest("encoders/image-vae")
-    assert enc_manifest.metadata["fit"]["rows"] == 100 and enc_manifest.metadata["fit"]["device"] == "cpu"
-    encoder = load_encoder(image_store, "image-vae")
-    for src, rows in (("cams", 180), ("target-reach", 60)):
-        m = out[embeddings_key("image-vae", src)]
-        assert m.rows == rows and m.metadata["dim"] == 6 + 4 and m.metadata["gpus_per_actor"] == 0
-        got = image_store.read_table(embeddings_key("image-vae", src)).sort_by([("episode", "ascending"),
-                                                                                  ("step", "ascending")])
-        steps = image_store.read_table(steps_key(src)).sort_by([("episode", "ascending"), ("step", "ascending")])
-        expect = embed_table(encoder, steps)  # the same encoder in this process
-        np.testing.assert_allclose(list_column_to_numpy(got.column("z"), "z"),
-                                   list_column_to_numpy(expect.column("z"), "z"), rtol=1e-5, atol=1e-6)
-    # the device is how the work runs, not what it computes: a rerun with --device cpu is skipped
-    again = run_embed(image_store, EmbedConfig(**{**cfg.__dict__, "device": "cpu"}))
-    assert {k: m.fingerprint for k, m in again.items()} == {k: m.fingerprint for k, m in out.items()}
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="'cuda' was asked for but the local Ray has no GPU"):
-            run_embed(Store(image_store.uri, force=True), EmbedConfig(**{**cfg.__dict__, "device": "cuda"}))

@@ -16,9 +16,9 @@ import pytest
 from distcur.cli import main
 from distcur.data import eval_key, scores_key, selection_key, steps_key
 from distcur.schema import SCORE_SCHEMA, SELECTION_SCHEMA, steps_table
-from distcur.select import selection_metadata
 from distcur.stages import evaluate as evaluate_stage
 from distcur.stages.report import DPI, build_report, collect, write_report
+from distcur.stages.select import selection_metadata
 from distcur.stats import percentile_ranks
 from distcur.store import Store
 

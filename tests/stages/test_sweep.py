@@ -2,9 +2,11 @@
 
 import pytest
 
-from distcur.distributed.sweep import SweepConfig, run_sweep
+from distcur.policy.train import TrainConfig
 from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
 from distcur.stages.demo import write_heldout_target
+from distcur.stages.sweep import SweepConfig
+from distcur.stages.sweep import run as run_sweep
 from distcur.store import Store
 
 
@@ -21,7 +23,7 @@ def prior_store(tmp_path_factory):
 def test_grid_runs_every_point_and_commits_results(prior_store, ray_session, monkeypatch, capsys):
     monkeypatch.setenv("DISTCUR_PROGRESS", "1")  # as at a terminal: a bar over the trials
     cfg = SweepConfig(store=prior_store.uri, methods=("sr", "random"), top_percents=(25.0, 50.0), alphas=(0.5,),
-                      train_steps=40, report_every=10, grace_period=1, hidden=(16,), batch_size=32)
+                      report_every=10, grace_period=1, train=TrainConfig(steps=40, hidden=(16,), batch_size=32))
     table = run_sweep(cfg)
     bars = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "sweep sweep trials" in ln]
     assert bars and all("/4 [" in ln for ln in bars) and any(f"| {n}/4 [" in ln for ln in bars for n in (1, 2, 3, 4))

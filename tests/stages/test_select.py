@@ -1,4 +1,5 @@
-"""Selection: top x% / threshold at step, sub-trajectory and episode level; LeRobot export; CLI."""
+"""Selection: top x% / threshold at step, sub-trajectory and episode level; the stage: LeRobot export, a
+selection's make-up, CLI."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 
 from distcur.data import scores_key, selection_key, steps_key
 from distcur.schema import SCORE_SCHEMA, SELECTION_SCHEMA, steps_table
-from distcur.select import SelectConfig, cluster_scores, lerobot_key, run_select, select_steps
+from distcur.select import SelectConfig, cluster_scores, select_steps
+from distcur.stages.select import lerobot_key, selection_composition
+from distcur.stages.select import run as run_select
 from distcur.store import Store
 
 
@@ -173,3 +176,38 @@ def test_cli_score_random_and_select(store, tmp_path, capsys):
     assert "scores/nope is not a committed table" in capsys.readouterr().err
     assert main(["score", "--store", store.uri, "--method", "sr", "--target", "reach", "--run", "r", "--k", "3"]) == 2
     assert "--k" in capsys.readouterr().err
+
+
+def selection_of(rows: list[tuple[str, int, int]]) -> pa.Table:
+    src, ep, st = zip(*rows)
+    return pa.Table.from_arrays([pa.array(src, pa.string()), pa.array(ep, pa.int64()), pa.array(st, pa.int32()),
+                                 pa.array(np.ones(len(rows)), pa.float32())], schema=SELECTION_SCHEMA)
+
+
+@pytest.fixture
+def composition_store(tmp_path):
+    """Four 10-step episodes: 0 a successful 'reach' demo, 1 a failed 'reach' (noisy), 2 a successful
+    'push' demo, 3 a failed 'push' (other_expert); the target task is 'reach'."""
+    s = Store(tmp_path)
+    ep = np.repeat(np.arange(4), 10)
+    step = np.tile(np.arange(10), 4)
+    task = np.where(ep < 2, "reach", "push").astype(object)
+    s.write_table(steps_key("prior"), steps_table({
+        "source": "prior", "episode": ep, "step": step, "task": task, "state": np.zeros((40, 2)),
+        "action": np.zeros((40, 1)), "is_first": step == 0, "is_last": step == 9, "is_terminal": step == 9,
+        "success": np.isin(ep, [0, 2])}), "ingest", {},
+        metadata={"episode_modes": ["success", "noisy", "success", "other_expert"]}, rows_per_part=15)
+    return s
+
+
+def test_composition_of_a_known_selection(composition_store):
+    # 10 steps of episode 1 (target failure), 5 of episode 2 (success), 5 of episode 3 (failure)
+    rows = [("prior", 1, i) for i in range(10)] + [("prior", 2, i) for i in range(5)] + [("prior", 3, i)
+                                                                                        for i in range(5)]
+    c = selection_composition(composition_store, selection_of(rows), "reach")
+    assert c["selected_steps"] == 20 and c["success_share"] == 0.25
+    assert c["target_task_share"] == 0.5 and c["target_failure_share"] == 0.5
+    assert c["tasks"] == {"reach": 0.5, "push": 0.5}
+    assert c["kinds"] == {"noisy": 0.5, "success": 0.25, "other_expert": 0.25}
+    with pytest.raises(ValueError, match="episode=7, step=0 is not in"):
+        selection_composition(composition_store, selection_of([("prior", 7, 0)]), "reach")
