@@ -53,11 +53,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_facts, update_result  # noqa: E402
 
-from distcur.commands.datamodel import DatamodelConfig, MetagradSettings, RegressionSettings
 from distcur.datamodels.metagrad import sqrt_checkpoint_every, weight_meta_gradient
 from distcur.policy.ensemble import batch_weights, init_ensemble, sample_batches, train_ensemble, train_single
 from distcur.policy.functional import AdamConfig, PolicySpec, adam_init, init_params, make_train_step
 from distcur.policy.proxy import make_proxy_fn
+from distcur.stages.datamodel import DatamodelConfig, MetagradSettings, RegressionSettings
 
 DS, DA = 39, 4
 N_POOL, N_CLUSTERS = 20000, 200
@@ -361,7 +361,7 @@ def fd_rel_err() -> float:
 
 
 def lds_on_metaworld(store_uri: str | None, target: str) -> dict:
-    from distcur.commands.datamodel import run_datamodel
+    from distcur.stages import datamodel
     from distcur.store import Store
 
     if store_uri is None:
@@ -373,7 +373,7 @@ def lds_on_metaworld(store_uri: str | None, target: str) -> dict:
     start_ray()
     run = f"bench-datamodel-{int(time.time())}"
     t = time.perf_counter()
-    m = run_datamodel(store, "regression", target, run, DatamodelConfig())
+    m = datamodel.run(store, DatamodelConfig(estimator="regression"), target, run)
     return {"lds": m.metadata["lds"], "store": store_uri, "target": target, "clusters": m.metadata["clusters"],
             "penalty": m.metadata["penalty"], "wall_s": time.perf_counter() - t,
             "proxy_std": m.metadata["proxy_std"], "proxy": DatamodelConfig().proxy,

@@ -23,6 +23,7 @@ table (groups = task), evaluated by per-task success. Merges records ``"task":
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -44,7 +45,8 @@ def machine() -> dict:
 # -- toy ---------------------------------------------------------------------------------------
 def run_toy(args) -> dict:
     from distcur.policy.functional import PolicySpec
-    from distcur.rebalance.dro import DROConfig, dro_rebalance, train_weighted_bc
+    from distcur.policy.train import train_weighted_bc
+    from distcur.rebalance.dro import DROConfig, dro_rebalance
     from distcur.rebalance.frequency import frequency_alpha
     from distcur.rebalance.group import alpha_to_sample_weights, groups_from_labels, kmeans_groups
     from distcur.rebalance.metagrad import MetaGradConfig, metagrad_rebalance
@@ -126,11 +128,13 @@ def run_metaworld(args) -> dict:
     from distcur.data import load_steps
     from distcur.evaluate.metaworld import evaluate_success
     from distcur.policy.loaded import TrainedPolicy
-    from distcur.policy.train import TrainConfig, TrainingData, read_selection, train_policy
+    from distcur.policy.train import TrainConfig, TrainingData, train_policy
     from distcur.rebalance.dro import DROConfig
     from distcur.rebalance.metagrad import MetaGradConfig
-    from distcur.rebalance.pipeline import RebalanceConfig, run_rebalance
     from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
+    from distcur.stages import rebalance
+    from distcur.stages.rebalance import RebalanceConfig
+    from distcur.stages.train import read_selection
     from distcur.store import Store
 
     t_start = time.time()
@@ -163,7 +167,7 @@ def run_metaworld(args) -> dict:
         if method == "uniform":
             continue
         t = time.time()
-        m = run_rebalance(store, method, run=f"imbalanced-{method}", config=small)
+        m = rebalance.run(store, dataclasses.replace(small, method=method), f"imbalanced-{method}")
         weights_s[method] = round(time.time() - t, 1)
         sel = read_selection(store, f"imbalanced-{method}")
         assert np.array_equal(sel.column("episode").to_numpy(), steps.episode)

@@ -27,10 +27,11 @@ import torch
 
 from distcur.data import target_source
 from distcur.evaluate.metaworld import evaluate_success, rollout_steps_per_s
-from distcur.evaluate.proxy import proxy_loss_on_source
 from distcur.policy.loaded import TrainedPolicy
-from distcur.policy.train import TrainConfig, baseline_selection, load_training_data, train_to_store
+from distcur.policy.train import TrainConfig
 from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
+from distcur.stages.evaluate import proxy_loss_on_source
+from distcur.stages.train import baseline_selection, load_policy, load_training_data, train_to_store
 from distcur.store import Store
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +47,7 @@ def train_method(store: Store, task: str, kind: str, cfg: TrainConfig, run: str)
     wall = time.perf_counter() - t0
     info = {"run": run, "n_target": data.n_target, "n_prior": data.n_prior, "train_wall_s": round(wall, 2),
             "manifest_wall_s": manifest.wall_s, "final_loss": manifest.metadata.get("history", [{}])[-1].get("loss")}
-    return TrainedPolicy.load(store, run), info
+    return load_policy(store, run), info
 
 
 def evaluate(policy, task, episodes, seeds, parallel) -> dict:

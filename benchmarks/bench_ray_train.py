@@ -31,15 +31,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine_facts, summarize  # noqa: E402
 
-from distcur.commands.datamodel import DatamodelConfig, MetagradSettings, RegressionSettings  # noqa: E402
-from distcur.datamodels.metagrad import datamil_metagrad_scores  # noqa: E402
-from distcur.datamodels.subsets import SubsetTrainingData, subset_masks  # noqa: E402
-from distcur.distributed.datamodels import SubsetTrainSettings, run_subset_batches  # noqa: E402
-from distcur.distributed.metagrad import MetagradFold, run_metagrad_iterations  # noqa: E402
+from distcur.datamodels.metagrad import (
+    MetagradFold,  # noqa: E402
+    datamil_metagrad_scores,  # noqa: E402
+)
+from distcur.datamodels.subsets import (  # noqa: E402
+    SubsetTrainingData,
+    SubsetTrainSettings,  # noqa: E402
+    subset_masks,
+)
+from distcur.distributed.datamodels import RayTasks, RayTrain  # noqa: E402
 from distcur.distributed.raytrain import RayTrainSettings  # noqa: E402
 from distcur.distributed.session import ensure_ray  # noqa: E402
 from distcur.policy.functional import AdamConfig, PolicySpec  # noqa: E402
 from distcur.policy.proxy import make_proxy_fn  # noqa: E402
+from distcur.stages.datamodel import (  # noqa: E402
+    DatamodelConfig,
+    MetagradSettings,
+    RegressionSettings,
+    run_metagrad_iterations,
+    run_subset_batches,
+)
 from distcur.store import Store  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "datamodels.json")
@@ -70,8 +82,8 @@ def time_batches(executor: str, data, spec, cfg: DatamodelConfig, n_models: int,
     with tempfile.TemporaryDirectory() as d:
         store = Store(d)
         t0 = time.perf_counter()
-        _, st = run_subset_batches(store, "bench", models, masks, data, settings, r.models_per_batch, INPUTS,
-                                   executor=executor, ray_train=workers)
+        runner = RayTrain(workers) if executor == "ray-train" else RayTasks()
+        _, st = run_subset_batches(store, "bench", models, masks, data, settings, r.models_per_batch, INPUTS, runner)
         wall = time.perf_counter() - t0
     assert st["trained"] == len(range(0, n_models, r.models_per_batch)), st
     print(f"  batches {executor}: {wall:.1f} s ({st['trained']} batches)", flush=True)
@@ -87,7 +99,8 @@ def time_metagrad(parallel: bool, data, spec, cfg: DatamodelConfig, iterations: 
     if parallel:
         with tempfile.TemporaryDirectory() as d:
             (grads, _, _), = run_metagrad_iterations(Store(d), "bench", [MetagradFold(0, data, spec, adam, run_cfg,
-                                                                                      cfg.proxy)], INPUTS, workers)
+                                                                                      cfg.proxy)], INPUTS,
+                                                     RayTrain(workers))
     else:
         proxy_fn = make_proxy_fn(spec, torch.as_tensor(data.proxy_obs), torch.as_tensor(data.proxy_act), cfg.proxy)
         grads, _ = datamil_metagrad_scores(spec, adam, torch.as_tensor(data.obs), torch.as_tensor(data.act),

@@ -10,7 +10,7 @@ each subset (the sum of tau over its clusters: the predicted change in proxy los
 better) and
 
 * (a) each policy's proxy on the held-out target demos: the datamodel's own proxy kind (``mse``
-  or ``nll``) and the pipeline's BC NLL (:func:`distcur.evaluate.proxy.proxy_loss_on_source`);
+  or ``nll``) and the pipeline's BC NLL (:func:`distcur.stages.evaluate.proxy_loss_on_source`);
 * (b) its rollout success (:func:`distcur.evaluate.metaworld.evaluate_success`), correlated with
   the negated prediction, so that positive means "predicted better, succeeds more".
 
@@ -51,12 +51,13 @@ from distcur.data import (  # noqa: E402
     target_source,
 )
 from distcur.evaluate.metaworld import evaluate_success  # noqa: E402
-from distcur.evaluate.proxy import load_heldout, proxy_loss_on_source  # noqa: E402
 from distcur.policy.functional import PolicySpec  # noqa: E402
 from distcur.policy.loaded import TrainedPolicy  # noqa: E402
 from distcur.policy.proxy import proxy_loss  # noqa: E402
-from distcur.policy.train import TrainConfig, load_training_data, train_policy  # noqa: E402
+from distcur.policy.train import TrainConfig, train_policy  # noqa: E402
 from distcur.schema import SELECTION_SCHEMA  # noqa: E402
+from distcur.stages.evaluate import load_heldout, proxy_loss_on_source  # noqa: E402
+from distcur.stages.train import load_training_data  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
 log = logging.getLogger("datamodel_transfer")

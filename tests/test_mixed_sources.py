@@ -6,6 +6,7 @@ evaluation; a task with no simulator is evaluated by the proxy only, and says so
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -13,14 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from distcur.cli import main as cli_main
-from distcur.commands.datamodel import make_config, run_datamodel
 from distcur.data import eval_key, source_metadata_of, steps_key, target_source
 from distcur.policy.actions import ActionStandardizer, choose_mode, statistics_differ
-from distcur.policy.loaded import TrainedPolicy
-from distcur.policy.train import TrainConfig, baseline_selection, load_training_data, train_to_store
+from distcur.policy.train import TrainConfig
 from distcur.rebalance.dro import DROConfig
-from distcur.rebalance.pipeline import RebalanceConfig, run_rebalance
 from distcur.sources.parquet import ingest_parquet
+from distcur.stages import datamodel, rebalance
+from distcur.stages.datamodel import make_config
+from distcur.stages.rebalance import RebalanceConfig
+from distcur.stages.train import baseline_selection, load_policy, load_training_data, train_to_store
 from distcur.store import Store
 
 TASK = "synth-reach"
@@ -86,10 +88,10 @@ def test_datamodel_and_rebalance_never_read_images(ray_session, stores):
     cfg = make_config({"hidden": [16], "batch_size": 32,
                        "regression": {"num_models": 8, "heldout_models": 4, "steps": 10, "models_per_batch": 8,
                                       "cv_folds": 3, "lds_independent_seeds": False}})
-    m = run_datamodel(store, "regression", TASK, "dm", cfg)
+    m = datamodel.run(store, replace(cfg, estimator="regression"), TASK, "dm")
     assert m.config["prior_sources"] == ["robot"]  # the store's non-target sources
-    run_rebalance(store, "dro", "balanced", RebalanceConfig(groups="task", hidden=(16,),
-                                                           dro=DROConfig(steps=5, reference_steps=5, batch_size=32)))
+    rebalance.run(store, RebalanceConfig(method="dro", groups="task", hidden=(16,),
+                                         dro=DROConfig(steps=5, reference_steps=5, batch_size=32)), "balanced")
     step_reads = [(k, c) for k, c in store.reads if k.startswith("steps/")]
     assert {k for k, _ in step_reads} == {steps_key("robot"), steps_key(target_source(TASK))}
     for key, columns in step_reads:
@@ -154,7 +156,7 @@ def test_mixed_action_spaces_are_standardised_per_source_and_undone_at_evaluatio
         tc = TrainConfig(**cfg, action_normalization=mode)
         d = load_training_data(mixed, target, baseline_selection(mixed, "all"), action_normalization=mode)
         train_to_store(mixed, f"pol-{mode}", d, tc)
-        policy = TrainedPolicy.load(mixed, f"pol-{mode}")
+        policy = load_policy(mixed, f"pol-{mode}")
         assert (policy.action_norm is not None) == (mode == "per-source")
         errors[mode] = float(np.abs(policy(states) - actions).mean())
     # mapped back to the target's units (the target's actions are in [-1, 1], the prior's in [-50, 150]),

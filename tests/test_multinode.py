@@ -7,7 +7,7 @@ lineage on the head, and the stage's output must equal an undisturbed run's exac
 
 - IWR (distributed KDE partial sums, :func:`distcur.stages.score.run_iwr`, as a Ray task grid and on
   Ray Data): scores table;
-- a DataMIL regression batch run (:func:`distcur.distributed.datamodels.run_subset_batches`):
+- a DataMIL regression batch run (:func:`distcur.stages.datamodel.run_subset_batches`):
   the merged (model, proxy loss) table.
 """
 
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 
 pytest.importorskip("distcur.distributed.kde", reason="distributed KDE (distcur/distributed/kde.py) not built yet")
-pytest.importorskip("distcur.distributed.datamodels", reason="distributed datamodels not built yet")
+pytest.importorskip("distcur.stages.datamodel", reason="the datamodel stage not built yet")
 
 from distcur.data import embeddings_key  # noqa: E402
 from distcur.schema import EMBEDDING_SCHEMA  # noqa: E402
@@ -139,14 +139,10 @@ def test_iwr_scores_survive_losing_a_node(cluster, tmp_path, executor):
 
 # In `make test` (the node-loss check every change gets); the IWR one above is in the slow set.
 def test_datamodel_batches_survive_losing_a_node(cluster, tmp_path):
-    from distcur.datamodels.subsets import SubsetTrainingData, subset_masks
-    from distcur.distributed.datamodels import (
-        SubsetTrainSettings,
-        batch_key,
-        plan_batches,
-        run_subset_batches,
-    )
+    from distcur.datamodels.subsets import SubsetTrainingData, SubsetTrainSettings, plan_batches, subset_masks
+    from distcur.distributed.datamodels import RayTasks
     from distcur.policy.functional import AdamConfig, PolicySpec
+    from distcur.stages.datamodel import batch_key, run_subset_batches
 
     store = Store(str(tmp_path / "store"))
     rng = np.random.default_rng(1)
@@ -170,7 +166,7 @@ def test_datamodel_batches_survive_losing_a_node(cluster, tmp_path):
 
     _add_worker(cluster)
     reference, stats = run_subset_batches(store, "undisturbed", models, masks, data, settings, per_batch, {},
-                                          max_retries=3)
+                                          RayTasks(max_retries=3))
     assert stats == {"batches": n_batches, "trained": n_batches, "skipped": 0}
 
     def committed() -> int:
@@ -179,7 +175,7 @@ def test_datamodel_batches_survive_losing_a_node(cluster, tmp_path):
     worker = _add_worker(cluster)
     with NodeKiller(cluster, worker, committed) as killer:
         disturbed, stats = run_subset_batches(store, "disturbed", models, masks, data, settings, per_batch, {},
-                                              max_retries=3)
+                                              RayTasks(max_retries=3))
     assert killer.error is None, killer.error
     assert killer.progress_at_removal is not None, "the worker node was never removed"
     assert killer.progress_at_removal < n_batches, "the stage finished before the node was removed"

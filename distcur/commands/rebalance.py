@@ -6,43 +6,35 @@
 
 Writes ``selections/<run>`` (source, episode, step, weight) for ``distcur train --selection``
 and prints the groups, their sizes and weights (and the chosen k for k-means) as JSON.
-Command-line flags override the YAML; a rerun with the same config and inputs is skipped.
+Every option of :class:`~distcur.stages.rebalance.RebalanceConfig` is a flag (``--dro-steps``,
+``--metagrad-lr``, ... for the methods' nested ones) and a YAML key; the flags override the YAML;
+a rerun with the same config and inputs is skipped.
 """
 
 from __future__ import annotations
 
 import json
 
-from distcur.config import DEFAULT_STORE
+from distcur.config import DEFAULT_STORE, add_config_flags, config_from_args
 
 
 def register(sub) -> None:
+    from distcur.stages.rebalance import RebalanceConfig
+
     p = sub.add_parser("rebalance", help="rebalance imbalanced demonstrations (balanced BC group weights)")
-    p.add_argument("--method", choices=("frequency", "dro", "metagrad"), default=None,
-                   help="group weighting (default: the config's, else frequency)")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI (folder or s3://bucket/prefix)")
     p.add_argument("--run", required=True, help="output name: the weights table goes to selections/<run>")
-    p.add_argument("--groups", choices=("task", "source", "kmeans"), default=None,
-                   help="groups from task or source labels, or discovered by k-means (default: task)")
-    p.add_argument("--k", type=int, default=None, help="k-means: number of groups (default: best silhouette)")
-    p.add_argument("--sources", nargs="+", default=None, help="step sources to rebalance (default: all)")
-    p.add_argument("--embeddings", default=None, help="k-means on embeddings/<ENCODER> instead of state-action")
     p.add_argument("--config", default=None, help="YAML with RebalanceConfig options (dro: / metagrad: nest)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--trusted", nargs="+", default=None, metavar="GROUP",
-                   help="metagrad: groups whose validation loss is the objective (default: all groups)")
+    names = add_config_flags(p, RebalanceConfig)
     p.add_argument("--force", action="store_true", help="recompute even when the committed output matches")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_names=names)
 
 
 def run(args) -> int:
-    from distcur.config import load_config
-    from distcur.rebalance.pipeline import RebalanceConfig, run_rebalance
+    from distcur.stages import rebalance
 
-    cfg = load_config(RebalanceConfig, args.config, method=args.method, groups=args.groups, k=args.k,
-                      sources=args.sources, embeddings=args.embeddings, seed=args.seed,
-                      trusted=args.trusted)
-    manifest = run_rebalance(args.store, run=args.run, config=cfg, force=args.force)
+    cfg = config_from_args(rebalance.RebalanceConfig, args, args.config_names, args.config)
+    manifest = rebalance.run(args.store, cfg, args.run, force=args.force)
     meta = manifest.metadata
     print(json.dumps({k: meta.get(k) for k in ("method", "grouping", "k", "groups", "group_counts", "alpha",
                                                 "silhouette")} | {"rows": manifest.rows}, indent=2))

@@ -29,12 +29,13 @@ Two DataMIL estimators on top, the ``recipe`` of :class:`MetagradRunConfig`:
   and the round's moves are applied afterwards in iteration order. R = 1 is the sequence.
 
 Each iteration is a pure function of its inputs (:func:`metagrad_iteration`), so it can run on
-any worker and be committed on its own (:mod:`distcur.distributed.metagrad`).
+any worker and be committed on its own (:mod:`distcur.stages.datamodel`, :class:`MetagradFold`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distcur.datamodels.subsets import SubsetTrainingData
 from distcur.policy.ensemble import sample_batches
 from distcur.policy.functional import (
     AdamConfig,
@@ -383,7 +385,7 @@ def datamil_metagrad_scores(
     T - K forward steps on the target rows and the non-candidate clusters, then K steps where the
     candidates join the batches at weight 0 and the proxy is differentiated with respect to their
     weights. A negative mean (the proxy is a loss) means that up-weighting the cluster helps.
-    The iterations are independent: :mod:`distcur.distributed.metagrad` spreads them over Ray
+    The iterations are independent: the datamodel stage's Ray Train executor spreads them over Ray
     Train workers. ``on_iteration()`` is called after each iteration (a progress bar's update).
     """
     cluster_np = cluster.numpy()
@@ -550,3 +552,44 @@ def datamil_reference_scores(
             on_iteration()
     score, count = combine_reference(scores, n_clusters)
     return score, count, round_pools(scores, n_clusters, cfg, round_size)[1]
+
+
+def bits_fingerprint(x: np.ndarray) -> str:
+    """A short hash of a bool vector (a candidate set, a training pool)."""
+    return hashlib.sha256(np.packbits(np.asarray(x, bool)).tobytes()).hexdigest()[:16]
+
+
+def data_fingerprint(data: SubsetTrainingData) -> str:
+    """sha256 of the training and proxy arrays (what the cluster level, horizon, injection and
+    normalisation made of the inputs)."""
+    h = hashlib.sha256()
+    for a in (data.obs, data.act, data.group, data.proxy_obs, data.proxy_act):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(str(data.n_clusters).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class MetagradFold:
+    """One fold's meta-gradient iterations: its arrays, policy, optimiser and run config."""
+
+    fold: int
+    data: SubsetTrainingData
+    spec: PolicySpec
+    adam: AdamConfig
+    run_cfg: MetagradRunConfig
+    proxy: str
+    round_size: int = 1  # datamil recipe: iterations per round (distcur: every iteration is one round)
+
+    def rounds(self) -> list[range]:
+        n = self.run_cfg.iterations
+        size = n if self.run_cfg.recipe == "distcur" else self.round_size
+        return [range(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+    def iteration_config(self, it: int, candidates: np.ndarray, pool: np.ndarray | None, data_fp: str) -> dict:
+        return {"fold": self.fold, "iteration": it, "run": dataclasses.asdict(self.run_cfg),
+                "spec": {"hidden": list(self.spec.hidden), "state_dim": self.spec.state_dim,
+                         "action_dim": self.spec.action_dim},
+                "adam": dataclasses.asdict(self.adam), "proxy": self.proxy, "round_size": self.round_size,
+                "candidates": bits_fingerprint(candidates),
+                "pool": None if pool is None else bits_fingerprint(pool), "data": data_fp}

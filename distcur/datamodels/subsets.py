@@ -109,3 +109,49 @@ def train_subset_models(
     losses = ensemble_loss(params, spec, torch.as_tensor(data.proxy_obs, device=device),
                            torch.as_tensor(data.proxy_act, device=device), proxy)
     return losses.double().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class SubsetTrainSettings:
+    """How each subset model is trained (identical for every batch of a run)."""
+
+    spec: PolicySpec
+    adam: AdamConfig
+    steps: int
+    batch_size: int
+    target_fraction: float
+    seed: int
+    shared_init: bool = True  # every model starts from the same init and sees the same minibatch rows
+    proxy: str = "nll"  # distcur.policy.proxy.PROXIES
+
+    def as_dict(self) -> dict:
+        return {
+            "hidden": list(self.spec.hidden),
+            "state_dim": self.spec.state_dim,
+            "action_dim": self.spec.action_dim,
+            "adam": self.adam.__dict__,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "target_fraction": self.target_fraction,
+            "seed": self.seed,
+            "shared_init": self.shared_init,
+            "proxy": self.proxy,
+        }
+
+
+def plan_batches(models: np.ndarray, models_per_batch: int) -> list[np.ndarray]:
+    """Model ids cut into consecutive batches."""
+    if models_per_batch <= 0:
+        raise ValueError(f"models_per_batch must be positive, got {models_per_batch}")
+    return [models[i : i + models_per_batch] for i in range(0, len(models), models_per_batch)]
+
+
+def train_batch(data: SubsetTrainingData, batch: int, models: np.ndarray, masks: np.ndarray,
+                settings: SubsetTrainSettings, device: torch.device | str = "cpu") -> np.ndarray:
+    """The proxy losses (k,) of batch ``batch``'s models (ids ``models``, masks (k, C)), trained
+    stacked: with ``shared_init`` every model of the run starts from the same init and sees the
+    same minibatch rows, else model j from seed ``seed + j`` and each batch its own rows."""
+    batch_seed = settings.seed if settings.shared_init else settings.seed * 1_000_003 + batch
+    init_seeds = np.full(len(models), settings.seed) if settings.shared_init else np.asarray(models) + settings.seed
+    return train_subset_models(data, masks, init_seeds, settings.spec, settings.adam, settings.steps,
+                               settings.batch_size, settings.target_fraction, batch_seed, settings.proxy, device)

@@ -1,193 +1,42 @@
-"""Subset models over Ray tasks, with a completed-bitmap in the store.
+"""The datamodel stage's two executors (no domain code: they run the callables they are handed).
 
-The m subset models of a regression datamodel are cut into batches of ``models_per_batch``;
-one Ray task trains one batch (stacked, in one process, see
-:func:`distcur.datamodels.subsets.train_subset_models`) and commits its proxy losses as its own
-immutable table ``datamodels/<run>/results/batch=<i>``. Batch i is complete when that table is
-committed with the batch's config (model ids, mask fingerprint, training settings): the
-completed-bitmap is read from those manifests, never from a shared mutable file, so parallel
-workers cannot race on it. A rerun trains only the batches whose bit is 0; a killed worker
-loses only its unfinished batch. The driver merges the parts into one table at the end.
+Both run a list of work items (a batch of stacked subset models, a meta-gradient iteration) whose
+``work`` commits its own output, so a rerun does only the items whose done bit is missing:
 
-Two executors (``DatamodelConfig.executor``), the same tables and numbers:
-
-* ``ray-tasks``: one Ray task per missing batch (``max_retries`` per task);
-* ``ray-train``: ONE ``TorchTrainer`` for the stage (:mod:`distcur.distributed.raytrain`); worker
-  ``rank`` takes the missing batches ``rank::num_workers``, trains each on its device
-  (``ray.train.torch.get_device()``), commits it as above and reports through
-  ``ray.train.report``; ``FailureConfig`` restarts a lost worker and the restarted group skips
-  every batch already committed.
+* :class:`RayTasks` (``executor: ray-tasks``): one Ray task per item (``max_retries`` each, 1
+  CPU); the failed items are returned after every other one has finished;
+* :class:`RayTrain` (``executor: ray-train``): ONE ``TorchTrainer`` for a whole plan of rounds
+  (:func:`distcur.distributed.raytrain.fit_plan`): ``FailureConfig`` restarts a lost worker and
+  the restarted group skips every item already done.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
-from distcur.datamodels.subsets import SubsetTrainingData, train_subset_models
-from distcur.distributed.raytrain import RayTrainSettings, check_executor, fit_items, run_share, worker_device
-from distcur.policy.functional import AdamConfig, PolicySpec
-from distcur.progress import bar
-from distcur.store import Store
+from distcur.distributed.raytrain import RayTrainSettings, WorkPlan, fit_plan
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = pa.schema([pa.field("model", pa.int64(), nullable=False), pa.field("proxy", pa.float64(), nullable=False)])
-BATCH_STAGE = "datamodel-batch"
 
-
-def results_prefix(run: str) -> str:
-    return f"datamodels/{run}/results"
-
-
-def batch_key(run: str, batch: int) -> str:
-    return f"{results_prefix(run)}/batch={batch:05d}"
-
-
-@dataclass(frozen=True)
-class SubsetTrainSettings:
-    """How each subset model is trained (identical for every batch of a run)."""
-
-    spec: PolicySpec
-    adam: AdamConfig
-    steps: int
-    batch_size: int
-    target_fraction: float
-    seed: int
-    shared_init: bool = True  # every model starts from the same init and sees the same minibatch rows
-    proxy: str = "nll"  # distcur.policy.proxy.PROXIES
-
-    def as_dict(self) -> dict:
-        return {
-            "hidden": list(self.spec.hidden),
-            "state_dim": self.spec.state_dim,
-            "action_dim": self.spec.action_dim,
-            "adam": self.adam.__dict__,
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "target_fraction": self.target_fraction,
-            "seed": self.seed,
-            "shared_init": self.shared_init,
-            "proxy": self.proxy,
-        }
-
-
-def plan_batches(models: np.ndarray, models_per_batch: int) -> list[np.ndarray]:
-    """Model ids cut into consecutive batches."""
-    if models_per_batch <= 0:
-        raise ValueError(f"models_per_batch must be positive, got {models_per_batch}")
-    return [models[i : i + models_per_batch] for i in range(0, len(models), models_per_batch)]
-
-
-def _masks_fingerprint(masks: np.ndarray) -> str:
-    return hashlib.sha256(np.packbits(np.asarray(masks, bool), axis=1).tobytes()).hexdigest()[:16]
-
-
-def _batch_config(batch: int, models: np.ndarray, masks: np.ndarray, settings: SubsetTrainSettings) -> dict:
-    return {"batch": batch, "models": [int(m) for m in models], "masks": _masks_fingerprint(masks),
-            "train": settings.as_dict()}
-
-
-def completed_bitmap(store: Store, run: str, models: np.ndarray, masks: np.ndarray, settings: SubsetTrainSettings,
-                     models_per_batch: int, inputs: dict[str, str]) -> np.ndarray:
-    """(n_batches,) bool: batch i's results are committed for exactly this batch config and inputs."""
-    batches = plan_batches(np.asarray(models), models_per_batch)
-    return np.array([
-        store.is_done(batch_key(run, i), BATCH_STAGE,
-                      _batch_config(i, b, masks[i * models_per_batch : i * models_per_batch + len(b)], settings), inputs)
-        for i, b in enumerate(batches)
-    ], bool)
-
-
-def train_and_store_batch(store: Store, run: str, batch: int, models: np.ndarray, masks: np.ndarray,
-                          data: SubsetTrainingData, settings: SubsetTrainSettings, inputs: dict[str, str],
-                          fault_marker: str | None = None, device=None) -> int:
-    """Train one batch of subset models and commit its results table; returns the rows written.
-
-    ``fault_marker``: for fault-injection tests, a file listing batch indices; a task whose
-    batch is listed exits its worker process abruptly (``os._exit``) before committing.
-    ``device``: where the models train (None: the CPU, one torch thread)."""
-    import torch
-
-    if device is None:
-        torch.set_num_threads(1)
-    if fault_marker and os.path.exists(fault_marker):
-        with open(fault_marker) as f:
-            if str(batch) in f.read().split():
-                os._exit(1)
-    batch_seed = settings.seed if settings.shared_init else settings.seed * 1_000_003 + batch
-    init_seeds = np.full(len(models), settings.seed) if settings.shared_init else np.asarray(models) + settings.seed
-    proxy = train_subset_models(data, masks, init_seeds, settings.spec, settings.adam, settings.steps,
-                                settings.batch_size, settings.target_fraction, batch_seed, settings.proxy,
-                                device or "cpu")
-    table = pa.Table.from_pydict({"model": np.asarray(models, np.int64), "proxy": proxy}, schema=RESULT_SCHEMA)
-    store.write_table(batch_key(run, batch), table, stage=BATCH_STAGE,
-                      config=_batch_config(batch, models, masks, settings), inputs=inputs)
-    return table.num_rows
-
-
-class BatchesFailed(RuntimeError):
-    """Some batches did not complete; the completed ones are committed, a rerun fills the rest."""
-
-
-def _batches_worker(config: dict) -> None:
-    """``train_loop_per_worker`` of the ``ray-train`` executor: this worker's share of the missing
-    batches, each skipped if committed meanwhile (a restarted group), trained on the worker's device."""
+def map_tasks(fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None, address: str | None = None,
+              max_retries: int = 1, num_cpus: float = 1, progress: Callable[[], None] | None = None
+              ) -> dict[Any, str]:
+    """``fn(item, shared)`` as one Ray task per item (``shared`` put in the object store once);
+    returns {item: error} of the items whose task failed after its retries (a lost worker, an
+    exception), once every task has finished. ``progress()`` is called as each one finishes."""
     import ray
 
-    store, run, settings, inputs = config["store"], config["run"], config["settings"], config["inputs"]
-    batches, batch_masks = config["batches"], config["batch_masks"]
-    data = ray.get(config["data"])
-    device = worker_device(config["threads"])
+    from distcur.distributed.session import ensure_ray
 
-    def is_done(i: int) -> bool:
-        return store.is_done(batch_key(run, i), BATCH_STAGE, _batch_config(i, batches[i], batch_masks[i], settings),
-                             inputs)
-
-    def work(i: int) -> None:
-        train_and_store_batch(store, run, i, batches[i], batch_masks[i], data, settings, inputs, None, device)
-
-    run_share(config["todo"], is_done, work, config["fault_marker"])
-
-
-def _run_on_trainer(store: Store, run: str, todo: np.ndarray, batches: list[np.ndarray], batch_masks: list[np.ndarray],
-                    data: SubsetTrainingData, settings: SubsetTrainSettings, inputs: dict[str, str],
-                    ray_train: RayTrainSettings, fault_marker: str | None, progress) -> None:
-    import ray
-
-    todo_list = [int(i) for i in todo]
-    seen = [0]
-
-    def poll() -> None:
-        done = sum(store.manifest(batch_key(run, i)) is not None for i in todo_list)
-        if done > seen[0]:
-            progress.update(done - seen[0])
-            seen[0] = done
-
-    config = {"store": store, "run": run, "settings": settings, "inputs": inputs, "batches": batches,
-              "batch_masks": batch_masks, "data": ray.put(data), "todo": todo_list, "threads": ray_train.cpus_per_worker,
-              "fault_marker": fault_marker}
-    fit_items(_batches_worker, config, ray_train, store.uri_of(f"datamodels/{run}/ray"), "datamodel-batches", poll)
-
-
-def _run_as_tasks(store: Store, run: str, todo: np.ndarray, batches: list[np.ndarray], batch_masks: list[np.ndarray],
-                  data: SubsetTrainingData, settings: SubsetTrainSettings, inputs: dict[str, str], max_retries: int,
-                  fault_marker: str | None, progress) -> dict[int, str]:
-    """One Ray task per batch of ``todo``; returns {batch: error} of the failed ones."""
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=max_retries)(train_and_store_batch)
-    data_ref = ray.put(data)
-    futures = {
-        remote.remote(store, run, int(i), batches[i], batch_masks[i], data_ref, settings, inputs, fault_marker): int(i)
-        for i in todo
-    }
-    failed: dict[int, str] = {}
+    ensure_ray(address)
+    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
+    shared_ref = ray.put(shared)
+    futures = {remote.remote(item, shared_ref): item for item in items}
+    failed: dict[Any, str] = {}
     pending = list(futures)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
@@ -195,56 +44,32 @@ def _run_as_tasks(store: Store, run: str, todo: np.ndarray, batches: list[np.nda
             ray.get(ready[0])
         except (ray.exceptions.RayError, OSError) as e:
             failed[futures[ready[0]]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        progress.update()
+        if progress is not None:
+            progress()
     return failed
 
 
-def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.ndarray, data: SubsetTrainingData,
-                       settings: SubsetTrainSettings, models_per_batch: int, inputs: dict[str, str],
-                       address: str | None = None, max_retries: int = 1,
-                       fault_marker: str | None = None, executor: str = "ray-tasks",
-                       ray_train: RayTrainSettings | None = None) -> tuple[pa.Table, dict]:
-    """Train every model (one Ray task per missing batch, or the missing batches spread over one
-    TorchTrainer's workers with ``executor="ray-train"``) and merge the results.
+@dataclass
+class RayTasks:
+    """Work items as Ray tasks (:func:`map_tasks`)."""
 
-    ``models`` (m,) ids and ``masks`` (m, C) bool. Returns the merged (model, proxy) table sorted
-    by model and stats {"batches", "trained", "skipped"}. Raises :class:`BatchesFailed` naming the
-    failed batches after every other batch has finished and committed (``ray-tasks``); with
-    ``ray-train`` the trainer's error after ``ray_train.max_failures`` restarts, the committed
-    batches kept.
-    """
-    from distcur.distributed.session import ensure_ray
+    address: str | None = None
+    max_retries: int = 1
+    kind: str = field(default="ray-tasks", init=False)
 
-    check_executor(executor)
+    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], shared: Any = None,
+            progress: Callable[[], None] | None = None) -> dict[Any, str]:
+        return map_tasks(fn, items, shared, self.address, self.max_retries, progress=progress)
 
-    batches = plan_batches(np.asarray(models), models_per_batch)
-    batch_masks = [masks[i : i + models_per_batch] for i in range(0, len(models), models_per_batch)]
-    done = completed_bitmap(store, run, models, masks, settings, models_per_batch, inputs)
-    todo = np.flatnonzero(~done)
-    log.info("datamodel %s: %d of %d batches complete, training %d", run, int(done.sum()), len(batches), len(todo))
-    if len(todo):
-        # the bar opens before Ray starts and the training data goes to the object store (seconds
-        # on a loaded machine), so a terminal never waits without output
-        with bar(total=len(todo), desc=f"datamodel {run} batches", unit="batch") as progress:
-            ensure_ray(address)
-            if executor == "ray-train":
-                error = "Ray Train finished without committing it"
-                try:
-                    _run_on_trainer(store, run, todo, batches, batch_masks, data, settings, inputs,
-                                    ray_train or RayTrainSettings(), fault_marker, progress)
-                except Exception as e:  # the trainer's error after its restarts: name what is missing
-                    error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                missing = ~completed_bitmap(store, run, models, masks, settings, models_per_batch, inputs)
-                failed = {int(i): error for i in np.flatnonzero(missing)}
-            else:
-                failed = _run_as_tasks(store, run, todo, batches, batch_masks, data, settings, inputs, max_retries,
-                                       fault_marker, progress)
-        if failed:
-            raise BatchesFailed(
-                f"datamodel {run}: {len(failed)} of {len(batches)} batches failed {sorted(failed)} "
-                f"(first: {next(iter(failed.values()))}); the others are committed under "
-                f"{store.uri_of(results_prefix(run))} - rerun to train only the missing ones"
-            )
-    parts = [store.read_table(batch_key(run, i)) for i in range(len(batches))]
-    merged = pa.concat_tables(parts).sort_by("model")
-    return merged, {"batches": len(batches), "trained": int(len(todo)), "skipped": int(done.sum())}
+
+@dataclass
+class RayTrain:
+    """A plan of work items on one TorchTrainer (:func:`~distcur.distributed.raytrain.fit_plan`)."""
+
+    settings: RayTrainSettings = field(default_factory=RayTrainSettings)
+    address: str | None = None
+    kind: str = field(default="ray-train", init=False)
+
+    def run(self, make_plan: Callable[[Any, Any], WorkPlan], payload: Any, storage: str, name: str,
+            progress: Callable[[], None] | None = None, fault_marker: str | None = None) -> None:
+        fit_plan(make_plan, payload, self.settings, storage, name, progress, fault_marker, self.address)

@@ -2,7 +2,8 @@
 
 What rollouts (``distcur.evaluate.metaworld``) and the proxy loss take. It carries plain
 tensors, the :class:`PolicySpec` and the :class:`Normalizer`, so it pickles to Ray tasks, and it
-loads from the store with ``torch.load(weights_only=True)``.
+loads from the store with ``torch.load(weights_only=True)``
+(:func:`distcur.stages.train.load_policy`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 from distcur.policy import checkpoint as ckpt
 from distcur.policy.actions import ActionStandardizer
 from distcur.policy.functional import Normalizer, Params, PolicySpec, act_deterministic, policy_forward
-from distcur.store import Store
 
 
 @dataclass
@@ -56,8 +56,3 @@ class TrainedPolicy:
         norm = state["meta"].get("action_norm")
         return cls(params=params, spec=spec, normalizer=normalizer,
                    action_norm=ActionStandardizer.from_dict(norm) if norm else None)
-
-    @classmethod
-    def load(cls, store: Store, run_or_key: str) -> TrainedPolicy:
-        """``policies/<run>/policy.pt`` (or an explicit ``.pt`` key, e.g. a training checkpoint)."""
-        return cls.from_state(ckpt.load_policy_state(store, run_or_key))

@@ -1,15 +1,16 @@
-"""Weighted co-training of one policy: config, data assembly, the training loop, baselines.
+"""Weighted co-training of one policy on arrays: config, the training loop, selection checks.
 
-The loop is :func:`train_policy`. It runs :func:`~distcur.policy.functional.make_train_step` on
-batches from :class:`~distcur.policy.sampler.MixtureSampler` (target with probability ``alpha``,
-else the weighted prior selection); everything that decides the result is a function of the
-config's seed, so a run is deterministic and a resumed run (params, Adam state, step) matches an
-uninterrupted one exactly. The Ray Train path (``distcur.distributed.train``) calls the same loop
-inside each worker.
+The one weighted-BC loop is :func:`fit_steps`; :func:`train_policy` runs it with
+:func:`~distcur.policy.functional.make_train_step` on batches from
+:class:`~distcur.policy.sampler.MixtureSampler` (target with probability ``alpha``, else the
+weighted prior selection); everything that decides the result is a function of the config's
+seed, so a run is deterministic and a resumed run (params, Adam state, step) matches an
+uninterrupted one exactly. The Ray Train path calls the same loop inside each worker, and the
+rebalancing methods (:mod:`distcur.rebalance`) train through :func:`fit_steps` too.
 
-Data: the target is one step source (``steps/source=target-<task>``); the prior selection is a
-table with :data:`~distcur.schema.SELECTION_SCHEMA` (``source, episode, step, weight``) joined
-against the prior's step tables. :func:`load_training_data` validates it and names bad rows.
+Data: :class:`TrainingData` holds the arrays; the train stage (:mod:`distcur.stages.train`)
+builds them from the store (the target's step source joined with a selection table of
+:data:`~distcur.schema.SELECTION_SCHEMA`), which :func:`check_selection` validates, naming bad rows.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,20 +28,9 @@ import pyarrow as pa
 import torch
 
 from distcur.config import to_dict
-from distcur.data import (
-    action_space_of,
-    is_target_source,
-    list_sources,
-    load_steps,
-    policy_key,
-    selection_key,
-    source_metadata_of,
-    steps_key,
-)
 from distcur.devices import check_device, resolve_device
 from distcur.policy import checkpoint as ckpt
 from distcur.policy.actions import MODES as ACTION_MODES
-from distcur.policy.actions import ActionStandardizer, choose_mode
 from distcur.policy.functional import (
     AdamConfig,
     Normalizer,
@@ -56,13 +45,10 @@ from distcur.policy.functional import (
 )
 from distcur.policy.sampler import MIXINGS, WEIGHTINGS, MixtureSampler
 from distcur.progress import bar
-from distcur.schema import SELECTION_SCHEMA, list_column_to_numpy
-from distcur.store import Manifest, Store
+from distcur.schema import SELECTION_SCHEMA
 
 log = logging.getLogger(__name__)
 
-STAGE = "train"
-BASELINES = ("target_only", "all", "random")
 # Config fields that may change between a checkpoint and its resumption (they do not alter the maths).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device")
 
@@ -188,7 +174,7 @@ def table_fingerprint(table: pa.Table) -> str:
     return h.hexdigest()[:16]
 
 
-def _rows_text(src, ep, st, rows: np.ndarray, limit: int = 5) -> str:
+def rows_text(src, ep, st, rows: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(f"(source={src[i]!r}, episode={int(ep[i])}, step={int(st[i])})" for i in rows[:limit])
     return shown + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
@@ -215,188 +201,14 @@ def check_selection(selection: pa.Table, origin: str = "selection") -> pa.Table:
     w = selection.column("weight").to_numpy()
     bad = np.flatnonzero(~np.isfinite(w))
     if bad.size:
-        raise ValueError(f"{origin}: {bad.size} non-finite weights at {_rows_text(src, ep, st, bad)}")
+        raise ValueError(f"{origin}: {bad.size} non-finite weights at {rows_text(src, ep, st, bad)}")
     bad = np.flatnonzero(w < 0)
     if bad.size:
-        raise ValueError(f"{origin}: {bad.size} negative weights (e.g. {w[bad[0]]}) at {_rows_text(src, ep, st, bad)}")
+        raise ValueError(f"{origin}: {bad.size} negative weights (e.g. {w[bad[0]]}) at {rows_text(src, ep, st, bad)}")
     dup = np.flatnonzero(pd.DataFrame({"s": src, "e": ep, "t": st}).duplicated().to_numpy())
     if dup.size:
-        raise ValueError(f"{origin}: {dup.size} duplicate rows at {_rows_text(src, ep, st, dup)}")
+        raise ValueError(f"{origin}: {dup.size} duplicate rows at {rows_text(src, ep, st, dup)}")
     return selection
-
-
-def read_selection(store: Store, run_or_key: str) -> pa.Table:
-    """A committed selection by run name (``selections/<run>``) or by its store key."""
-    key = run_or_key if run_or_key.startswith("selections/") else selection_key(run_or_key)
-    if store.manifest(key) is None:
-        raise FileNotFoundError(f"no committed selection at {store.uri_of(key)}")
-    return store.read_table(key)
-
-
-def _join_prior(prior: Store, selection: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """(state (M, ds), action (M, da)) of each selection row, in selection order."""
-    src = selection.column("source").to_numpy(zero_copy_only=False)
-    ep = selection.column("episode").to_numpy()
-    st = selection.column("step").to_numpy()
-    states: np.ndarray | None = None
-    actions: np.ndarray | None = None
-    inputs: dict[str, str] = {}
-    for source in pd.unique(src):
-        rows = np.flatnonzero(src == source)
-        key = steps_key(source)
-        if prior.manifest(key) is None:
-            raise ValueError(
-                f"selection names source {source!r} ({rows.size} rows, e.g. {_rows_text(src, ep, st, rows, 2)}) "
-                f"but the prior store has no committed step table at {prior.uri_of(key)}"
-            )
-        inputs[f"prior:{source}"] = prior.input_fingerprint(key)
-        episodes = np.unique(ep[rows]).tolist()
-        table = prior.read_table(key, columns=["episode", "step", "state", "action"], filters=[("episode", "in", episodes)])
-        found = pd.DataFrame({"episode": table.column("episode").to_numpy(), "step": table.column("step").to_numpy(),
-                              "row": np.arange(table.num_rows)})
-        wanted = pd.DataFrame({"episode": ep[rows], "step": st[rows]})
-        joined = wanted.merge(found, on=["episode", "step"], how="left")
-        if len(joined) != len(wanted):
-            raise ValueError(f"prior step table {prior.uri_of(key)} has duplicate (episode, step) rows")
-        unknown = np.flatnonzero(joined["row"].isna().to_numpy())
-        if unknown.size:
-            raise ValueError(
-                f"selection has {unknown.size} rows with unknown (source, episode, step) ids, not in "
-                f"{prior.uri_of(key)}: {_rows_text(src, ep, st, rows[unknown])}"
-            )
-        take = joined["row"].to_numpy(np.int64)
-        s = list_column_to_numpy(table.column("state"), f"{key}: state")[take]
-        a = list_column_to_numpy(table.column("action"), f"{key}: action")[take]
-        if states is None:
-            states = np.zeros((len(selection), s.shape[1]), np.float32)
-            actions = np.zeros((len(selection), a.shape[1]), np.float32)
-        if s.shape[1] != states.shape[1] or a.shape[1] != actions.shape[1]:
-            raise ValueError(
-                f"{prior.uri_of(key)}: state/action dims {s.shape[1]}/{a.shape[1]} differ from the selection's "
-                f"other sources ({states.shape[1]}/{actions.shape[1]})"
-            )
-        states[rows], actions[rows] = s, a
-    assert states is not None and actions is not None
-    return states, actions, inputs
-
-
-def source_action_standardizer(store: Store, sources: list[str], output: str, mode: str = "auto",
-                               prior_store: Store | None = None) -> ActionStandardizer | None:
-    """The per-source action standardisation for training on ``sources`` together (None: none), acting in
-    ``output``'s action space; ``mode`` is TrainConfig.action_normalization (:mod:`distcur.policy.actions`).
-    Statistics come from each source's manifest (``output`` from ``store``, the rest from ``prior_store``,
-    default ``store``)."""
-    if len(sources) < 2 and mode != "per-source":
-        return None
-    stores = {s: store if s == output else (prior_store or store) for s in sources}
-    try:
-        metas = {s: source_metadata_of(stores[s], s) for s in sources}
-    except ValueError:  # a step table committed without per-source metadata (not by an ingest)
-        if mode == "per-source":
-            raise
-        log.warning("sources %s: no action statistics in a manifest; actions not standardised per source", sources)
-        return None
-    if choose_mode(mode, {s: action_space_of(m) for s, m in metas.items()}, metas) != "per-source":
-        return None
-    log.info("actions standardised per source (%s), the policy acting in %s's action space", ", ".join(sources),
-             output)
-    return ActionStandardizer.from_stats(metas, output=output)
-
-
-def load_training_data(
-    store: Store,
-    target_source: str,
-    selection: pa.Table | None,
-    prior_store: Store | None = None,
-    allow_empty_selection: bool = False,
-    target_episodes: list[int] | None = None,
-    action_normalization: str = "auto",
-) -> TrainingData:
-    """Target steps of ``target_source`` plus the prior steps a selection names, with weights.
-
-    ``selection`` None means target-only. An empty selection, or one whose weights are all
-    zero, is an error unless ``allow_empty_selection`` (then: target-only). The prior steps are
-    read from ``prior_store`` (default: ``store``), only the selected episodes of each source.
-    ``target_episodes`` keeps only those target episodes (to hold others out for the proxy).
-    ``action_normalization`` (TrainConfig's): per-source standardisation of the actions, see
-    :mod:`distcur.policy.actions`; the choice is logged and recorded in ``inputs``.
-    """
-    key = steps_key(target_source)
-    if store.manifest(key) is None:
-        raise FileNotFoundError(f"no committed target step table at {store.uri_of(key)}")
-    target = load_steps(store, [target_source])
-    if target_episodes is not None:
-        keep = np.isin(target.episode, np.asarray(target_episodes, np.int64))
-        missing = sorted(set(int(e) for e in target_episodes) - set(target.episode[keep].tolist()))
-        if missing:
-            raise ValueError(f"target episodes {missing[:10]} are not in {store.uri_of(key)}")
-        target = target.take(np.flatnonzero(keep))
-    inputs = {"target": store.input_fingerprint(key)}
-    obs, act = target.state, target.action
-    row_source = np.full(len(target), target_source, dtype=object)
-    weights = np.zeros(0)
-    if selection is not None:
-        selection = check_selection(selection)
-        w = selection.column("weight").to_numpy().astype(np.float64)
-        if selection.num_rows == 0 or w.sum() <= 0:
-            if not allow_empty_selection:
-                what = "is empty" if selection.num_rows == 0 else f"has only zero weights ({selection.num_rows} rows)"
-                raise ValueError(f"selection {what}; pass allow_empty_selection (CLI: --selection none) for target-only")
-        else:
-            p_obs, p_act, p_inputs = _join_prior(prior_store or store, selection)
-            if p_obs.shape[1] != obs.shape[1] or p_act.shape[1] != act.shape[1]:
-                raise ValueError(
-                    f"prior state/action dims {p_obs.shape[1]}/{p_act.shape[1]} differ from the target's "
-                    f"{obs.shape[1]}/{act.shape[1]} ({store.uri_of(key)})"
-                )
-            obs, act, weights = np.concatenate([obs, p_obs]), np.concatenate([act, p_act]), w
-            row_source = np.concatenate([row_source, selection.column("source").to_numpy(zero_copy_only=False)])
-            inputs.update(p_inputs)
-        inputs["selection"] = table_fingerprint(selection)
-    action_norm = None
-    standardizer = source_action_standardizer(store, [str(s) for s in pd.unique(row_source)], target_source,
-                                              action_normalization, prior_store)
-    if standardizer is not None:
-        act = standardizer.apply(act, row_source)
-        action_norm = standardizer.to_dict()
-        inputs["action_normalization"] = "per-source"
-    return TrainingData(obs=obs, act=act, n_target=len(target), prior_weight=weights, inputs=inputs,
-                        action_norm=action_norm)
-
-
-def baseline_selection(
-    store: Store, kind: str, fraction: float | None = None, seed: int = 0, sources: list[str] | None = None
-) -> pa.Table:
-    """The selection table of a baseline, through the same path as every method.
-
-    ``"target_only"``: empty; ``"all"``: every prior step, weight 1; ``"random"``: a random
-    ``fraction`` of the prior's episodes (all their steps, weight 1), drawn with ``seed``.
-    ``sources`` defaults to every step source in ``store`` except the ``target-*`` ones.
-    """
-    if kind not in BASELINES:
-        raise ValueError(f"baseline kind must be one of {BASELINES}, got {kind!r}")
-    if kind == "target_only":
-        return SELECTION_SCHEMA.empty_table()
-    if kind == "random" and (fraction is None or not 0 < fraction <= 1):
-        raise ValueError(f"random baseline needs a fraction in (0, 1], got {fraction}")
-    sources = sources if sources is not None else [s for s in list_sources(store) if not is_target_source(s)]
-    if not sources:
-        raise FileNotFoundError(f"no prior step sources in {store.uri} for the {kind!r} baseline")
-    parts = [store.read_table(steps_key(s), columns=["source", "episode", "step"]) for s in sources]
-    table = pa.concat_tables(parts)
-    if kind == "random":
-        src = table.column("source").to_numpy(zero_copy_only=False).astype(str)
-        ep = table.column("episode").to_numpy()
-        keys = pd.MultiIndex.from_arrays([src, ep])
-        uniq = keys.unique().sort_values()
-        n = max(1, int(round(fraction * len(uniq))))
-        chosen = uniq[np.sort(np.random.default_rng(seed).choice(len(uniq), n, replace=False))]
-        table = table.filter(pa.array(keys.isin(chosen)))
-    weight = pa.array(np.ones(table.num_rows, np.float32))
-    return pa.table(
-        {"source": table.column("source"), "episode": table.column("episode"), "step": table.column("step"),
-         "weight": weight}
-    ).cast(SELECTION_SCHEMA)
 
 
 # -- training --------------------------------------------------------------------------------
@@ -507,18 +319,21 @@ def train_policy(
         return ckpt.make_state(_to_device(params, "cpu"), spec, normalizer, step, _to_device(opt_state, "cpu"), meta)
 
     progress = bar(total=cfg.steps, initial=start, desc="policy training", unit="step", disable=rank != 0)
-    for step in range(start, cfg.steps):
+
+    def batch(step: int, _params: Params) -> tuple:
         idx, w = sampler.batch(step)
         w_t = torch.from_numpy(w).to(device)
         if device.type != "cpu":
             idx = torch.from_numpy(np.asarray(idx, np.int64)).to(device)
         if world_size > 1:
             mine = slice(rank, None, world_size)
-            params, opt_state, loss = step_fn(params, opt_state, obs[idx[mine]], act[idx[mine]], w_t[mine], w_t.sum())
-        else:
-            params, opt_state, loss = step_fn(params, opt_state, obs[idx], act[idx], w_t)
+            return obs[idx[mine]], act[idx[mine]], w_t[mine], w_t.sum()
+        return obs[idx], act[idx], w_t
+
+    def after_step(done: int, p: Params, o: dict, loss: torch.Tensor) -> None:
+        nonlocal params, opt_state, acc_sum, acc_n
+        params, opt_state = p, o
         acc_sum, acc_n = acc_sum + float(loss), acc_n + 1
-        done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             history.append({"step": done, "loss": acc_sum / acc_n})
             acc_sum, acc_n = 0.0, 0
@@ -528,8 +343,62 @@ def train_policy(
             checkpoint_fn(state_at(done))
         if on_step is not None:
             on_step(done)
+
+    params, opt_state = fit_steps(params, opt_state, step_fn, batch, cfg.steps, start, after_step)
     progress.close()
     return _to_device(params, "cpu"), normalizer, history
+
+
+def fit_steps(params: Params, opt_state: dict, step_fn: Callable, batch: Callable[[int, Params], tuple], steps: int,
+              start: int = 0, after_step: Callable[[int, Params, dict, torch.Tensor], None] | None = None
+              ) -> tuple[Params, dict]:
+    """THE weighted-BC loop: for each step in ``[start, steps)``, ``step_fn(params, opt_state,
+    *batch(step, params))`` (a :func:`~distcur.policy.functional.make_train_step` step: the batch's
+    states, actions and per-row weights), then ``after_step(step + 1, params, opt_state, loss)``.
+    ``batch`` sees the current params, so a rebalancing can set the weights of each step from the
+    policy's own losses (DRO); :func:`train_policy`, :func:`train_weighted_bc` and the rebalancing
+    methods all train through it. Returns the final (params, opt_state)."""
+    for step in range(start, steps):
+        params, opt_state, loss = step_fn(params, opt_state, *batch(step, params))
+        if after_step is not None:
+            after_step(step + 1, params, opt_state, loss)
+    return params, opt_state
+
+
+def train_weighted_bc(
+    obs: np.ndarray,
+    act: np.ndarray,
+    weights: np.ndarray | None,
+    spec: PolicySpec,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> Params:
+    """BC on in-memory arrays with rows drawn with probability proportional to ``weights``.
+
+    ``obs`` (N, ds) normalised states, ``act`` (N, da) actions in (-1, 1). The same weighted
+    sampling the trainer's ``"sample"`` weighting uses; ``weights=None`` is uniform BC.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(obs)
+    p = None
+    if weights is not None:
+        w = np.asarray(weights, np.float64)
+        if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be (N,) = ({n},), finite, >= 0 and not all 0")
+        p = w / w.sum()
+    obs_t, act_t = torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(act, dtype=torch.float32)
+    params = init_params(spec, seed)
+    ones = torch.ones(batch_size)
+
+    def batch(_step: int, _params: Params) -> tuple:
+        idx = torch.as_tensor(rng.choice(n, size=batch_size, p=p))
+        return obs_t[idx], act_t[idx], ones
+
+    params, _ = fit_steps(params, adam_init(params), make_train_step(spec, AdamConfig(lr=lr), functional=False),
+                          batch, steps)
+    return params
 
 
 def _to_device(tree, device):
@@ -548,63 +417,21 @@ def final_state(params: Params, normalizer: Normalizer, cfg: TrainConfig, data: 
     return ckpt.make_state(params, spec, normalizer, cfg.steps, None, meta)
 
 
-def write_policy(store: Store, run: str, state: dict, cfg: TrainConfig, inputs: dict[str, str], wall_s: float) -> Manifest:
-    """Write ``policies/<run>/policy.pt`` and commit it with a manifest (stage "train")."""
-    key = ckpt.save_policy(store, run, state)
-    manifest = Manifest(stage=STAGE, config=fingerprint_config(cfg), inputs=dict(inputs), files=[key],
-                        rows=int(state["meta"]["data"]["n_target"] + state["meta"]["data"]["n_prior"]),
-                        metadata={"history": state["meta"]["history"][-5:]}, wall_s=round(wall_s, 3))
-    store.write_text(f"{policy_key(run)}/manifest.json", manifest.to_json())
-    return manifest
-
-
-def train_to_store(
-    store: Store,
-    run: str,
-    data: TrainingData,
-    cfg: TrainConfig,
-    resume: bool = True,
-    on_step: Callable[[int], None] | None = None,
-) -> Manifest:
-    """Train in this process with checkpoints in ``policies/<run>/``; skip a finished identical run.
-
-    With ``resume`` the run continues from its latest checkpoint (which must come from the same
-    config); without, old checkpoints of ``run`` are deleted first.
-    """
-    config = fingerprint_config(cfg)
-    if store.is_done(policy_key(run), STAGE, config, data.inputs):
-        log.info("policy %s is up to date, skipping", store.uri_of(policy_key(run)))
-        return store.manifest(policy_key(run))
-    if not resume:
-        store.delete_dir(f"{policy_key(run)}/{ckpt.CHECKPOINT_DIR}")
-    state = ckpt.latest_checkpoint(store, run) if resume else None
-    if state is not None and state["meta"].get("data", {}).get("inputs") != data.inputs:
-        raise ValueError(f"checkpoint of run {run!r} was trained on other inputs; use another run name or resume=False")
-    t0 = time.time()
-    params, normalizer, history = train_policy(
-        data, cfg, resume_from=state, checkpoint_fn=lambda s: ckpt.save_checkpoint(store, run, s), on_step=on_step
-    )
-    return write_policy(store, run, final_state(params, normalizer, cfg, data, history), cfg, data.inputs, time.time() - t0)
-
-
 def config_from_state(state: dict) -> TrainConfig:
     """The TrainConfig recorded in a checkpoint's metadata."""
     return TrainConfig(**{k: v for k, v in state["meta"]["config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
 
 
 __all__ = [
-    "BASELINES",
     "TrainConfig",
     "TrainingData",
-    "baseline_selection",
     "check_selection",
     "config_from_state",
+    "final_state",
     "fingerprint_config",
-    "load_training_data",
+    "fit_steps",
     "make_sharded_train_step",
-    "read_selection",
     "train_policy",
-    "train_to_store",
-    "write_policy",
+    "train_weighted_bc",
 ]
 

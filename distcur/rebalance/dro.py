@@ -7,7 +7,9 @@ group weights alpha that follow the proxy's per-group excess loss over the refer
     alpha_g <- alpha_g exp(eta e_g);  alpha <- alpha / sum(alpha)
     alpha <- (1 - s) alpha + s / G           (smoothing toward uniform)
 
-and the final weights are the running average of alpha over the proxy's training steps.
+and the final weights are the running average of alpha over the proxy's training steps. Both
+policies train through the policy trainer's loop (:func:`distcur.policy.train.fit_steps`), the
+proxy's weights set at each step by the update above.
 Defaults are Re-Mix's OXE values eta = 0.2, s = 0.05. Batches are stratified (the same number
 of samples from every group) so that each L_g is measured on every step, also for rare groups.
 """
@@ -30,6 +32,7 @@ from distcur.policy.functional import (
     policy_forward,
     tanh_gaussian_nll,
 )
+from distcur.policy.train import fit_steps, train_weighted_bc
 from distcur.progress import bar
 from distcur.rebalance.frequency import frequency_weights
 from distcur.rebalance.group import check_alpha, check_groups
@@ -114,40 +117,6 @@ def stratified_batch(members: Sequence[np.ndarray], per_group: int, rng: np.rand
     return np.concatenate([m[rng.integers(len(m), size=per_group)] for m in members])
 
 
-def train_weighted_bc(
-    obs: np.ndarray,
-    act: np.ndarray,
-    weights: np.ndarray | None,
-    spec: PolicySpec,
-    steps: int,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
-) -> Params:
-    """BC on in-memory arrays with rows drawn with probability proportional to ``weights``.
-
-    ``obs`` (N, ds) normalised states, ``act`` (N, da) actions in (-1, 1). The same weighted
-    sampling the trainer's ``"sample"`` weighting uses; ``weights=None`` is uniform BC.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(obs)
-    p = None
-    if weights is not None:
-        w = np.asarray(weights, np.float64)
-        if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be (N,) = ({n},), finite, >= 0 and not all 0")
-        p = w / w.sum()
-    obs_t, act_t = torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(act, dtype=torch.float32)
-    params = init_params(spec, seed)
-    opt = adam_init(params)
-    step_fn = make_train_step(spec, AdamConfig(lr=lr), functional=False)
-    ones = torch.ones(batch_size)
-    for _ in range(steps):
-        idx = torch.as_tensor(rng.choice(n, size=batch_size, p=p))
-        params, opt, _ = step_fn(params, opt, obs_t[idx], act_t[idx], ones)
-    return params
-
-
 def dro_rebalance(
     obs: np.ndarray,
     act: np.ndarray,
@@ -180,7 +149,10 @@ def dro_rebalance(
     alpha = np.full(G, 1.0 / G)
     history = np.zeros((cfg.steps, G))
     excess_hist = np.zeros((cfg.steps, G))
-    for t in bar(range(cfg.steps), desc="DRO rebalancing", unit="step"):
+
+    def batch(t: int, params: Params) -> tuple:
+        """The step's stratified batch, weighted by alpha after its DRO update from the proxy's losses."""
+        nonlocal alpha
         idx = torch.as_tensor(stratified_batch(members, per_group, rng))
         o, a, g = obs_t[idx], act_t[idx], group_t[idx]
         with torch.no_grad():
@@ -190,8 +162,10 @@ def dro_rebalance(
         alpha = dro_update(alpha, excess, cfg.eta, cfg.smoothing)
         history[t], excess_hist[t] = alpha, excess
         # Equal counts per group, so weight G alpha_g per sample makes the batch loss sum_g alpha_g L_g.
-        w = torch.as_tensor(G * alpha[g.numpy()], dtype=torch.float32)
-        params, opt, _ = step_fn(params, opt, o, a, w)
+        return o, a, torch.as_tensor(G * alpha[g.numpy()], dtype=torch.float32)
+
+    with bar(total=cfg.steps, desc="DRO rebalancing", unit="step") as progress:
+        params, _ = fit_steps(params, opt, step_fn, batch, cfg.steps, after_step=lambda *_: progress.update())
     final = history.mean(0)
     final /= final.sum()
     return DROResult(alpha=check_alpha(final), history=history, excess=excess_hist, reference_loss=ref_full.tolist(),

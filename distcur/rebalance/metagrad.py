@@ -35,6 +35,7 @@ from distcur.policy.functional import (
     init_params,
     make_train_step,
 )
+from distcur.policy.train import fit_steps
 from distcur.progress import bar
 from distcur.rebalance.dro import check_finite_inputs, stratified_batch
 from distcur.rebalance.group import check_alpha, check_groups
@@ -160,13 +161,20 @@ def metagrad_rebalance(
         idx = stratified_batch(members, per_group, rng)
         return obs_t[idx], act_t[idx], torch.as_tensor(group[idx])
 
+    def check_loss(_step: int, _params: Params, _opt: dict, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise ValueError("metagrad_rebalance: the training loss became non-finite")
+
     def train_on(batches, alpha: np.ndarray):
+        """The policy trainer's loop (:func:`~distcur.policy.train.fit_steps`) over ``batches``, weighted by alpha."""
         nonlocal params, opt
         w = torch.as_tensor(G * alpha, dtype=torch.float32)
-        for o, a, g in batches:
-            params, opt, loss = step(params, opt, o, a, w[g])
-            if not torch.isfinite(loss):
-                raise ValueError("metagrad_rebalance: the training loss became non-finite")
+
+        def batch(i: int, _params: Params) -> tuple:
+            o, a, g = batches[i]
+            return o, a, w[g]
+
+        params, opt = fit_steps(params, opt, step, batch, len(batches), after_step=check_loss)
 
     train_on([make_batch() for _ in range(cfg.warmup_steps)], alpha0)
     history, objective, val_losses = [_softmax(theta)], [], []

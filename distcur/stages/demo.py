@@ -89,7 +89,7 @@ class DemoEvaluation:
 def full_options() -> dict[str, Any]:
     """The options of :meth:`DemoConfig.full`: the protocol policy, 3 seeds x 50 rollouts, the
     paper-size prior and datamodel."""
-    from distcur.commands.datamodel import FULL_PRESET
+    from distcur.stages.datamodel import FULL_PRESET
 
     return merge_options({"seeds": (0, 1, 2), "evaluation": {"episodes": 50}, "datamodel": dict(FULL_PRESET),
                           "prior": {"success_per_task": 50, "failed_per_task": 50}}, PROTOCOL_POLICY)
@@ -186,7 +186,7 @@ class DemoConfig:
     def level_of(self, method: str) -> str:
         """The granularity at which ``method`` fills the step budget."""
         if method in DATAMODELS:
-            from distcur.commands.datamodel import make_config
+            from distcur.stages.datamodel import make_config
 
             return make_config(dict(self.datamodel)).cluster
         return REGISTRY[method].level or self.retrieval_level  # STRAP, oracle, random-<level>: their own
@@ -236,10 +236,10 @@ def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
                                                target=cfg.target, run=run, scorer=scorer_options(cfg, method)),
                       address=cfg.address)
         elif method in DATAMODELS:
-            from distcur.commands.datamodel import make_config, run_datamodel
+            from distcur.stages import datamodel
 
-            dm_cfg = make_config(dict(cfg.datamodel), address=cfg.address)
-            run_datamodel(store, method.split("-", 1)[1], cfg.target, run, dm_cfg)
+            dm_cfg = datamodel.make_config(dict(cfg.datamodel), address=cfg.address, estimator=method.split("-", 1)[1])
+            datamodel.run(store, dm_cfg, cfg.target, run)
         elif method == "oracle":
             oracle_scores(store, cfg.target, run)
         else:
@@ -293,8 +293,8 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     """Commit the selection of a baseline (all data) under ``selections/<run>-<kind>``."""
     from distcur.data import default_prior_sources
-    from distcur.policy.train import baseline_selection
     from distcur.stages.select import selection_metadata
+    from distcur.stages.train import baseline_selection
 
     run = f"{cfg.run}-{kind}"
     key = selection_key(run)
@@ -317,29 +317,13 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     A plain function: the demo runs it as one Ray task per job (:func:`distcur.distributed.jobs.run_jobs`)."""
     import torch
 
-    from distcur.evaluate.metaworld import evaluate_success
-    from distcur.evaluate.proxy import proxy_loss_on_source
-    from distcur.policy.loaded import TrainedPolicy
-    from distcur.policy.train import load_training_data, read_selection, train_policy
+    from distcur.stages import evaluate
 
     torch.set_num_threads(1)
-    store = Store(store_uri)
-    selection = read_selection(store, selection_run) if selection_run else None
-    data = load_training_data(store, target_source(cfg.target), selection)
-    tcfg = cfg.policy_config(seed, selected=selection is not None)
-    t0 = time.time()
-    params, normalizer, history = train_policy(data, tcfg)
-    train_s = time.time() - t0
-    policy = TrainedPolicy(params, data.policy_spec(tcfg.hidden), normalizer)
-    t0 = time.time()
     ev = cfg.evaluation
-    success = evaluate_success(policy, cfg.target, episodes=ev.episodes, seeds=(seed,), max_steps=ev.max_steps,
-                               envs_per_worker=ev.episodes, parallel=False)[0]
-    proxy = proxy_loss_on_source(policy, store, heldout_source(cfg.target))
-    return {"method": method, "task": cfg.target, "seed": seed, "episodes": success["episodes"],
-            "success": success["success"], "proxy_loss": proxy, "selected_steps": int(data.n_prior),
-            "train_s": round(train_s, 2), "eval_s": round(time.time() - t0, 2),
-            "final_train_loss": history[-1]["loss"] if history else None}
+    return evaluate.train_and_evaluate(Store(store_uri), cfg.target, selection_run,
+                                       cfg.policy_config(seed, selected=selection_run is not None), method,
+                                       ev.episodes, ev.max_steps)
 
 
 RESULT_SCHEMA = pa.schema([

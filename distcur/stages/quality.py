@@ -115,7 +115,7 @@ def check_recordable(path: str | os.PathLike, new: dict) -> None:
 
 def _datamodel_protocol(cfg: DemoConfig) -> dict:
     """The DataMIL methods' resolved settings (defaults included), without the runtime fields."""
-    from distcur.commands.datamodel import make_config
+    from distcur.stages.datamodel import make_config
 
     d = to_dict(make_config(dict(cfg.datamodel)))
     return {k: v for k, v in d.items() if k not in ("address", "max_retries", "estimator")}

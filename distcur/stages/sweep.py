@@ -130,11 +130,12 @@ def _trial(config: dict, report) -> None:
     """One Tune trial: co-train on the trial's selection, report the objective (``report``: Tune's)."""
     import torch
 
-    from distcur.evaluate.proxy import load_heldout
     from distcur.policy import checkpoint as ckpt
     from distcur.policy.loaded import TrainedPolicy
     from distcur.policy.proxy import policy_proxy
-    from distcur.policy.train import load_training_data, read_selection, train_policy
+    from distcur.policy.train import train_policy
+    from distcur.stages.evaluate import load_heldout
+    from distcur.stages.train import load_training_data, read_selection
 
     torch.set_num_threads(1)
     cfg: SweepConfig = config["sweep"]

@@ -12,6 +12,7 @@ from distcur.datamodels.metagrad import (
     datamil_metagrad_scores,
     datamil_reference_scores,
     reference_iteration_batches,
+    round_pools,
     sqrt_checkpoint_every,
     update_pool,
     weight_meta_gradient,
@@ -247,3 +248,25 @@ def test_reference_recipe_ranks_helpful_clusters_and_shapes_the_pool(inject, chu
     auc = np.mean(score[good][:, None] < score[~good][None, :])
     assert auc >= 0.8, (score[good], score[~good])
     assert pool_sizes[-1] < len(good)
+
+
+def test_round_pools_move_the_pool_once_per_round():
+    """Round size 1 is the reference's sequence (each iteration sees every earlier move); with 2,
+    both iterations of a round train on the pool the earlier rounds left, and the moves are the
+    same ones applied in the same order."""
+    cfg = MetagradRunConfig(total_steps=10, meta_steps=2, iterations=4, recipe="datamil")
+    scores = [np.array([-3.0, 0.0, 1.0, 5.0, 2.0]), np.array([0.0, -2.0, 4.0, 1.0, -1.0]),
+              np.array([1.0, 2.0, 0.0, -4.0, 3.0]), np.array([-1.0, 0.0, 2.0, 0.0, 1.0])]
+    serial = [np.ones(5, bool)]
+    for sc in scores:
+        serial.append(update_pool(serial[-1], sc))
+    pools1, sizes1 = round_pools(scores, 5, cfg, 1)
+    pools2, sizes2 = round_pools(scores, 5, cfg, 2)
+    for i in range(4):
+        np.testing.assert_array_equal(pools1[i], serial[i])
+    for i, j in ((0, 0), (1, 0), (2, 2), (3, 2)):
+        np.testing.assert_array_equal(pools2[i], serial[j])
+    assert sizes1 == sizes2 == [int(p.sum()) for p in serial[1:]]
+    assert len(round_pools(scores[:1], 5, cfg, 2)[0]) == 2  # round 1's pool needs all of round 0
+    with pytest.raises(ValueError, match="round_size"):
+        round_pools(scores, 5, cfg, 0)

@@ -1,19 +1,18 @@
-"""Policy loss, mixture sampler, weighted co-training, checkpoints and resume (no Ray)."""
+"""Policy loss, mixture sampler, weighted co-training, checkpoints and resume (no Ray); the training
+data from the store and the policies in it: tests/stages/test_train.py."""
 
 from __future__ import annotations
 
 import io
 import math
-import pickle
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from policy_factory import ACTION_DIM, STATE_DIM, toy_store_factory
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
-from distcur.data import steps_key
-from distcur.evaluate.proxy import proxy_loss_on_source
 from distcur.policy import checkpoint as ckpt
 from distcur.policy.functional import (
     AdamConfig,
@@ -28,60 +27,18 @@ from distcur.policy.functional import (
 from distcur.policy.loaded import TrainedPolicy
 from distcur.policy.proxy import policy_proxy
 from distcur.policy.sampler import MixtureSampler
-from distcur.policy.train import (
-    TrainConfig,
-    baseline_selection,
-    load_training_data,
-    train_policy,
-    train_to_store,
-)
-from distcur.schema import SELECTION_SCHEMA, steps_table
-from distcur.store import Store
+from distcur.policy.train import TrainConfig, train_policy
+from distcur.stages.evaluate import proxy_loss_on_source
+from distcur.stages.train import baseline_selection, load_training_data, train_to_store
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core machine: threads only contend
 
-STATE_DIM, ACTION_DIM = 5, 2
 TINY = dict(hidden=(32, 32), batch_size=64, steps=30, checkpoint_every=10, log_every=5)
-
-
-def make_episodes(source: str, n_episodes: int, length: int, seed: int, task: str = "toy") -> pa.Table:
-    """Episodes of a smooth toy system whose action is a fixed function of the state."""
-    rng = np.random.default_rng(seed)
-    proj = np.random.default_rng(123).normal(size=(STATE_DIM, ACTION_DIM))
-    cols = {k: [] for k in ("episode", "step", "state", "action", "is_first", "is_last", "is_terminal")}
-    for e in range(n_episodes):
-        s = rng.normal(size=(length, STATE_DIM))
-        a = 0.9 * np.tanh(s @ proj * 0.5)
-        cols["episode"] += [e] * length
-        cols["step"] += list(range(length))
-        cols["state"].append(s)
-        cols["action"].append(a)
-        cols["is_first"] += [i == 0 for i in range(length)]
-        cols["is_last"] += [i == length - 1 for i in range(length)]
-        cols["is_terminal"] += [False] * length
-    cols["state"] = np.concatenate(cols["state"]).astype(np.float32)
-    cols["action"] = np.concatenate(cols["action"]).astype(np.float32)
-    return steps_table({**cols, "source": source, "task": [task] * len(cols["episode"])})
 
 
 @pytest.fixture
 def store_factory(tmp_path):
-    """A store holding a target source and a prior source of toy episodes."""
-
-    def build(n_target: int = 4, n_prior: int = 10, length: int = 20) -> Store:
-        store = Store(tmp_path / "store")
-        store.write_table(steps_key("target-toy"), make_episodes("target-toy", n_target, length, 1), stage="test")
-        store.write_table(steps_key("prior"), make_episodes("prior", n_prior, length, 2), stage="test")
-        return store
-
-    return build
-
-
-def selection(rows: list[tuple], source: str = "prior") -> pa.Table:
-    return pa.table(
-        {"source": [r[0] if len(r) == 4 else source for r in rows],
-         "episode": [r[-3] for r in rows], "step": [r[-2] for r in rows], "weight": [r[-1] for r in rows]}
-    ).cast(SELECTION_SCHEMA)
+    return toy_store_factory(tmp_path)
 
 
 # -- the tanh-Gaussian head ------------------------------------------------------------------
@@ -191,64 +148,6 @@ def test_sampler_is_pure_function_of_seed_and_step_and_loss_weighting():
         MixtureSampler(5, w, 1.5, 10, 0)
 
 
-# -- data assembly and selection validation --------------------------------------------------
-
-
-def test_load_training_data_joins_selection(store_factory):
-    store = store_factory()
-    sel = selection([(3, 5, 2.0), (0, 0, 1.0), (9, 19, 0.5)])
-    data = load_training_data(store, "target-toy", sel)
-    assert data.n_target == 80 and data.n_prior == 3
-    np.testing.assert_allclose(data.prior_weight, [2.0, 1.0, 0.5])
-    prior = store.read_table(steps_key("prior")).to_pandas()
-    row = prior[(prior.episode == 9) & (prior.step == 19)].iloc[0]
-    np.testing.assert_allclose(data.obs[80 + 2], row.state)
-    np.testing.assert_allclose(data.act[80 + 2], row.action)
-    assert set(data.inputs) == {"target", "selection", "prior:prior"}
-
-
-@pytest.mark.parametrize(
-    "rows, match",
-    [
-        ([(1, 0, 1.0), (42, 3, 1.0)], r"unknown \(source, episode, step\).*episode=42, step=3"),
-        ([(1, 0, 1.0), (1, 20, 1.0)], r"unknown.*episode=1, step=20"),
-        ([("nope", 1, 0, 1.0)], r"source 'nope'.*no committed step table"),
-        ([(1, 0, 1.0), (1, 1, -0.5)], r"negative weights.*episode=1, step=1"),
-        ([(1, 0, float("nan")), (1, 1, 1.0)], r"non-finite weights.*episode=1, step=0"),
-        ([(1, 0, 1.0), (1, 0, 2.0)], r"duplicate rows.*episode=1, step=0"),
-        ([], r"selection is empty"),
-        ([(1, 0, 0.0)], r"only zero weights"),
-    ],
-)
-def test_bad_selection_tables_raise_clear_errors(store_factory, rows, match):
-    store = store_factory()
-    with pytest.raises(ValueError, match=match):
-        load_training_data(store, "target-toy", selection(rows))
-
-
-def test_selection_missing_column_and_empty_allowed(store_factory):
-    store = store_factory()
-    with pytest.raises(ValueError, match=r"missing columns \['weight'\]"):
-        load_training_data(store, "target-toy", pa.table({"source": ["prior"], "episode": [0], "step": [0]}))
-    data = load_training_data(store, "target-toy", SELECTION_SCHEMA.empty_table(), allow_empty_selection=True)
-    assert data.n_prior == 0 and data.n_target == 80
-    with pytest.raises(FileNotFoundError, match="target-missing"):
-        load_training_data(store, "target-missing", None)
-
-
-def test_baseline_selections(store_factory):
-    store = store_factory()
-    assert baseline_selection(store, "target_only").num_rows == 0
-    everything = baseline_selection(store, "all")
-    assert everything.num_rows == 200 and everything.schema == SELECTION_SCHEMA
-    assert set(everything.column("source").to_pylist()) == {"prior"}  # target-* sources excluded
-    half = baseline_selection(store, "random", fraction=0.3, seed=5)
-    assert len(set(half.column("episode").to_pylist())) == 3 and half.num_rows == 60
-    assert half.equals(baseline_selection(store, "random", fraction=0.3, seed=5))
-    with pytest.raises(ValueError, match="fraction"):
-        baseline_selection(store, "random", fraction=0.0)
-
-
 # -- training, determinism, resume, checkpoints ---------------------------------------------
 
 
@@ -284,40 +183,6 @@ def test_resume_matches_uninterrupted_run(store_factory, weighting):
         train_policy(data, TrainConfig(**{**TINY, "weighting": weighting, "lr": 0.5}), resume_from=state)
 
 
-def test_train_to_store_checkpoints_load_weights_only_and_resume(store_factory):
-    store = store_factory()
-    data = load_training_data(store, "target-toy", baseline_selection(store, "random", fraction=0.5))
-    cfg = TrainConfig(**TINY)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_25(step):
-        if step == 25:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_to_store(store, "run1", data, cfg, on_step=crash_at_25)
-    latest = ckpt.latest_checkpoint(store, "run1")
-    assert latest["step"] == 20 and set(latest["adam"]) == {"m", "v", "t"}
-    manifest = train_to_store(store, "run1", data, cfg)  # resumes at 20
-    state = torch.load(store.path("policies/run1/policy.pt"), weights_only=True)
-    assert state["step"] == 30 and "adam" not in state and manifest.files == ["policies/run1/policy.pt"]
-    p_ref, n_ref, _ = train_policy(data, cfg)
-    for k in p_ref:
-        assert torch.equal(state["params"][k], p_ref[k])
-    assert store.is_done("policies/run1", "train", manifest.config, data.inputs)
-    train_to_store(store, "run1", data, cfg, on_step=crash_at_25)  # up to date: skipped, no crash
-
-    policy = pickle.loads(pickle.dumps(TrainedPolicy.load(store, "run1")))
-    obs = data.obs[:7]
-    act = policy(obs)
-    assert act.shape == (7, ACTION_DIM) and np.all(np.abs(act) <= 1)
-    assert policy(obs[0]).shape == (ACTION_DIM,)
-    with pytest.raises(FileNotFoundError, match="no policy checkpoint"):
-        TrainedPolicy.load(store, "missing-run")
-
-
 def test_proxy_loss_drops_with_training(store_factory):
     store = store_factory(n_target=22)
     train = load_training_data(store, "target-toy", None, target_episodes=list(range(20)))
@@ -339,26 +204,6 @@ def test_proxy_loss_drops_with_training(store_factory):
         policy_proxy(trained, train.obs[:, :3], train.act)
     with pytest.raises(ValueError, match="proxy must be one of"):
         policy_proxy(trained, train.obs, train.act, "l1")
-
-
-def test_cli_train_and_evaluate_proxy_only(store_factory, tmp_path):
-    from distcur.cli import main
-
-    store = store_factory()
-    cfg_yaml = tmp_path / "train.yaml"
-    cfg_yaml.write_text("hidden: [16, 16]\nbatch_size: 32\ncheckpoint_every: 5\nlog_every: 5\n")
-    common = ["--store", store.uri, "--target", "target-toy", "--config", str(cfg_yaml), "--steps", "10"]
-    assert main(["train", *common, "--selection", "random:0.5:3", "--out", "rand50"]) == 0
-    assert main(["train", *common, "--selection", "none", "--out", "tonly"]) == 0
-    state = ckpt.load_policy_state(store, "rand50")
-    assert state["meta"]["data"]["n_prior"] == 100 and state["meta"]["config"]["hidden"] == [16, 16]
-    assert ckpt.load_policy_state(store, "tonly")["meta"]["data"]["n_prior"] == 0
-    assert main(["train", *common, "--selection", "missing-run", "--out", "x"]) == 2  # clear error, exit 2
-    assert main(["evaluate", "rand50", "--task", "toy", "--store", store.uri, "--episodes", "0",
-                 "--proxy-source", "target-toy", "--seeds", "0", "1", "--method", "random50"]) == 0
-    table = store.read_table("evals/rand50").to_pylist()
-    assert [r["seed"] for r in table] == [0, 1] and table[0]["method"] == "random50"
-    assert math.isnan(table[0]["success"]) and np.isfinite(table[0]["proxy_loss"])
 
 
 def test_device_is_how_a_run_computes_not_what(store_factory):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from distcur.policy.functional import PolicySpec
-from distcur.rebalance.dro import DROConfig, dro_rebalance, train_weighted_bc
+from distcur.policy.train import train_weighted_bc
+from distcur.rebalance.dro import DROConfig, dro_rebalance
 from distcur.rebalance.frequency import frequency_weights
 from distcur.rebalance.group import alpha_to_sample_weights, groups_from_labels
 from distcur.rebalance.metagrad import MetaGradConfig, metagrad_rebalance

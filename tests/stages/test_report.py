@@ -8,16 +8,15 @@ import logging
 import re
 import struct
 import time
-import types
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from distcur.cli import main
-from distcur.commands import evaluate as evaluate_cmd
 from distcur.data import eval_key, scores_key, selection_key, steps_key
 from distcur.schema import SCORE_SCHEMA, SELECTION_SCHEMA, steps_table
+from distcur.stages import evaluate as evaluate_stage
 from distcur.stages.report import DPI, build_report, collect, write_report
 from distcur.stages.select import selection_metadata
 from distcur.stats import percentile_ranks
@@ -147,23 +146,23 @@ def test_percentile_ranks_put_any_score_on_one_scale():
     assert p.tolist() == [12.5, 50.0, 50.0, 87.5]
 
 
-def _args(store, method, **kw):
-    return types.SimpleNamespace(policy=f"p-{method}", task=TARGET, store=store.uri, episodes=1, seeds=[0, 1],
-                                 method=method, out="cli", proxy_source=None, proxy_episodes=None, envs_per_worker=1,
-                                 no_ray=True, address=None, in_sample_proxy=False, func=None, **kw)
+def _evaluate(store, method):
+    config = evaluate_stage.EvaluateConfig(episodes=1, seeds=(0, 1), method=method, out="cli", envs_per_worker=1,
+                                           ray=False)
+    return evaluate_stage.run(store, config, f"p-{method}", TARGET)
 
 
 def test_evaluate_adds_a_methods_rows(store, monkeypatch, capsys):
     def fake(store, policy, task, episodes, seeds, method, *a, **k):
         time.sleep(0.2)  # the rollouts' time, which the manifest's wall time must include
-        return [{"method": method, "task": task, "seed": s, "episodes": 1, "success": 1.0, "proxy_loss": 2.0,
+        return [{"method": method, "task": task, "seed": s, "episodes": 1, "success": 1.0, "proxy_loss": 2.0, "proxy_kind": "nll",
                  "proxy_source": "x", "policy": policy, "selected_fraction": None, "level": None,
-                 "evaluation": evaluate_cmd.ROLLOUTS} for s in seeds]
+                 "evaluation": evaluate_stage.ROLLOUTS} for s in seeds]
 
-    monkeypatch.setattr(evaluate_cmd, "evaluate_policy", fake)
-    evaluate_cmd.run(_args(store, "iwr"))
-    evaluate_cmd.run(_args(store, "br"))
-    evaluate_cmd.run(_args(store, "iwr"))  # a rerun replaces its own rows only
+    monkeypatch.setattr(evaluate_stage, "evaluate_policy", fake)
+    _evaluate(store, "iwr")
+    _evaluate(store, "br")
+    _evaluate(store, "iwr")  # a rerun replaces its own rows only
     rows = store.read_table(eval_key("cli")).to_pylist()
     assert sorted((r["method"], r["seed"]) for r in rows) == [("br", 0), ("br", 1), ("iwr", 0), ("iwr", 1)]
     manifest = store.manifest(eval_key("cli"))
@@ -172,15 +171,15 @@ def test_evaluate_adds_a_methods_rows(store, monkeypatch, capsys):
 
 def test_proxy_is_held_out_unless_asked(store, caplog):
     with pytest.raises(FileNotFoundError, match="--proxy-source 'nope'"):
-        evaluate_cmd.proxy_source_for(store, TARGET, "nope")
+        evaluate_stage.proxy_source_for(store, TARGET, "nope")
     with pytest.raises(ValueError, match="give one of them"):
-        evaluate_cmd.proxy_source_for(store, TARGET, "prior", in_sample=True)
+        evaluate_stage.proxy_source_for(store, TARGET, "prior", in_sample=True)
     with caplog.at_level(logging.WARNING):
-        assert evaluate_cmd.proxy_source_for(store, TARGET) is None
+        assert evaluate_stage.proxy_source_for(store, TARGET) is None
     assert "no held-out target demos" in caplog.text
     store.write_table(steps_key("target-reach-heldout"), pa.table({"x": [1]}), "ingest-heldout", {})
-    assert evaluate_cmd.proxy_source_for(store, TARGET) == "target-reach-heldout"
+    assert evaluate_stage.proxy_source_for(store, TARGET) == "target-reach-heldout"
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert evaluate_cmd.proxy_source_for(store, TARGET, in_sample=True) == "target-reach"
+        assert evaluate_stage.proxy_source_for(store, TARGET, in_sample=True) == "target-reach"
     assert "IN-SAMPLE" in caplog.text

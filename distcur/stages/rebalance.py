@@ -1,6 +1,6 @@
 """The rebalance stage: steps -> groups -> group weights -> a weights table (a selection).
 
-:func:`run_rebalance` reads the step tables of the chosen sources, forms groups (task or source
+:func:`run` reads the step tables of the chosen sources, forms groups (task or source
 labels, or k-means on embeddings / standardised state-action pairs), computes group weights
 alpha with one method (``frequency``, ``dro`` or ``metagrad``) and writes per-step weights
 w_i = alpha_g N / n_g as a table with :data:`distcur.schema.SELECTION_SCHEMA` at
@@ -11,7 +11,6 @@ trajectory; a rerun with the same config and inputs is skipped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,6 @@ import torch
 from distcur.config import to_dict
 from distcur.data import embeddings_key, is_target_source, list_sources, load_steps, selection_key, steps_key
 from distcur.policy.functional import Normalizer, PolicySpec
-from distcur.policy.train import source_action_standardizer
 from distcur.rebalance.dro import DROConfig, dro_rebalance
 from distcur.rebalance.frequency import frequency_alpha
 from distcur.rebalance.group import (
@@ -34,6 +32,8 @@ from distcur.rebalance.group import (
 )
 from distcur.rebalance.metagrad import MetaGradConfig, metagrad_rebalance
 from distcur.schema import SELECTION_SCHEMA, list_column_to_numpy
+from distcur.stages.output import commit_table
+from distcur.stages.train import source_action_standardizer
 from distcur.store import Manifest, Store
 
 log = logging.getLogger(__name__)
@@ -47,19 +47,23 @@ GROUPINGS = ("task", "source", "kmeans")
 class RebalanceConfig:
     """Settings of one rebalance run (YAML keys are these field names; dro/metagrad nest)."""
 
-    method: str = "frequency"
-    groups: str = "task"
-    sources: list[str] | None = None  # default: every source in the store but held-out target demos
-    k: int | None = None  # k-means: fixed k, or None to choose by silhouette over k_range
+    method: str = field(default="frequency", metadata={"choices": METHODS, "help": "group weighting"})
+    groups: str = field(default="task", metadata={
+        "choices": GROUPINGS, "help": "groups from task or source labels, or discovered by k-means"})
+    sources: list[str] | None = field(default=None, metadata={  # default: every source but held-out target demos
+        "help": "step sources to rebalance (default: all but held-out target demos)"})
+    k: int | None = field(default=None, metadata={"help": "k-means: number of groups (default: best silhouette)"})
     k_range: tuple[int, int] = (2, 8)
-    embeddings: str | None = None  # k-means on embeddings/<encoder>; None: on state-action pairs
+    embeddings: str | None = field(default=None, metadata={  # None: k-means on state-action pairs
+        "help": "k-means on embeddings/<ENCODER> instead of state-action"})
     hidden: tuple[int, ...] = (256, 256)  # policy of the DRO proxy/reference and the meta-gradient runs
     seed: int = 0
     dro: DROConfig = field(default_factory=DROConfig)
     metagrad: MetaGradConfig = field(default_factory=MetaGradConfig)
     # metagrad: names of the groups (tasks / sources) whose validation loss is the objective,
     # e.g. the curated ones when others may hold bad demos; None: every group.
-    trusted: list[str] | None = None
+    trusted: list[str] | None = field(default=None, metadata={
+        "help": "metagrad: groups whose validation loss is the objective (default: all groups)"})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -164,17 +168,15 @@ def compute_alpha(cfg: RebalanceConfig, steps, groups: GroupAssignment) -> tuple
     }
 
 
-def run_rebalance(store: Store | str, method: str | None = None, run: str = "rebalance",
-                  config: RebalanceConfig | None = None, force: bool = False) -> Manifest:
-    """Compute group weights and write the weights table at ``selections/<run>``.
+def run(store: Store | str, config: RebalanceConfig | None = None, run_name: str = "rebalance",
+        force: bool = False) -> Manifest:
+    """Compute group weights and write the weights table at ``selections/<run_name>``.
 
-    ``method`` overrides ``config.method``. Returns the committed manifest (the existing one when
-    the same config and inputs were already done and ``force`` is False).
+    Returns the committed manifest (the existing one when the same config and inputs were already
+    done and ``force`` is False).
     """
     store = store if isinstance(store, Store) else Store(store)
     cfg = config or RebalanceConfig()
-    if method is not None and method != cfg.method:
-        cfg = dataclasses.replace(cfg, method=method)
     # held-out target demos (target-<task>-heldout, from `ingest metaworld`) define the proxy: never trained on
     sources = list(cfg.sources) if cfg.sources else [s for s in list_sources(store)
                                                      if not (is_target_source(s) and s.endswith("-heldout"))]
@@ -185,37 +187,42 @@ def run_rebalance(store: Store | str, method: str | None = None, run: str = "reb
         for s in sources:
             key = embeddings_key(cfg.embeddings, s)
             inputs[key] = store.input_fingerprint(key)
-    key = selection_key(run)
+    key = selection_key(run_name)
     stage_config = cfg.method_config()
-    if not force and store.is_done(key, STAGE, stage_config, inputs):
-        log.info("rebalance %s: already done with the same config and inputs, skipping", run)
-        return store.manifest(key)
-    t0 = time.time()
-    steps = load_steps(store, sources)
-    # sources with different action spaces: each standardised by its own statistics (distcur.policy.actions)
-    standardizer = source_action_standardizer(store, sources, sources[0])
-    if standardizer is not None:
-        steps.action = standardizer.apply(steps.action, steps.source)
-    groups = make_groups(store, cfg, steps, sources)
-    counts = groups.counts()
-    torch.manual_seed(cfg.seed)
-    alpha, diagnostics = compute_alpha(cfg, steps, groups)
-    weights = alpha_to_sample_weights(groups.group, alpha, counts)
-    table = pa.Table.from_arrays(
-        [pa.array(steps.source.astype(str).tolist(), pa.string()), pa.array(steps.episode, pa.int64()),
-         pa.array(steps.step, pa.int32()), pa.array(weights, pa.float32())],
-        schema=SELECTION_SCHEMA,
-    )
-    metadata = {
-        "method": cfg.method,
-        "grouping": cfg.groups,
-        "groups": groups.names,
-        "group_counts": counts.tolist(),
-        "alpha": np.round(alpha, 8).tolist(),
-        "k": groups.k,
-        "silhouette": {str(k): v for k, v in groups.silhouette.items()},
-        "compute_s": round(time.time() - t0, 3),
-        **diagnostics,
-    }
-    log.info("rebalance %s (%s, %s): k=%d, alpha=%s", run, cfg.method, cfg.groups, groups.k, metadata["alpha"])
-    return store.write_table(key, table, STAGE, stage_config, inputs, metadata)
+
+    def make() -> tuple[pa.Table, dict]:
+        t0 = time.time()
+        steps = load_steps(store, sources)
+        # sources with different action spaces: each standardised by its own statistics (distcur.policy.actions)
+        standardizer = source_action_standardizer(store, sources, sources[0])
+        if standardizer is not None:
+            steps.action = standardizer.apply(steps.action, steps.source)
+        groups = make_groups(store, cfg, steps, sources)
+        counts = groups.counts()
+        torch.manual_seed(cfg.seed)
+        alpha, diagnostics = compute_alpha(cfg, steps, groups)
+        weights = alpha_to_sample_weights(groups.group, alpha, counts)
+        table = pa.Table.from_arrays(
+            [pa.array(steps.source.astype(str).tolist(), pa.string()), pa.array(steps.episode, pa.int64()),
+             pa.array(steps.step, pa.int32()), pa.array(weights, pa.float32())],
+            schema=SELECTION_SCHEMA,
+        )
+        metadata = {
+            "method": cfg.method,
+            "grouping": cfg.groups,
+            "groups": groups.names,
+            "group_counts": counts.tolist(),
+            "alpha": np.round(alpha, 8).tolist(),
+            "k": groups.k,
+            "silhouette": {str(k): v for k, v in groups.silhouette.items()},
+            "compute_s": round(time.time() - t0, 3),
+            **diagnostics,
+        }
+        log.info("rebalance %s (%s, %s): k=%d, alpha=%s", run_name, cfg.method, cfg.groups, groups.k,
+                 metadata["alpha"])
+        return table, metadata
+
+    out = commit_table(store, key, STAGE, stage_config, inputs, make, force=force, quiet=True)
+    if out.skipped:
+        log.info("rebalance %s: already done with the same config and inputs, skipping", run_name)
+    return out.manifest
