@@ -35,7 +35,7 @@ from distcur.config import DEFAULT_STORE, to_dict
 from distcur.data import eval_key, heldout_source, scores_key, selection_key, steps_key, target_source
 from distcur.methods import REGISTRY, names
 from distcur.policy.sampler import MIXINGS
-from distcur.sources.metaworld import PRIOR_KINDS, MetaWorldPriorConfig
+from distcur.envs.generation import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class DemoConfig:
     batch_size: int = 256
     hidden: tuple[int, ...] = (256, 256)
     lr: float = 1e-3
-    prior_kind: str = "hard"  # hard | datamil (distcur.sources.metaworld)
+    prior_kind: str = "hard"  # hard | datamil (distcur.envs.generation)
     prior: dict[str, Any] | None = None  # MetaWorldPriorConfig options (default: DEMO_PRIORS[prior_kind])
     vae: dict[str, Any] = field(default_factory=lambda: {"train_steps": 1500})  # VAEConfig options of the BR / STRAP / IWR embedding
     iwr: dict[str, Any] = field(default_factory=dict)  # options of the IWR scorer (bandwidth, kernel, ...)
@@ -151,27 +151,12 @@ class DemoConfig:
 
 def ingest(cfg: DemoConfig, store: Store) -> dict:
     """The MetaWorld prior and target, plus held-out target demos for the proxy."""
-    from distcur.sources.metaworld import generate_metaworld
+    from distcur.distributed.metaworld import RayTasks
+    from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 
-    prior_cfg = cfg.prior_config()
-    info = generate_metaworld(prior_cfg, store, address=cfg.address)  # a bar only where bars are drawn
-    write_heldout_target(store, prior_cfg, cfg.heldout_demos)
-    return info
-
-
-def write_heldout_target(store: Store, prior_cfg: MetaWorldPriorConfig, n: int) -> None:
-    """``n`` fresh expert demos of the target, never trained on (their initial states come from
-    episode indices after the training demos', so they differ from them)."""
-    from distcur.sources.metaworld import EpisodeSpec, generate_chunk
-
-    key = steps_key(heldout_source(prior_cfg.target))
-    config = {**prior_cfg.target_config(), "heldout": n}
-    if store.is_done(key, "ingest-heldout", config, {}):
-        return
-    specs = [EpisodeSpec(heldout_source(prior_cfg.target), i, prior_cfg.target, "target", prior_cfg.target_demos + i)
-             for i in range(n)]
-    table, _ = generate_chunk(prior_cfg, specs)
-    store.write_table(key, table, "ingest-heldout", config)
+    config = MetaWorldIngestConfig(prior=cfg.prior_config(), heldout_demos=cfg.heldout_demos)
+    # a bar only where bars are drawn
+    return run_metaworld(store, config, executor=RayTasks(cfg.address, label="metaworld episodes"))
 
 
 def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
@@ -268,7 +253,7 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     A plain function (the Ray task in :mod:`distcur.distributed.pipeline` only calls it)."""
     import torch
 
-    from distcur.evaluate.metaworld import evaluate_success
+    from distcur.envs.rollouts import evaluate_success
     from distcur.evaluate.proxy import proxy_loss_on_source
     from distcur.policy.loaded import TrainedPolicy
     from distcur.policy.train import TrainConfig, load_training_data, read_selection, train_policy
@@ -286,7 +271,7 @@ def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_r
     policy = TrainedPolicy(params, data.policy_spec(tcfg.hidden), normalizer)
     t0 = time.time()
     success = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(seed,), max_steps=cfg.max_steps,
-                               envs_per_worker=cfg.episodes, parallel=False)[0]
+                               envs_per_worker=cfg.episodes)[0]
     proxy = proxy_loss_on_source(policy, store, heldout_source(cfg.target))
     return {"method": method, "task": cfg.target, "seed": seed, "episodes": success["episodes"],
             "success": success["success"], "proxy_loss": proxy, "selected_steps": int(data.n_prior),

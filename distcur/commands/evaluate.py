@@ -121,10 +121,16 @@ def evaluate_policy(store, policy_ref: str, task: str, episodes: int, seeds, met
               f"{' (in-sample: the demos it trained on)' if in_sample_proxy else ''}", flush=True)
         episodes = 0
     if episodes > 0:
-        from distcur.evaluate.metaworld import evaluate_success
+        from distcur import progress
+        from distcur.envs.rollouts import evaluate_success
 
+        executor = None
+        if parallel:
+            from distcur.distributed.metaworld import RayTasks
+
+            executor = RayTasks(address, progress=progress.enabled(), label=f"rollouts {task}")
         rates = evaluate_success(policy, task, episodes=episodes, seeds=seeds, envs_per_worker=envs_per_worker,
-                                 parallel=parallel, address=address)
+                                 executor=executor)
     else:
         rates = [{"seed": int(s), "episodes": 0, "success": float("nan")} for s in seeds]
     method = method or policy_ref
