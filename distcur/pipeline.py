@@ -33,9 +33,9 @@ import pyarrow as pa
 
 from distcur.config import DEFAULT_STORE, to_dict
 from distcur.data import eval_key, heldout_source, scores_key, selection_key, steps_key, target_source
+from distcur.envs.generation import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.methods import REGISTRY, names
 from distcur.policy.sampler import MIXINGS
-from distcur.envs.generation import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.store import Store, fingerprint
 
 log = logging.getLogger(__name__)

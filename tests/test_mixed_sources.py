@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ingest_calls import ingest_parquet
 
 from distcur.cli import main as cli_main
 from distcur.commands.datamodel import make_config, run_datamodel
@@ -20,7 +21,6 @@ from distcur.policy.loaded import TrainedPolicy
 from distcur.policy.train import TrainConfig, baseline_selection, load_training_data, train_to_store
 from distcur.rebalance.dro import DROConfig
 from distcur.rebalance.pipeline import RebalanceConfig, run_rebalance
-from distcur.sources.parquet import ingest_parquet
 from distcur.store import Store
 
 TASK = "synth-reach"

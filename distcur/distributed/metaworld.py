@@ -15,8 +15,8 @@ from typing import Any
 
 import ray
 
-from distcur.progress import bar
 from distcur.distributed.session import ensure_ray
+from distcur.progress import bar
 
 
 def _gather(refs: list, show: bool, label: str) -> list:
