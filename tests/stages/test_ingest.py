@@ -167,3 +167,61 @@ def test_datamil_prior_holds_the_targets_demos_and_long_failures(tmp_path):
     target = StepArrays.from_table(store.read_table(steps_key(target_source(TARGET))))
     starts = {tuple(x) for x in prior.state[first].round(5).tolist()}
     assert target.success.all() and not starts & {tuple(x) for x in target.state[target.is_first].round(5).tolist()}
+
+
+# -- the CLI is built from the stage configs ----------------------------------------------------
+
+
+def test_file_source_flags_come_from_the_stage_config_and_a_yaml_config(tmp_path, capsys):
+    """``ingest parquet --config`` reads the ParquetIngestConfig fields from YAML, the flags win, and
+    a bad value is one error line naming the field."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from distcur.cli import main
+
+    rows = [{"ep": e, "obs": [float(e), float(t)], "act": [0.5 * t], "t": t} for e in range(3) for t in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "steps.parquet")
+    conf = tmp_path / "parquet.yaml"
+    conf.write_text(yaml.safe_dump({"source": "mine", "map": ["state=obs", "action=act", "episode=ep", "step=t"],
+                                    "rows_per_part": 5}))
+    out = tmp_path / "store"
+    assert main(["ingest", "parquet", str(tmp_path / "steps.parquet"), "--config", str(conf), "--out", str(out),
+                 "--no-ray", "--rows-per-part", "8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == 12 and printed["episodes"] == 3 and printed["state_dim"] == 2
+    m = Store(out).manifest(steps_key("mine"))
+    assert m.config["rows_per_part"] == 8 and m.config["map"]["state"] == ["obs"]  # the flag won over the YAML
+    conf.write_text(yaml.safe_dump({"source": "mine", "map": ["state=obs", "action=act", "episode=ep"],
+                                    "rows_per_part": "many"}))
+    assert main(["ingest", "parquet", str(tmp_path / "steps.parquet"), "--config", str(conf), "--out", str(out),
+                 "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert f"{conf}: rows_per_part = 'many' is a str, but ParquetIngestConfig.rows_per_part expects int" in err
+
+
+def test_metaworld_flags_are_the_prior_config_fields(ray_session, tmp_path, capsys):
+    """``ingest metaworld`` takes every MetaWorldPriorConfig field as a flag (``--success-per-task``, ...)
+    over its YAML, and ``--heldout-demos`` from the stage config; the run is the stage's."""
+    import json
+
+    import yaml
+
+    from distcur.cli import main
+
+    conf = tmp_path / "mw.yaml"
+    conf.write_text(yaml.safe_dump({"tasks": ["reach-v3"], "success_per_task": 3, "failed_per_task": 1,
+                                    "failed_max_steps": 10, "max_steps": 150, "target_demos": 1}))
+    out = tmp_path / "store"
+    assert main(["ingest", "metaworld", "--target", "reach-v3", "--config", str(conf), "--success-per-task", "1",
+                 "--out", str(out), "--heldout-demos", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["prior"]["episodes"] == 1 and info["target"]["episodes"] == 1  # hard prior: the target's failure
+    assert info["heldout"]["rows"] > 0 and info["heldout"]["key"].endswith("target-reach-v3-heldout")
+    m = Store(out).manifest(steps_key(PRIOR_SOURCE))
+    assert m.config["success_per_task"] == 1 and m.config["tasks"] == ["reach-v3"]
+    assert main(["ingest", "metaworld", "--target", "reach-v3", "--out", str(out), "--heldout-demos", "-1"]) == 2
+    assert "--heldout-demos must be >= 0, got -1" in capsys.readouterr().err
