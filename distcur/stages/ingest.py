@@ -113,6 +113,14 @@ def commit_shards(
     return IngestResult(key=key, manifest=out.manifest, skipped=out.skipped, shard_results=results)
 
 
+SOURCE_REQUIRED = "--source (the source name in the store)"
+
+
+def _require(kind: str, value: str, what: str) -> None:
+    if not value:
+        raise ValueError(f"ingest {kind}: {what} is required")
+
+
 def _positive(value: int, what: str) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}")
@@ -148,11 +156,9 @@ class RLDSIngestConfig:
     rows_per_part: int = field(default=100_000, metadata={"help": "steps per Parquet part (memory bound)"})
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError("ingest rlds: name the dataset directory (PATH)")
-        if not self.dataset:
-            raise ValueError("ingest rlds: --dataset is required (a shipped config name, or the name of a generic "
-                             "config with --state-keys and --action-keys)")
+        _require("rlds", self.path, "PATH (the dataset directory)")
+        _require("rlds", self.dataset, "--dataset (a shipped config name, or the name of a generic config with "
+                                       "--state-keys and --action-keys)")
         if bool(self.state_keys) != bool(self.action_keys):
             raise ValueError("a generic RLDS config needs both --state-keys and --action-keys")
         if self.language_encoding not in LANGUAGE_ENCODINGS:
@@ -220,8 +226,7 @@ class HDF5IngestConfig:
     rows_per_part: int = field(default=100_000, metadata={"help": "steps per Parquet part (memory bound)"})
 
     def __post_init__(self) -> None:
-        if not self.source:
-            raise ValueError("ingest hdf5: --source is required (the source name in the store)")
+        _require("hdf5", self.source, SOURCE_REQUIRED)
         if self.demos_per_shard is not None:
             _positive(self.demos_per_shard, "ingest hdf5: demos_per_shard")
         _positive(self.rows_per_part, "ingest hdf5: rows_per_part")
@@ -267,10 +272,8 @@ class ParquetIngestConfig:
     rows_per_part: int = field(default=100_000, metadata={"help": "steps per Parquet part (memory bound)"})
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError("ingest parquet: name the file or folder (PATH)")
-        if not self.source:
-            raise ValueError("ingest parquet: --source is required (the source name in the store)")
+        _require("parquet", self.path, "PATH (a file or a folder)")
+        _require("parquet", self.source, SOURCE_REQUIRED)
         self.mapping  # noqa: B018 (checks the --map items, naming the bad one)
         _positive(self.rows_per_part, "ingest parquet: rows_per_part")
 
@@ -321,10 +324,8 @@ class LeRobotIngestConfig:
     rows_per_part: int = field(default=100_000, metadata={"help": "steps per Parquet part (memory bound)"})
 
     def __post_init__(self) -> None:
-        if not self.root:
-            raise ValueError("ingest lerobot: name the dataset root (ROOT)")
-        if not self.source:
-            raise ValueError("ingest lerobot: --source is required (the source name in the store)")
+        _require("lerobot", self.root, "ROOT (the dataset root)")
+        _require("lerobot", self.source, SOURCE_REQUIRED)
         if self.reader not in LEROBOT_READERS:
             raise ValueError(f"ingest lerobot: reader must be auto, ray-lerobot or files, got {self.reader!r}")
         _positive(self.rows_per_part, "ingest lerobot: rows_per_part")
