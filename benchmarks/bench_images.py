@@ -114,8 +114,10 @@ def quality(args, save=lambda partial: None) -> dict:
     from distcur.data import embeddings_key
     from distcur.distributed.embed import EmbedConfig, run_embed
     from distcur.distributed.score import score
-    from distcur.pipeline import DemoConfig, _train_evaluate_resumable, ingest, protocol_of
+    from distcur.policy.train import TrainConfig
     from distcur.select import SelectConfig, run_select
+    from distcur.stages.demo import DemoConfig, DemoEvaluation, _train_evaluate_resumable, ingest
+    from distcur.stages.quality import protocol_of
     from distcur.store import Store
 
     tasks = [args.target] + [t for t in ("drawer-close-v3", "reach-v3", "button-press-v3") if t != args.target]
@@ -123,8 +125,9 @@ def quality(args, save=lambda partial: None) -> dict:
              "failed_max_steps": 40, "max_steps": 200, "image_size": args.image_size, "camera": "corner",
              "chunk_episodes": 2}
     cfg = DemoConfig(store=args.store, run="images", target=args.target, methods=("br", "iwr", "target_only"),
-                     seeds=(0, 1, 2), episodes=args.episodes, heldout_demos=2, prior=prior, max_steps=300,
-                     train_steps=args.train_steps)
+                     seeds=(0, 1, 2), prior=prior,
+                     evaluation=DemoEvaluation(episodes=args.episodes, max_steps=300, heldout_demos=2),
+                     train=TrainConfig(hidden=(256, 256), steps=args.train_steps, checkpoint_every=0))
     store = Store(cfg.store)
     t0 = time.time()
     info = ingest(cfg, store)

@@ -117,7 +117,7 @@ def run_toy(args) -> dict:
 # -- MetaWorld ---------------------------------------------------------------------------------
 def merge_quality_records(path: Path, records: list[dict], protocol: dict) -> None:
     """Replace only the ``imbalanced/*`` records (and the protocol's ``imbalanced`` entry)."""
-    from distcur.pipeline import merge_quality_json
+    from distcur.stages.quality import merge_quality_json
 
     merge_quality_json(path, {"protocol": {"imbalanced": protocol}, "results": records},
                        drop_task_prefix="imbalanced/")

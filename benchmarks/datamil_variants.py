@@ -1,6 +1,6 @@
 """DataMIL variants at docs/benchmarks.md's protocol policy, one (target, datamodel config) per call.
 
-Runs ``distcur demo``'s pipeline (:func:`distcur.pipeline.run_demo`) for the DataMIL methods
+Runs ``distcur demo``'s pipeline (:func:`distcur.stages.demo.run_demo`) for the DataMIL methods
 only, on a store that already holds (or will generate) the demo prior, with DatamodelConfig
 overrides given as JSON; prints the selection's make-up (successful episodes per task) and merges
 the records under ``variants[<name>]`` of ``benchmarks/results/quality_metaworld_dm_variants.json``.
@@ -56,7 +56,8 @@ def merge_variant(path: Path, name: str, target: str, datamodel: dict, records: 
 
 
 def main() -> int:
-    from distcur.pipeline import DATAMODELS, PROTOCOL_POLICY, DemoConfig, run_demo
+    from distcur.config import load_config, merge_options
+    from distcur.stages.demo import DATAMODELS, PROTOCOL_POLICY, DemoConfig, run_demo
     from distcur.store import Store
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,8 +72,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     datamodel = json.loads(args.datamodel)
     run = args.run or f"exp-{args.name}"
-    cfg = DemoConfig(store=args.store, target=args.target, run=run, methods=tuple(args.methods), seeds=(0, 1, 2),
-                     episodes=50, **{**PROTOCOL_POLICY, "datamodel": datamodel})
+    cfg = load_config(DemoConfig, merge_options(PROTOCOL_POLICY, {
+        "store": args.store, "target": args.target, "run": run, "methods": tuple(args.methods), "seeds": (0, 1, 2),
+        "evaluation": {"episodes": 50}, "datamodel": datamodel}))
     table = run_demo(cfg).to_pandas()
     store = Store(args.store)
     ep = prior_episodes(store)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats
 
-from distcur.report import SIMILARITY_METHODS, paired_comparisons
+from distcur.stats import SIMILARITY_METHODS, paired_comparisons
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -176,6 +176,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}: unknown option(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
+        default = _field_default(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # a nested config given in part: the rest keeps the enclosing config's default for it
+            # (``train: {lr: 0.01}`` keeps the demo's policy size, not TrainConfig's class defaults)
+            value = merge_options(dataclasses.asdict(default), value)
         try:
             kwargs[name] = _check(value, hints.get(name), f"{where}.{name}")
         except _Mismatch as e:
@@ -206,6 +211,14 @@ def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, /,
                   else cls.__name__)
 
 
+def merge_options(base: dict, over: dict) -> dict:
+    """``over`` laid onto ``base``, nested mappings merged key by key (neither is modified)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_options(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def to_dict(config: Any) -> dict:
     """A config as a plain JSON-able dict (for manifests)."""
     return dataclasses.asdict(config)
@@ -227,15 +240,28 @@ def flag_kwargs(hint: Any) -> dict:
     return {}  # str, and unions such as "str | float" that the dataclass parses itself
 
 
-def _leaves(cls: type, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
-    """Every non-dataclass field of ``cls``, nested dataclass fields flattened: (path, field, hint)."""
+_NO_DEFAULT = object()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _NO_DEFAULT
+
+
+def _leaves(cls: type, path: tuple[str, ...] = (), owner: Any = _NO_DEFAULT) -> list[tuple]:
+    """Every non-dataclass field of ``cls``, nested dataclass fields flattened: (path, field, hint,
+    default), the default being the enclosing config's (a nested config's own default instance)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
+        default = getattr(owner, f.name) if owner is not _NO_DEFAULT else _field_default(f)
         if dataclasses.is_dataclass(hints[f.name]):
-            out += _leaves(hints[f.name], (*path, f.name))
+            out += _leaves(hints[f.name], (*path, f.name), default)
         else:
-            out.append(((*path, f.name), f, hints[f.name]))
+            out.append(((*path, f.name), f, hints[f.name], default))
     return out
 
 
@@ -250,16 +276,21 @@ def add_config_flags(parser, cls: type, flags: dict[str, str] | None = None, hel
     field's dotted path (``"train.lr"``) or, for a top-level field, its name. Returns the dotted
     paths added, for :func:`config_from_args`."""
     leaves = [leaf for leaf in _leaves(cls) if ".".join(leaf[0]) not in skip and leaf[0][0] not in skip]
-    counts = collections.Counter(path[-1] for path, _, _ in leaves)
+    counts = collections.Counter(path[-1] for path, _, _, _ in leaves)
     added = []
-    for path, f, hint in leaves:
+    for path, f, hint, default in leaves:
         name = ".".join(path)
         flag = (flags or {}).get(name)
         if flag is None:
             words = path[-1] if counts[path[-1]] == 1 or len(path) == 1 else "-".join(path[-2:])
             flag = "--" + words.replace("_", "-")
         kw = {"default": None, "dest": name, **flag_kwargs(hint)}
-        default = f.default if f.default is not dataclasses.MISSING else None
+        has_choices = bool((choices or {}).get(name) or "choices" in f.metadata)
+        if kw.get("action") is None and not has_choices:
+            kw["metavar"] = path[-1].upper()
+        default = None if default is _NO_DEFAULT else default
+        if isinstance(default, tuple | list):
+            default = " ".join(map(str, default))
         text = (helps or {}).get(name) or f.metadata.get("help", path[-1].replace("_", " "))
         kw["help"] = text + (f" (default {default})" if default not in (None, "") and "default" not in text else "")
         if (choices or {}).get(name) or "choices" in f.metadata:

@@ -8,8 +8,8 @@ import pytest
 
 from distcur.composition import pairwise_jaccard, selection_composition
 from distcur.data import steps_key
-from distcur.report import paired_comparisons, paired_difference
 from distcur.schema import SELECTION_SCHEMA, steps_table
+from distcur.stats import paired_comparisons, paired_difference
 from distcur.store import Store
 
 

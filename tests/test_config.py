@@ -176,3 +176,19 @@ def test_nested_config_flags_build_the_nested_dataclass(tmp_path):
     path.write_text("train:\n  lr: fast\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*lr = 'fast'"):
         config_from_args(Outer, p.parse_args(["--train-seed", "2"]), names, path)
+
+
+def test_a_nested_config_given_in_part_keeps_the_enclosing_default():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Inner:
+        lr: float = 1e-3
+        steps: int = 4000
+
+    @dataclass
+    class Outer:
+        train: Inner = field(default_factory=lambda: Inner(steps=1500))
+
+    assert load_config(Outer, {"train": {"lr": 0.5}}).train == Inner(lr=0.5, steps=1500)
+    assert load_config(Outer, {}).train == Inner(steps=1500)

@@ -21,7 +21,7 @@ MATHS = ("score", "datamodels", "rebalance", "policy", "embed", "envs", "sources
 FOUNDATION = ("distcur.store", "distcur.schema", "distcur.data", "distcur.config", "distcur.progress", "distcur.logs", "distcur.deps",
               "distcur.devices", "distcur.torchio", "distcur.distributed")
 NOT_IN_MATHS = ("ray", "distcur.store", "distcur.distributed", "distcur.stages", "distcur.commands",
-                "distcur.cli", "distcur.pipeline")
+                "distcur.cli")
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

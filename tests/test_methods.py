@@ -60,7 +60,7 @@ def test_score_cli_has_a_flag_for_every_scorer_option():
 
 def test_demo_and_sweep_take_their_methods_from_the_registry():
     from distcur.distributed.sweep import SweepConfig
-    from distcur.pipeline import ALL_METHODS, DemoConfig
+    from distcur.stages.demo import ALL_METHODS, DemoConfig
 
     assert ALL_METHODS == methods.names()
     cfg = DemoConfig()

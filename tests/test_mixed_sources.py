@@ -163,7 +163,7 @@ def test_mixed_action_spaces_are_standardised_per_source_and_undone_at_evaluatio
 
 
 def test_no_simulator_means_proxy_only_said_in_output_and_report(stores, capsys, tmp_path):
-    from distcur.report import build_report
+    from distcur.stages.report import build_report
 
     store = stores[1]
     target = target_source(TASK)

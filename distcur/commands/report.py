@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from distcur.report import write_report
+    from distcur.stages.report import write_report
     from distcur.store import Store
 
     print(write_report(Store(args.store), args.runs, args.out))

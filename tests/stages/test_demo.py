@@ -7,12 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from distcur.pipeline import DemoConfig, job_key, run_demo
-from distcur.report import build_report, success_summary
+from distcur.policy.train import TrainConfig
+from distcur.stages.demo import DemoConfig, DemoEvaluation, job_key, run_demo
+from distcur.stages.report import build_report
+from distcur.stats import success_summary
 from distcur.store import Store
 
 TINY = dict(
-    seeds=(0,), episodes=2, max_steps=40, train_steps=30, hidden=(32, 32), heldout_demos=2, vae={"train_steps": 50, "hidden": (32,)},
+    seeds=(0,), evaluation=DemoEvaluation(episodes=2, max_steps=40, heldout_demos=2),
+    train=TrainConfig(steps=30, hidden=(32, 32), checkpoint_every=0), vae={"train_steps": 50, "hidden": (32,)},
     prior={"tasks": ("reach-v3", "pick-place-v3"), "success_per_task": 2, "failed_per_task": 2,
            "failed_max_steps": 40, "max_steps": 150},
 )
@@ -107,7 +110,7 @@ def test_force_recomputes_every_stage_and_job(demo_run):
 
 
 def test_recording_refuses_another_protocol_unless_a_variant(tmp_path):
-    from distcur.pipeline import merge_quality_json
+    from distcur.stages.quality import merge_quality_json
 
     path = tmp_path / "quality.json"
     rec = {"task": "t", "prior": "hard", "method": "br", "seed": 0, "success": 0.5}
@@ -128,3 +131,30 @@ def test_recording_refuses_another_protocol_unless_a_variant(tmp_path):
     merge_quality_json(path, {"protocol": {"variant/short": fewer["evaluation"]},
                               "results": [{**rec, "task": "v", "variant": "short"}]})
     assert json.load(open(path))["protocol"]["evaluation"]["episodes"] == 50
+
+
+def test_demo_flags_build_the_nested_config(tmp_path):
+    """The demo's flags are DemoConfig's fields (training and evaluation options included): the protocol
+    policy's options, then the --config file, then the flags given; its manifests keep the flat layout."""
+    from distcur.cli import build_parser
+    from distcur.commands.demo import demo_config
+
+    parser = build_parser()
+    cfg = demo_config(parser.parse_args(["demo", "--protocol-policy", "--episodes", "7", "--train-steps", "30",
+                                         "--no-cotrain", "--mixing", "split"]))
+    assert cfg.train.hidden == (400, 400, 400) and cfg.train.steps == 30 and cfg.train.checkpoint_every == 0
+    assert cfg.evaluation == DemoEvaluation(episodes=7, max_steps=500) and not cfg.cotrain
+    assert cfg.policy_config(3, selected=True).alpha == 0.0 and cfg.policy_config(3, selected=True).seed == 3
+    assert cfg.policy_config(3, selected=False).alpha == 1.0
+    flat = cfg.flat()
+    assert flat["train_steps"] == 30 and flat["hidden"] == (400, 400, 400) and flat["episodes"] == 7
+    assert flat["mixing"] == "split" and not any(k.startswith("train.") for k in flat)
+    path = tmp_path / "demo.yaml"
+    path.write_text("train:\n  lr: 0.01\n  weight_decay: 0.001\nevaluation:\n  max_steps: 99\n")
+    cfg = demo_config(parser.parse_args(["demo", "--config", str(path), "--lr", "0.02"]))
+    assert cfg.train == TrainConfig(hidden=(256, 256), steps=1500, checkpoint_every=0, lr=0.02, weight_decay=0.001)
+    assert cfg.evaluation.max_steps == 99 and cfg.evaluation.episodes == 20
+    assert cfg.flat()["train.weight_decay"] == 0.001  # a policy option away from the default joins the fingerprint
+    path.write_text("evaluation:\n  episodes: many\n")
+    with pytest.raises(ValueError, match="demo.yaml.*episodes = 'many'"):
+        demo_config(parser.parse_args(["demo", "--config", str(path)]))

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from test_report import build_store
 
-from distcur.report import build_report
+from distcur.stages.report import build_report
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium on PATH (apt-get install chromium)")

@@ -17,9 +17,10 @@ import pytest
 from distcur.cli import main
 from distcur.commands import evaluate as evaluate_cmd
 from distcur.data import eval_key, scores_key, selection_key, steps_key
-from distcur.report import DPI, build_report, collect, percentile_ranks, write_report
 from distcur.schema import SCORE_SCHEMA, SELECTION_SCHEMA, steps_table
 from distcur.select import selection_metadata
+from distcur.stages.report import DPI, build_report, collect, write_report
+from distcur.stats import percentile_ranks
 from distcur.store import Store
 
 TARGET = "reach"

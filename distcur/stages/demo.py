@@ -21,7 +21,6 @@ inputs match (the store's manifests), and the demo resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -31,12 +30,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from distcur.config import DEFAULT_STORE, to_dict
+from distcur.config import DEFAULT_STORE, load_config, merge_options, to_dict
 from distcur.data import eval_key, heldout_source, scores_key, selection_key, steps_key, target_source
 from distcur.envs.generation import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.methods import REGISTRY, names
-from distcur.policy.sampler import MIXINGS
-from distcur.store import Store, fingerprint
+from distcur.policy.train import TrainConfig
+from distcur.stages.output import commit_table
+from distcur.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,14 @@ DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "random-subtraj")
 # meta-gradient iterations instead of 32, so that ``make demo`` fits in 10 minutes; its scores are
 # noisier (the log gives the regression's split-half reliability).
 DEMO_DATAMODEL: dict[str, Any] = {"regression": {"num_models": 256, "heldout_models": 32}, "metagrad": {"iterations": 8}}
+# The demo's policy: smaller and shorter-trained than the protocol's, so that ``make demo`` fits in 10 minutes.
+# One policy per (method, seed): the seed is the job's, and no intermediate checkpoints are written.
+DEMO_TRAIN: dict[str, Any] = {"hidden": (256, 256), "steps": 1500, "checkpoint_every": 0}
 # The benchmark protocol's policy and rollout horizon (DataMIL's MetaWorld setting), with the datamodel's
 # own defaults; ``full()`` adds the paper-size prior and datamodel, ``distcur demo --protocol-policy``
 # uses them on the demo prior.
-PROTOCOL_POLICY: dict[str, Any] = {"hidden": (400, 400, 400), "train_steps": 4000, "max_steps": 500,
-                                   "datamodel": {}}
+PROTOCOL_POLICY: dict[str, Any] = {"train": {"hidden": (400, 400, 400), "steps": 4000},
+                                   "evaluation": {"max_steps": 500}, "datamodel": {}}
 # Per prior kind, the demo's prior size: the hard prior is 12 tasks x (8 + 8) episodes; the DataMIL-like
 # prior every usable v3 task x (10 + 10), about 980 trajectories.
 DEMO_PRIORS: dict[str, dict[str, Any]] = {
@@ -69,36 +72,66 @@ DEMO_PRIORS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class DemoConfig:
-    """The demo's settings; the defaults fit in 10 minutes on 2 cores, ``full()`` is paper size."""
+class DemoEvaluation:
+    """How the demo measures each policy: MetaWorld rollouts and the held-out proxy."""
 
-    store: str = os.path.join(DEFAULT_STORE, "demo")
-    run: str = "demo"
-    target: str = "pick-place-wall-v3"
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seeds: tuple[int, ...] = (0, 1)
-    episodes: int = 20  # rollouts per (method, seed)
-    max_steps: int = 300  # rollout horizon
-    heldout_demos: int = 5  # fresh expert demos of the target for the reported proxy
-    budget_percent: float = 10.0  # share of the prior's steps every method selects
-    retrieval_level: str = "step"  # SR / AR / BR / IWR: step (the papers') or subtraj
-    horizon: int = 30  # sub-trajectory length of the subtraj granularity
-    tie_seed: int = 0  # the permutation that breaks score ties in every selection
-    alpha: float = 0.5  # co-training: target probability
-    cotrain: bool = True  # False: train on the selection alone (DataMIL's final MetaWorld policy)
-    # bernoulli: each batch element from the target with probability alpha; split: exactly
-    # round(alpha * B) target rows per batch (BehaviorRetrieval's concatenated half-and-half batches)
-    mixing: str = "bernoulli"
-    train_steps: int = 1500
-    batch_size: int = 256
-    hidden: tuple[int, ...] = (256, 256)
-    lr: float = 1e-3
-    prior_kind: str = "hard"  # hard | datamil (distcur.envs.generation)
-    prior: dict[str, Any] | None = None  # MetaWorldPriorConfig options (default: DEMO_PRIORS[prior_kind])
-    vae: dict[str, Any] = field(default_factory=lambda: {"train_steps": 1500})  # VAEConfig options of the BR / STRAP / IWR embedding
+    episodes: int = field(default=20, metadata={"help": "rollouts per (method, seed)"})
+    max_steps: int = field(default=300, metadata={"help": "rollout horizon"})
+    heldout_demos: int = field(default=5, metadata={"help": "fresh expert demos of the target for the reported "
+                                                            "proxy (never trained on)"})
+
+    def __post_init__(self):
+        if self.episodes < 1 or self.max_steps < 1 or self.heldout_demos < 1:
+            raise ValueError(f"DemoEvaluation: episodes, max_steps and heldout_demos must be >= 1, got "
+                             f"{self.episodes}, {self.max_steps}, {self.heldout_demos}")
+
+
+def full_options() -> dict[str, Any]:
+    """The options of :meth:`DemoConfig.full`: the protocol policy, 3 seeds x 50 rollouts, the
+    paper-size prior and datamodel."""
+    from distcur.commands.datamodel import FULL_PRESET
+
+    return merge_options({"seeds": (0, 1, 2), "evaluation": {"episodes": 50}, "datamodel": dict(FULL_PRESET),
+                          "prior": {"success_per_task": 50, "failed_per_task": 50}}, PROTOCOL_POLICY)
+
+
+def _demo_train() -> TrainConfig:
+    return TrainConfig(**DEMO_TRAIN)
+
+
+@dataclass
+class DemoConfig:
+    """The demo's settings; the defaults fit in 10 minutes on 2 cores, ``full()`` is paper size.
+
+    ``train`` is the co-trained policy's :class:`TrainConfig` (its ``seed`` is each job's, and its
+    ``alpha`` the target share when co-training); ``evaluation`` how each policy is measured."""
+
+    store: str = field(default=os.path.join(DEFAULT_STORE, "demo"), metadata={"help": "store URI"})
+    run: str = field(default="demo", metadata={"help": "run name"})
+    target: str = field(default="pick-place-wall-v3", metadata={"help": "MetaWorld target task"})
+    methods: tuple[str, ...] = field(default=DEFAULT_METHODS, metadata={
+        "help": f"subset of methods to compare: {', '.join(ALL_METHODS)}", "choices": ALL_METHODS})
+    seeds: tuple[int, ...] = field(default=(0, 1), metadata={"help": "policy seeds (one policy per method and seed)"})
+    budget_percent: float = field(default=10.0, metadata={"help": "share of the prior's steps every method selects"})
+    retrieval_level: str = field(default="step", metadata={
+        "help": "granularity of SR / AR / BR / IWR and of random (step, as their papers, or subtraj)",
+        "choices": ("step", "subtraj")})
+    horizon: int = field(default=30, metadata={"help": "sub-trajectory length of the subtraj granularity"})
+    tie_seed: int = field(default=0, metadata={"help": "the permutation that breaks score ties in every selection"})
+    cotrain: bool = field(default=True, metadata={
+        "help": "co-train on target and selection (--no-cotrain: the selection alone, DataMIL's final MetaWorld policy)"})
+    train: TrainConfig = field(default_factory=_demo_train)
+    evaluation: DemoEvaluation = field(default_factory=DemoEvaluation)
+    prior_kind: str = field(default="hard", metadata={
+        "help": "hard (the target's successes left out of the prior) or datamil (every usable v3 task, 10 demos + "
+                "10 failures each, the target's own demos in the prior)", "choices": PRIOR_KINDS})
+    # MetaWorldPriorConfig options (default: DEMO_PRIORS[prior_kind])
+    prior: dict[str, Any] | None = None
+    # VAEConfig options of the BR / STRAP / IWR embedding
+    vae: dict[str, Any] = field(default_factory=lambda: {"train_steps": 1500})
     iwr: dict[str, Any] = field(default_factory=dict)  # options of the IWR scorer (bandwidth, kernel, ...)
     datamodel: dict[str, Any] = field(default_factory=lambda: dict(DEMO_DATAMODEL))  # DatamodelConfig options
-    address: str | None = None
+    address: str | None = field(default=None, metadata={"help": "Ray address (default: local Ray or RAY_ADDRESS)"})
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -106,17 +139,12 @@ class DemoConfig:
         if unknown:
             raise ValueError(f"DemoConfig.methods: unknown {unknown}; known: {ALL_METHODS}")
         self.seeds = tuple(int(s) for s in self.seeds)
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if not self.seeds or self.episodes < 1 or self.train_steps < 1:
-            raise ValueError(f"DemoConfig: need seeds, episodes >= 1 and train_steps >= 1, got {self.seeds}, "
-                             f"{self.episodes}, {self.train_steps}")
-        if not 0 < self.budget_percent <= 100 or not 0 <= self.alpha <= 1:
-            raise ValueError(f"DemoConfig: budget_percent in (0, 100] and alpha in [0, 1], got {self.budget_percent}, "
-                             f"{self.alpha}")
+        if not self.seeds:
+            raise ValueError("DemoConfig.seeds: need at least one seed")
+        if not 0 < self.budget_percent <= 100:
+            raise ValueError(f"DemoConfig.budget_percent must be in (0, 100], got {self.budget_percent}")
         if self.retrieval_level not in ("step", "subtraj"):
             raise ValueError(f"DemoConfig.retrieval_level must be 'step' or 'subtraj', got {self.retrieval_level!r}")
-        if self.mixing not in MIXINGS:
-            raise ValueError(f"DemoConfig.mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.prior_kind not in PRIOR_KINDS:
             raise ValueError(f"DemoConfig.prior_kind must be one of {PRIOR_KINDS}, got {self.prior_kind!r}")
         if self.prior is None:
@@ -124,13 +152,31 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **overrides) -> DemoConfig:
-        """The reference size (hours on 2 cores; meant for a cluster)."""
-        from distcur.commands.datamodel import FULL_PRESET
+        """The reference size (hours on 2 cores; meant for a cluster); ``overrides`` as nested options."""
+        return load_config(cls, merge_options(full_options(), {k: v for k, v in overrides.items() if v is not None}))
 
-        base = {"seeds": (0, 1, 2), "episodes": 50, **PROTOCOL_POLICY,
-                "prior": {"success_per_task": 50, "failed_per_task": 50}, "datamodel": dict(FULL_PRESET)}
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+    def policy_config(self, seed: int, selected: bool) -> TrainConfig:
+        """The TrainConfig of the policy of one (method, seed) job; ``selected``: it trains on a selection
+        (else on the target alone)."""
+        alpha = (self.train.alpha if self.cotrain else 0.0) if selected else 1.0
+        return dataclasses.replace(self.train, seed=seed, alpha=alpha)
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as one flat dict, as the demo's manifests fingerprint them (the layout they had
+        before ``train`` and ``evaluation`` were nested, so stores made then stay current)."""
+        d = {k: v for k, v in to_dict(self).items() if k not in ("train", "evaluation")}
+        t = self.train
+        d.update(to_dict(self.evaluation), alpha=t.alpha, mixing=t.mixing, train_steps=t.steps,
+                 batch_size=t.batch_size, hidden=t.hidden, lr=t.lr)
+        return {**d, **self.train_extras()}
+
+    def train_extras(self) -> dict[str, Any]:
+        """The training options set away from the demo's defaults besides those :meth:`flat` names
+        (``train.<option>``: they change a policy, so they join its fingerprint; how it computes, its
+        device and logging, does not)."""
+        default, mine = to_dict(_demo_train()), to_dict(self.train)
+        named = ("alpha", "mixing", "steps", "batch_size", "hidden", "lr", "seed", "device", "log_every")
+        return {f"train.{k}": v for k, v in mine.items() if k not in named and v != default[k]}
 
     def prior_config(self) -> MetaWorldPriorConfig:
         if self.prior_kind == "datamil":
@@ -154,7 +200,7 @@ def ingest(cfg: DemoConfig, store: Store) -> dict:
     from distcur.distributed.metaworld import RayTasks
     from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 
-    config = MetaWorldIngestConfig(prior=cfg.prior_config(), heldout_demos=cfg.heldout_demos)
+    config = MetaWorldIngestConfig(prior=cfg.prior_config(), heldout_demos=cfg.evaluation.heldout_demos)
     # a bar only where bars are drawn
     return run_metaworld(store, config, executor=RayTasks(cfg.address, label="metaworld episodes"))
 
@@ -215,17 +261,18 @@ def oracle_scores(store: Store, target: str, run: str) -> None:
     sources = default_prior_sources(store)
     inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
     config = {"method": "oracle", "target": target, "prior_sources": sources}
-    if store.is_done(scores_key(run), "score", config, inputs):
-        return
-    parts = []
-    for src in sources:
-        t = store.read_table(steps_key(src), columns=["source", "episode", "step", "success"])
-        parts.append(pa.Table.from_arrays(
-            [t.column("source"), t.column("episode"), t.column("step"),
-             pa.array(t.column("success").to_numpy(zero_copy_only=False).astype(np.float64)),
-             pa.array(["oracle"] * t.num_rows, pa.string())], schema=SCORE_SCHEMA))
-    store.write_table(scores_key(run), pa.concat_tables(parts), "score", config, inputs,
-                      metadata={"method": "oracle", "target": target})
+
+    def make():
+        parts = []
+        for src in sources:
+            t = store.read_table(steps_key(src), columns=["source", "episode", "step", "success"])
+            parts.append(pa.Table.from_arrays(
+                [t.column("source"), t.column("episode"), t.column("step"),
+                 pa.array(t.column("success").to_numpy(zero_copy_only=False).astype(np.float64)),
+                 pa.array(["oracle"] * t.num_rows, pa.string())], schema=SCORE_SCHEMA))
+        return pa.concat_tables(parts), {"method": "oracle", "target": target}
+
+    commit_table(store, scores_key(run), "score", config, inputs, make, quiet=True)
 
 
 def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
@@ -238,40 +285,41 @@ def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
     key = selection_key(run)
     sources = default_prior_sources(store)
     inputs = {steps_key(s): store.input_fingerprint(steps_key(s)) for s in sources}
-    if not store.is_done(key, "select", {"baseline": kind}, inputs):
+
+    def make():
         table = baseline_selection(store, kind, sources=sources)
         prior_steps = sum(store.manifest(steps_key(s)).rows for s in sources)
-        store.write_table(key, table, "select", {"baseline": kind}, inputs,
-                          metadata={"method": kind, "target": cfg.target,
-                                    **selection_metadata(store, table, prior_steps, cfg.target)})
+        return table, {"method": kind, "target": cfg.target,
+                       **selection_metadata(store, table, prior_steps, cfg.target)}
+
+    commit_table(store, key, "select", {"baseline": kind}, inputs, make, quiet=True)
     return run
 
 
 def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_run: str | None, seed: int) -> dict:
     """Co-train one policy on (target, selection) and measure success and held-out proxy loss.
 
-    A plain function (the Ray task in :mod:`distcur.distributed.pipeline` only calls it)."""
+    A plain function: the demo runs it as one Ray task per job (:func:`distcur.distributed.jobs.run_jobs`)."""
     import torch
 
     from distcur.envs.rollouts import evaluate_success
     from distcur.evaluate.proxy import proxy_loss_on_source
     from distcur.policy.loaded import TrainedPolicy
-    from distcur.policy.train import TrainConfig, load_training_data, read_selection, train_policy
+    from distcur.policy.train import load_training_data, read_selection, train_policy
 
     torch.set_num_threads(1)
     store = Store(store_uri)
     selection = read_selection(store, selection_run) if selection_run else None
     data = load_training_data(store, target_source(cfg.target), selection)
-    alpha = 1.0 if selection is None else (cfg.alpha if cfg.cotrain else 0.0)
-    tcfg = TrainConfig(hidden=cfg.hidden, lr=cfg.lr, batch_size=cfg.batch_size, steps=cfg.train_steps,
-                       alpha=alpha, seed=seed, checkpoint_every=0, mixing=cfg.mixing)
+    tcfg = cfg.policy_config(seed, selected=selection is not None)
     t0 = time.time()
     params, normalizer, history = train_policy(data, tcfg)
     train_s = time.time() - t0
     policy = TrainedPolicy(params, data.policy_spec(tcfg.hidden), normalizer)
     t0 = time.time()
-    success = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(seed,), max_steps=cfg.max_steps,
-                               envs_per_worker=cfg.episodes)[0]
+    ev = cfg.evaluation
+    success = evaluate_success(policy, cfg.target, episodes=ev.episodes, seeds=(seed,), max_steps=ev.max_steps,
+                               envs_per_worker=ev.episodes)[0]
     proxy = proxy_loss_on_source(policy, store, heldout_source(cfg.target))
     return {"method": method, "task": cfg.target, "seed": seed, "episodes": success["episodes"],
             "success": success["success"], "proxy_loss": proxy, "selected_steps": int(data.n_prior),
@@ -296,18 +344,26 @@ def job_key(run: str, method: str, seed: int) -> str:
     return f"{eval_key(run)}/jobs/{method}/seed={seed}"
 
 
+def describe_job(r: dict) -> tuple[str, str]:
+    """One finished (method, seed) job: its log line, and the job bar's postfix."""
+    line = (f"{r['method']:<22} seed {r['seed']}: success {r['success']:.2f}, proxy nll {r['proxy_loss']:.3f} "
+            f"(train {r['train_s']:.0f} s, eval {r['eval_s']:.0f} s)")
+    return line, f"{r['method']} seed {r['seed']}: success {r['success']:.2f}"
+
+
 def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[str, str | None, int]]) -> list[dict]:
     """Every job's row, training only the jobs without a committed row made from the same policy,
     rollout and selection settings: a run stopped after hours loses only the jobs in flight, and
     adding seeds or methods trains only those."""
-    from distcur.distributed.pipeline import run_policy_jobs
+    from distcur.distributed.jobs import run_jobs
 
     # What a policy row depends on besides its inputs (target, held-out and selection fingerprints, which
     # capture the prior and every scoring choice): the training and evaluation settings only, so that
     # scorer options or methods added to the config do not invalidate rows already committed.
-    shared = {k: v for k, v in to_dict(cfg).items() if k in JOB_FIELDS}
-    if cfg.mixing != "bernoulli":
-        shared["mixing"] = cfg.mixing
+    flat = cfg.flat()
+    shared = {k: v for k, v in flat.items() if k in JOB_FIELDS or k.startswith("train.")}
+    if cfg.train.mixing != "bernoulli":
+        shared["mixing"] = cfg.train.mixing
     data_inputs = {"target": store.input_fingerprint(steps_key(target_source(cfg.target))),
                    "heldout": store.input_fingerprint(steps_key(heldout_source(cfg.target)))}
     selection_inputs = {run: store.input_fingerprint(selection_key(run)) for _, run, _ in jobs if run}
@@ -318,7 +374,8 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
         return job_key(cfg.run, method, seed), {**shared, "method": method, "seed": seed}, inputs
 
     specs = {job: job_spec(job) for job in jobs}
-    done = {job: store.read_table(s[0]).to_pylist()[0] for job, s in specs.items() if store.is_done(s[0], "demo-job", *s[1:])}
+    done = {job: store.read_table(s[0]).to_pylist()[0] for job, s in specs.items()
+            if store.is_done(s[0], "demo-job", *s[1:])}
     todo = [job for job in jobs if job not in done]
     if done:
         log.info("train/evaluate: %d of %d (method, seed) jobs already committed, training %d", len(done), len(jobs),
@@ -326,9 +383,13 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
 
     def commit(job, row):
         key, config, inputs = specs[job]
-        store.write_table(key, pa.Table.from_pylist([row]), "demo-job", config, inputs)
+        commit_table(store, key, "demo-job", config, inputs, lambda: (pa.Table.from_pylist([row]), None), force=True)
 
-    fresh = dict(zip(todo, run_policy_jobs(store.uri, cfg, todo, on_result=commit), strict=True)) if todo else {}
+    fresh = {}
+    if todo:
+        calls = [(store.uri, cfg, method, run, seed) for method, run, seed in todo]
+        rows = run_jobs(train_and_evaluate, calls, todo, on_result=commit, describe=describe_job, address=cfg.address)
+        fresh = dict(zip(todo, rows, strict=True))
     return [done[job] if job in done else fresh[job] for job in jobs]
 
 
@@ -364,10 +425,9 @@ def run_demo(cfg: DemoConfig, force: bool = False) -> pa.Table:
     jobs = [(m, selections[m], s) for m in cfg.methods for s in cfg.seeds]
     key = eval_key(cfg.run)
     inputs = {r: store.input_fingerprint(selection_key(r)) for r in selections.values() if r}
-    config = {k: v for k, v in to_dict(cfg).items() if k not in ("store", "address")}
-    if store.is_done(key, "demo", config, inputs):
-        table = store.read_table(key)
-    else:
+    config = {k: v for k, v in cfg.flat().items() if k not in ("store", "address")}
+
+    def make():
         t0 = time.time()
         rows = _train_evaluate_resumable(store, cfg, jobs)
         timings["train_evaluate"] = time.time() - t0
@@ -377,9 +437,10 @@ def run_demo(cfg: DemoConfig, force: bool = False) -> pa.Table:
                      budget=cfg.budget_percent / 100 if r["method"] not in BASELINES else None)
         table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in rows], schema=RESULT_SCHEMA)
         timings["total"] = time.time() - t_start
-        store.write_table(key, table, "demo", config, inputs, metadata={"timings_s": timings,
-                                                                       "selections": diagnostics})
-    return table
+        return table, {"timings_s": timings, "selections": diagnostics}
+
+    commit_table(store, key, "demo", config, inputs, make, quiet=True)
+    return store.read_table(key)
 
 
 def selection_diagnostics(store: Store, selections: dict[str, str | None], target: str) -> dict[str, dict]:
@@ -407,122 +468,3 @@ def selection_diagnostics(store: Store, selections: dict[str, str | None], targe
     for method, overlaps in pairwise_jaccard(tables).items():
         out[method]["jaccard"] = overlaps
     return out
-
-
-RECORD_FIELDS = ("task", "prior", "method", "seed", "episodes", "success", "proxy_loss", "budget",
-                 "selected_fraction", "level")
-
-
-def quality_records(table: pa.Table, protocol: dict, diagnostics: dict | None = None,
-                    variant: str | None = None) -> dict:
-    """The demo's results in the ``quality_metaworld.json`` layout: one record per (task, prior,
-    method, seed[, variant]), each with the make-up of its selection (share of steps from successful
-    episodes and from the target task's failed attempts); the full make-up and the overlaps between
-    methods go under ``selections/<prior>/<task>[/<variant>]``. ``variant`` names a run whose settings
-    differ from the defaults (its records sit beside the default ones instead of replacing them)."""
-    rows = table.to_pylist()
-    diagnostics = diagnostics or {}
-    records = []
-    for r in rows:
-        rec = {k: r.get(k) for k in RECORD_FIELDS}
-        if variant:
-            rec["variant"] = variant
-        comp = (diagnostics.get(r["method"]) or {}).get("composition") or {}
-        if comp:
-            rec.update(success_share=comp.get("success_share"), target_failure_share=comp.get("target_failure_share"))
-        records.append(rec)
-    out: dict[str, Any] = {"protocol": {f"variant/{variant}": protocol} if variant else protocol, "results": records}
-    if diagnostics and rows:
-        out["selections"] = {f"{rows[0]['prior']}/{rows[0]['task']}" + (f"/{variant}" if variant else ""): diagnostics}
-    return out
-
-
-def merge_quality_json(path: str | os.PathLike, new: dict, drop_task_prefix: str | None = None) -> None:
-    """Read-modify-write of ``quality_metaworld.json``, the one writer every run goes through.
-
-    Replaces the records of (task, method, seed) present in ``new`` (and, with
-    ``drop_task_prefix``, every record whose task starts with it) and keeps all others;
-    ``new["protocol"]`` entries replace the protocol's entries of the same name."""
-    try:
-        with open(path) as f:
-            current = json.load(f)
-    except FileNotFoundError:
-        current = {"protocol": {}, "results": []}
-    def ident(r: dict) -> tuple:
-        return r["task"], r.get("prior"), r["method"], r["seed"], r.get("variant")
-
-    _check_same_protocol(path, current, new)
-    keys = {ident(r) for r in new["results"]}
-    kept = [r for r in current.get("results", [])
-            if ident(r) not in keys and not (drop_task_prefix and str(r["task"]).startswith(drop_task_prefix))]
-    protocol = dict(current.get("protocol", {}))
-    protocol.update(new.get("protocol", {}))
-    # a run over some of the methods updates their entries and keeps the others'
-    selections = dict(current.get("selections", {}))
-    for where, methods in new.get("selections", {}).items():
-        selections[where] = {**selections.get(where, {}), **methods}
-    out = {**current, "protocol": protocol, "results": kept + new["results"],
-           **({"selections": selections} if selections else {})}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-# The protocol entries every default (non-variant) record of one file shares, and in them the
-# settings that change a result; seeds and per-target entries (the prior's task list) may differ.
-SHARED_PROTOCOL = {"evaluation": ("episodes", "max_steps", "proxy"), "policy": None,
-                   "selection": ("budget_percent", "retrieval_level", "tie_seed", "iwr"), "datamodel": None}
-
-
-def _check_same_protocol(path: str | os.PathLike, current: dict, new: dict) -> None:
-    """Refuse to merge default records made under another protocol than the file's (it would
-    rewrite the protocol the other records were measured under); such a run is a ``--variant``
-    or goes to another file."""
-    if not any("variant" not in r for r in current.get("results", [])):
-        return
-    # compared as the file stores them (tuples are lists there)
-    old, given = current.get("protocol", {}), json.loads(json.dumps(new.get("protocol", {}), default=str))
-    for entry, fields in SHARED_PROTOCOL.items():
-        if entry not in old or entry not in given:
-            continue
-        a, b = old[entry], given[entry]
-        names = fields or sorted(set(a) | set(b))
-        differ = [f"{entry}.{n}: {b.get(n)!r} (file: {a.get(n)!r})" for n in names if a.get(n) != b.get(n)]
-        if differ:
-            raise ValueError(f"{path}: these results were made under another protocol than the file's records "
-                             f"({'; '.join(differ)}); record them with --variant NAME or into another file")
-
-
-def check_recordable(path: str | os.PathLike, new: dict) -> None:
-    """Before a long run: would :func:`merge_quality_json` accept ``new`` (its protocol) into ``path``?"""
-    try:
-        with open(path) as f:
-            current = json.load(f)
-    except FileNotFoundError:
-        return
-    _check_same_protocol(path, current, new)
-
-
-def _datamodel_protocol(cfg: DemoConfig) -> dict:
-    """The DataMIL methods' resolved settings (defaults included), without the runtime fields."""
-    from distcur.commands.datamodel import make_config
-
-    d = to_dict(make_config(dict(cfg.datamodel)))
-    return {k: v for k, v in d.items() if k not in ("address", "max_retries", "estimator")}
-
-
-def protocol_of(cfg: DemoConfig) -> dict:
-    prior = dataclasses.asdict(cfg.prior_config())
-    return {f"prior_{cfg.prior_kind}": {k: prior[k] for k in ("kind", "tasks", "success_per_task", "failed_per_task",
-                                                              "target_demos", "success_noise", "failed_noise",
-                                                              "failed_modes", "failed_max_steps", "max_steps")},
-            "policy": {"hidden": list(cfg.hidden), "train_steps": cfg.train_steps, "batch_size": cfg.batch_size,
-                       "alpha": cfg.alpha, "cotrain": cfg.cotrain, "mixing": cfg.mixing},
-            "selection": {"budget_percent": cfg.budget_percent, "retrieval_level": cfg.retrieval_level,
-                          "levels": {m: cfg.level_of(m) for m in cfg.methods if m not in BASELINES},
-                          "tie_seed": cfg.tie_seed, "iwr": dict(cfg.iwr)},
-            "evaluation": {"episodes": cfg.episodes, "max_steps": cfg.max_steps, "seeds": list(cfg.seeds),
-                           "proxy": f"BC NLL on {cfg.heldout_demos} held-out expert demos"},
-            "datamodel": _datamodel_protocol(cfg),
-            "config_fingerprint": fingerprint(to_dict(cfg))}
