@@ -19,6 +19,8 @@ e.g. ``functools.partial(map_sequential, progress=False)``.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from distcur.sources.rlds_configs import LANGUAGE_ENCODINGS, RLDSConfig, config_
 from distcur.stages.output import commit_output, commit_table
 from distcur.store import Manifest, Store, fingerprint
 
+log = logging.getLogger(__name__)
 # the input errors each reader raises, naming file/episode/column: an executor re-raises them as they are
 RLDS_ERRORS = (rlds.RLDSFormatError, StepValidationError)
 FILE_ERRORS = (SourceFormatError, StepValidationError, MissingDependencyError)
@@ -334,9 +337,6 @@ class LeRobotIngestConfig:
 def run_lerobot(store: Store, config: LeRobotIngestConfig, executor: Callable | None = None, *,
                 force: bool = False, progress: bool = True) -> IngestResult:
     """Ingest a LeRobot v3 dataset into ``steps/source=<source>`` and commit it."""
-    import logging
-    import os
-
     lc, source = config.lerobot, config.source
     uri = str(config.root) if "://" in str(config.root) else os.path.abspath(str(config.root))
     ds = lerobot.open_lerobot(uri, lc)
@@ -344,7 +344,7 @@ def run_lerobot(store: Store, config: LeRobotIngestConfig, executor: Callable | 
     if reader == "auto":
         reader = "ray-lerobot" if hasattr(executor, "read_lerobot") and lerobot.lerobot_reader_available() else "files"
         if executor is not None and reader == "files":
-            logging.getLogger(__name__).info(
+            log.info(
                 "ray.data.read_lerobot needs the lerobot package (>= 0.5, Python >= 3.12); reading the data files "
                 "with one task each")
     stage_config = {"root": uri, "source": source, "lerobot_config": lc.to_dict(), "rows_per_part": config.rows_per_part}
