@@ -31,7 +31,8 @@ S3_ENV_VARS = (
 def map_ray_data(task: Callable, shards: list, errors: Iterable[type] = (), progress: bool = True,
                  num_cpus: float = 1.0) -> Iterator:
     """Run ``task`` once per shard (any picklable object) as Ray Data tasks, one block (hence one
-    task) per shard, and yield its results (picklable) in shard order. An error of one of the
+    task) per shard, and yield its results (picklable) as they come (not in shard order: a result
+    names its shard, and the caller sorts). An error of one of the
     ``errors`` types raised in a task (a user's bad input, naming file/episode/column) is raised
     here with its own type and message, as without Ray; anything else propagates as Ray's error."""
     import ray
