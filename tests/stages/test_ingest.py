@@ -1,5 +1,5 @@
 """The ingest stage on MetaWorld: prior/target generation counts, determinism on any executor, the
-target rule, replayable success, resume."""
+target rule, replayable success, resume; and ``distcur ingest``'s flags built from the stage configs."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ LOCAL = functools.partial(map_sequential, progress=False)  # the jobs in this pr
 def generate_metaworld(cfg: MetaWorldPriorConfig, store: Store, executor=None, **kw) -> dict:
     """The stage on ``cfg`` without held-out demos (Ray tasks unless an executor is given)."""
     return run_metaworld(store, MetaWorldIngestConfig(prior=cfg, heldout_demos=0), executor, **kw)
+
 
 TARGET = "button-press-topdown-v3"
 TASKS = ("reach-v3", "drawer-close-v3", TARGET)
