@@ -365,10 +365,12 @@ def lds_on_metaworld(store_uri: str | None, target: str) -> dict:
     from distcur.store import Store
 
     if store_uri is None:
-        from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
+        from distcur.envs.generation import MetaWorldPriorConfig
+        from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 
         store_uri = tempfile.mkdtemp(prefix="dm-bench-store-")
-        generate_metaworld(MetaWorldPriorConfig(target=target), Store(store_uri), progress=False)
+        run_metaworld(Store(store_uri), MetaWorldIngestConfig(prior=MetaWorldPriorConfig(target=target), heldout_demos=0),
+                      progress=False)
     store = Store(store_uri)
     start_ray()
     run = f"bench-datamodel-{int(time.time())}"

@@ -57,13 +57,10 @@ def update_results(path: str, key: str, value: dict) -> None:
 def rendered_frames(n: int, unique: int = 64, size: int = 128) -> list[bytes]:
     """``n`` real PNG frames: ``unique`` frames of expert demos of two tasks replayed and rendered
     (camera corner), repeated (decoding and encoding cost per frame, not per distinct frame)."""
+    from distcur.envs.generation import MetaWorldPriorConfig, generate_episode
+    from distcur.envs.metaworld import render_episode
     from distcur.sources.common import encode_image
-    from distcur.sources.metaworld import (
-        MetaWorldPriorConfig,
-        generate_episode,
-        plan_episodes,
-        render_episode,
-    )
+    from distcur.sources.metaworld import plan_episodes
 
     out: list[bytes] = []
     for task in ("drawer-open-v3", "button-press-v3"):

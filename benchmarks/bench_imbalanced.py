@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -126,13 +127,17 @@ def merge_quality_records(path: Path, records: list[dict], protocol: dict) -> No
 
 def run_metaworld(args) -> dict:
     from distcur.data import load_steps
-    from distcur.evaluate.metaworld import evaluate_success
+    from distcur.distributed.metaworld import RayTasks
+    from distcur.envs.generation import MetaWorldPriorConfig
+    from distcur.envs.rollouts import evaluate_success
     from distcur.policy.loaded import TrainedPolicy
     from distcur.policy.train import TrainConfig, TrainingData, train_policy
     from distcur.rebalance.dro import DROConfig
     from distcur.rebalance.metagrad import MetaGradConfig
-    from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
+    from distcur.envs.generation import MetaWorldPriorConfig
+    from distcur.sources.common import map_sequential
     from distcur.stages import rebalance
+    from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
     from distcur.stages.rebalance import RebalanceConfig
     from distcur.stages.train import read_selection
     from distcur.store import Store
@@ -149,7 +154,9 @@ def run_metaworld(args) -> dict:
                                    success_per_task=0, failed_per_task=0, target_demos=1,
                                    append_task_onehot=True, seed=args.data_seed)
     t = time.time()
-    generate_metaworld(gen_cfg, store, runner=run_chunks_locally if args.no_ray else None, progress=False)
+    local = functools.partial(map_sequential, progress=False)
+    run_metaworld(store, MetaWorldIngestConfig(prior=gen_cfg, heldout_demos=0), executor=local if args.no_ray else None,
+                  progress=False)
     gen_s = time.time() - t
     onehot_over = list(gen_cfg.tasks)
     steps = load_steps(store, ["metaworld"])
@@ -211,7 +218,7 @@ def run_metaworld(args) -> dict:
                 t = time.time()
                 res = evaluate_success(policy, task, episodes=args.episodes, seeds=(seed,),
                                        max_steps=args.eval_max_steps, append_task_onehot_over=onehot_over,
-                                       parallel=not args.no_ray)
+                                       executor=None if args.no_ray else RayTasks(progress=False))
                 successes.append(res[0]["success"])
                 records.append({"task": f"imbalanced/{task}", "method": method, "seed": seed,
                                 "episodes": res[0]["episodes"], "success": res[0]["success"], "proxy_loss": None,

@@ -70,20 +70,19 @@ def build_datasets(workdir: str, shards: int, episodes_per_shard: int, steps: in
 
 def child(mode: str, dataset: str, warmup: str | None, store_dir: str) -> None:
     """One ingest in this (fresh) process; prints {"steps", "wall_s"} of the timed ingest."""
-    from distcur.sources.rlds import ingest_rlds
+    from distcur.stages.ingest import RLDSIngestConfig, run_rlds
     from distcur.store import Store
 
-    kwargs = dict(source="bench", force=True, progress=False)
+    executor = None
     if mode == "ray":
-        from distcur.distributed.ingest import ingest_rlds_ray
+        from distcur.distributed.ingest import ray_mapper
 
         init_local_ray()
+        executor = ray_mapper(progress=False)
 
-        def run(path: str, store: Store):
-            return ingest_rlds_ray(path, CONFIG, store, **kwargs)
-    else:
-        def run(path: str, store: Store):
-            return ingest_rlds(path, CONFIG, store, **kwargs)
+    def run(path: str, store: Store):
+        return run_rlds(store, RLDSIngestConfig(path=path, dataset=CONFIG.name, source="bench"), executor,
+                        rlds_config=CONFIG, force=True, progress=False)
 
     if warmup:
         run(warmup, Store(os.path.join(store_dir, "warmup")))

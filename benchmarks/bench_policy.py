@@ -17,6 +17,7 @@ and the evaluation seeds are the rollout seeds of that policy.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -26,11 +27,14 @@ import numpy as np
 import torch
 
 from distcur.data import target_source
-from distcur.evaluate.metaworld import evaluate_success, rollout_steps_per_s
+from distcur.distributed.metaworld import RayTasks
+from distcur.envs.generation import MetaWorldPriorConfig
+from distcur.envs.rollouts import evaluate_success, rollout_steps_per_s
 from distcur.policy.loaded import TrainedPolicy
 from distcur.policy.train import TrainConfig
-from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
+from distcur.sources.common import map_sequential
 from distcur.stages.evaluate import proxy_loss_on_source
+from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 from distcur.stages.train import baseline_selection, load_policy, load_training_data, train_to_store
 from distcur.store import Store
 
@@ -50,8 +54,12 @@ def train_method(store: Store, task: str, kind: str, cfg: TrainConfig, run: str)
     return load_policy(store, run), info
 
 
-def evaluate(policy, task, episodes, seeds, parallel) -> dict:
-    records = evaluate_success(policy, task, episodes=episodes, seeds=seeds, parallel=parallel)
+def generate_metaworld(cfg: MetaWorldPriorConfig, store: Store, executor) -> dict:
+    return run_metaworld(store, MetaWorldIngestConfig(prior=cfg, heldout_demos=0), executor, progress=False)
+
+
+def evaluate(policy, task, episodes, seeds, executor) -> dict:
+    records = evaluate_success(policy, task, episodes=episodes, seeds=seeds, executor=executor)
     rates = np.array([r["success"] for r in records])
     sem = float(rates.std(ddof=1) / np.sqrt(len(rates))) if len(rates) > 1 else 0.0
     return {"success": float(rates.mean()), "sem": sem, "per_seed": records}
@@ -71,8 +79,8 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "policy.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    parallel = args.ray
-    runner = None if args.ray else run_chunks_locally
+    parallel = RayTasks(progress=False) if args.ray else None  # the rollouts' executor (None: in process)
+    runner = RayTasks(progress=False) if args.ray else functools.partial(map_sequential, progress=False)
     cfg_kwargs = dict(steps=args.steps, checkpoint_every=args.steps)
     results: dict = {}
     details: dict = {}
@@ -81,8 +89,7 @@ def main() -> int:
     if "expert50" in args.only:
         store50 = Store(os.path.join(args.store, "expert50"))
         gen = generate_metaworld(MetaWorldPriorConfig(target=args.task, tasks=(args.task,), success_per_task=0,
-                                                      failed_per_task=1, target_demos=50), store50, progress=False,
-                                 runner=runner)
+                                                      failed_per_task=1, target_demos=50), store50, runner)
         details["expert50_generation"] = {k: gen[k] for k in ("target", "wall_s")}
         per = []
         for ts in args.train_seeds:
@@ -91,7 +98,7 @@ def main() -> int:
             per.append({**info, **ev, "train_seed": ts})
             results.setdefault("train_steps_per_s", round(args.steps / info["train_wall_s"], 2))
             if "rollout_steps_per_s" not in results:
-                rs = rollout_steps_per_s(policy, args.task, episodes=20, parallel=parallel)
+                rs = rollout_steps_per_s(policy, args.task, episodes=20, executor=parallel)
                 results["rollout_steps_per_s"] = rs["steps_per_s"]
                 details["rollout"] = rs
         results["expert50_success"] = float(np.mean([r["success"] for r in per]))
@@ -100,7 +107,7 @@ def main() -> int:
 
     store = Store(os.path.join(args.store, "default"))
     if {"target_only", "all_data"} & set(args.only):
-        gen = generate_metaworld(MetaWorldPriorConfig(target=args.task), store, progress=False, runner=runner)
+        gen = generate_metaworld(MetaWorldPriorConfig(target=args.task), store, runner)
         details["default_generation"] = {k: gen[k] for k in ("prior", "target", "wall_s")}
     for method, kind in (("target_only", "target_only"), ("all_data", "all")):
         if method not in args.only:

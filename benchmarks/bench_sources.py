@@ -104,29 +104,22 @@ def build_inputs(kind: str, workdir: str, files: int, per_file: int, steps: int,
 
 def _ingest(kind: str, path: str, store, mapper):
     """One ingest of ``path`` (a folder of the source's files) with ``mapper`` (None: this process)."""
+    from distcur.stages import ingest
+
     kwargs = dict(force=True, progress=False)
     if kind == "hdf5":
-        from distcur.sources.hdf5 import ingest_hdf5
-
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".hdf5"))
-        return ingest_hdf5(files, store, "bench", mapper=mapper, **kwargs)
+        return ingest.run_hdf5(store, ingest.HDF5IngestConfig(paths=tuple(files), source="bench"), mapper, **kwargs)
     if kind == "parquet":
-        from distcur.sources.parquet import ingest_parquet
-
-        return ingest_parquet(path, store, "bench", PARQUET_MAP, mapper=mapper, **kwargs)
+        return ingest.run_parquet(store, ingest.ParquetIngestConfig(path=path, source="bench", map=tuple(PARQUET_MAP)),
+                                  mapper, **kwargs)
     if kind == "lerobot":
-        from distcur.sources.lerobot import ingest_lerobot
-
-        return ingest_lerobot(path, store, "bench", mapper=mapper, reader="files", **kwargs)
+        return ingest.run_lerobot(store, ingest.LeRobotIngestConfig(root=path, source="bench", reader="files"), mapper,
+                                  **kwargs)
     from bench_ingest import CONFIG
 
-    if mapper is None:
-        from distcur.sources.rlds import ingest_rlds
-
-        return ingest_rlds(path, CONFIG, store, source="bench", **kwargs)
-    from distcur.distributed.ingest import ingest_rlds_ray
-
-    return ingest_rlds_ray(path, CONFIG, store, source="bench", **kwargs)
+    return ingest.run_rlds(store, ingest.RLDSIngestConfig(path=path, dataset=CONFIG.name, source="bench"), mapper,
+                           rlds_config=CONFIG, **kwargs)
 
 
 def child(kind: str, mode: str, dataset: str, warmup: str, store_dir: str) -> None:

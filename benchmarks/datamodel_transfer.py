@@ -11,7 +11,7 @@ better) and
 
 * (a) each policy's proxy on the held-out target demos: the datamodel's own proxy kind (``mse``
   or ``nll``) and the pipeline's BC NLL (:func:`distcur.stages.evaluate.proxy_loss_on_source`);
-* (b) its rollout success (:func:`distcur.evaluate.metaworld.evaluate_success`), correlated with
+* (b) its rollout success (:func:`distcur.envs.rollouts.evaluate_success`), correlated with
   the negated prediction, so that positive means "predicted better, succeeds more".
 
 The held-out demos are ``steps/source=target-<task>-heldout`` (written by ``distcur demo``), or
@@ -50,7 +50,7 @@ from distcur.data import (  # noqa: E402
     steps_key,
     target_source,
 )
-from distcur.evaluate.metaworld import evaluate_success  # noqa: E402
+from distcur.envs.rollouts import evaluate_success  # noqa: E402
 from distcur.policy.functional import PolicySpec  # noqa: E402
 from distcur.policy.loaded import TrainedPolicy  # noqa: E402
 from distcur.policy.proxy import proxy_loss  # noqa: E402
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                "heldout_nll": proxy_loss_on_source(policy, store, held), "train_s": round(time.time() - t0, 1)}
         if args.episodes:
             res = evaluate_success(policy, args.target, episodes=args.episodes, seeds=(args.seed + j,),
-                                   max_steps=args.max_steps, envs_per_worker=args.episodes, parallel=False)[0]
+                                   max_steps=args.max_steps, envs_per_worker=args.episodes)[0]
             rec["success"] = res["success"]
         log.info("policy %d: %s", j, rec)
         records.append(rec)

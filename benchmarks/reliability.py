@@ -397,8 +397,9 @@ def planted_secret(endpoint: str, bucket: str, work: str) -> dict:
     import ray
     from rlds_factory import make_rlds_dataset
 
-    from distcur.distributed.ingest import ingest_rlds_ray
+    from distcur.distributed.ingest import ray_mapper
     from distcur.sources.rlds_configs import OXE_DICT_ACTION, RLDSConfig
+    from distcur.stages.ingest import RLDSIngestConfig, run_rlds
 
     secret, token = f"planted-secret-{uuid.uuid4().hex}", f"planted-token-{uuid.uuid4().hex}"
     os.environ.update({"AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token})
@@ -413,7 +414,8 @@ def planted_secret(endpoint: str, bucket: str, work: str) -> dict:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-            rows = ingest_rlds_ray(remote, config, store, source="factory", progress=False).manifest.rows
+            rows = run_rlds(store, RLDSIngestConfig(path=remote, dataset=config.name, source="factory"),
+                            ray_mapper(progress=False), rlds_config=config, progress=False).manifest.rows
         session = ray._private.worker._global_node.get_session_dir_path()
         time.sleep(2)  # let Ray's agents flush their logs
         where: Counter = Counter()

@@ -85,7 +85,7 @@ def describe(error: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(error, ValueError):
         return " ".join(str(error).split("\n"))
     if isinstance(error, OSError):
-        from distcur.store import s3_endpoint
+        from distcur.fs import s3_endpoint
 
         uri = str(getattr(args, "store", None) or getattr(args, "out", None) or "")
         if uri.startswith("s3://") or "AWS Error" in str(error):

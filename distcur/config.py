@@ -194,8 +194,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {cls.__name__}: {e}") from None
 
 
-def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, **overrides: Any) -> T:
-    """Build ``cls`` from a YAML path or a dict, then apply non-None ``overrides``."""
+def load_config(cls: type[T], source: str | os.PathLike | dict | None = None, /, **overrides: Any) -> T:
+    """Build ``cls`` from a YAML path or a dict, then apply non-None ``overrides`` (positional-only
+    ``cls`` and ``source``, so a config may have fields of those names, e.g. an ingest stage's ``source``)."""
     if source is None:
         data: dict = {}
     elif isinstance(source, dict):

@@ -124,8 +124,8 @@ def test_malformed_yaml_names_file_and_line(tmp_path, text, where):
 
 
 def test_real_stage_configs_reject_the_reported_values(tmp_path):
+    from distcur.envs.generation import MetaWorldPriorConfig
     from distcur.policy.train import TrainConfig
-    from distcur.sources.metaworld import MetaWorldPriorConfig
 
     cases = [(MetaWorldPriorConfig, "append_task_onehot", '"false"', "bool"),
              (MetaWorldPriorConfig, "seed", '"0"', "int"),

@@ -12,10 +12,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ingest_calls import ingest_rlds_ray  # noqa: E402
 from rlds_factory import make_rlds_dataset  # noqa: E402
 
 from distcur.data import steps_key  # noqa: E402
-from distcur.distributed.ingest import ingest_rlds_ray  # noqa: E402
 from distcur.sources.rlds_configs import OXE_DICT_ACTION, RLDSConfig  # noqa: E402
 from distcur.store import Store  # noqa: E402
 

@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from ingest_calls import ingest_parquet
 
 from distcur.cli import main as cli_main
 from distcur.data import eval_key, source_metadata_of, steps_key, target_source
 from distcur.policy.actions import ActionStandardizer, choose_mode, statistics_differ
 from distcur.policy.train import TrainConfig
 from distcur.rebalance.dro import DROConfig
-from distcur.sources.parquet import ingest_parquet
 from distcur.stages import datamodel, rebalance
 from distcur.stages.datamodel import make_config
 from distcur.stages.rebalance import RebalanceConfig

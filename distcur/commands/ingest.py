@@ -7,7 +7,9 @@
     distcur ingest parquet PATH --source NAME --map state=obs.state action=act episode=ep_id [step=t ...]
     distcur ingest lerobot ROOT --source NAME [--state-key observation.state] [--action-key action]
 
-``--store`` is the same option as ``--out`` (the name every other stage uses, so a job's
+Every kind's flags are its stage config's fields (:mod:`distcur.stages.ingest`); ``--config
+YAML`` gives them as a file (``ingest metaworld``: the ``MetaWorldPriorConfig`` options), the flags
+winning. ``--store`` is the same option as ``--out`` (the name every other stage uses, so a job's
 ``common: {store: ...}`` reaches ingest too).
 
 ``--dataset`` names a shipped RLDS config (fractal20220817_data, bridge, bridge_dataset,
@@ -21,7 +23,15 @@ import json
 import time
 
 from distcur.commands import add_rerun_options, output_store
-from distcur.config import DEFAULT_STORE
+from distcur.config import DEFAULT_STORE, add_config_flags, config_from_args
+from distcur.envs.generation import IMAGE_FORMATS, PRIOR_KINDS, MetaWorldPriorConfig
+from distcur.stages.ingest import (
+    HDF5IngestConfig,
+    LeRobotIngestConfig,
+    MetaWorldIngestConfig,
+    ParquetIngestConfig,
+    RLDSIngestConfig,
+)
 
 
 def register(sub) -> None:
@@ -30,98 +40,61 @@ def register(sub) -> None:
 
     r = kinds.add_parser("rlds", help="a TFDS RLDS dataset directory (local or s3://), e.g. an OXE dataset")
     r.add_argument("path", help="dataset directory holding dataset_info.json, features.json and the shards")
-    r.add_argument("--dataset", required=True,
-                   help="shipped config name (see --state-keys for a dataset without one)")
-    r.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
-                   help="store URI (folder or s3://bucket/prefix)")
-    r.add_argument("--source", default=None, help="source name in the store (default: the dataset name)")
-    r.add_argument("--split", nargs="+", default=["train"], help="splits to read, in order (default: train)")
-    r.add_argument("--state-keys", nargs="+", default=None,
-                   help="generic config: step feature paths concatenated into state, e.g. observation/state")
-    r.add_argument("--action-keys", nargs="+", default=None,
-                   help="generic config: step feature paths concatenated into action, e.g. action")
-    r.add_argument("--language-key", default=None, help="generic config: e.g. language_instruction")
-    r.add_argument("--language-encoding", default="utf8", choices=("utf8", "codepoints"))
-    r.add_argument("--image-keys", nargs="*", default=(), help="generic config: camera keys, first one is kept")
-    r.add_argument("--control-frequency", type=float, default=None, help="generic config: Hz")
-    r.add_argument("--rows-per-part", type=int, default=100_000, help="steps per Parquet part (memory bound)")
-    r.add_argument("--force", action="store_true", help="re-ingest even when the committed output matches")
-    r.add_argument("--no-ray", action="store_true", help="read shards in this process instead of Ray Data")
-    r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    r.set_defaults(func=run_rlds)
+    names = ["path", *add_config_flags(r, RLDSIngestConfig, flags={"splits": "--split"}, skip=("path",))]
+    _common_options(r)
+    r.set_defaults(func=run_rlds, config_names=names)
 
     m = kinds.add_parser("metaworld", help="generate the MetaWorld prior and target sets (scripted experts)")
-    m.add_argument("--target", default=None, help="target task, any MetaWorld v3 task name")
+    m.add_argument("--config", default=None, help="YAML with MetaWorldPriorConfig options")
+    m.add_argument("--prior", choices=PRIOR_KINDS, default="hard",
+                   help="hard (the target's successes left out) or datamil (every usable v3 task, 10 demos + 10 "
+                        "failures of at least 200 steps each, the target's own demos in the prior): the defaults "
+                        "under the YAML's and the flags' own options")
+    prior_names = add_config_flags(m, MetaWorldPriorConfig, skip=("kind", "task_counts"),
+                                   choices={"image_format": IMAGE_FORMATS}, helps={
+        "target": "target task, any MetaWorld v3 task name",
+        "tasks": "prior tasks (default: the config's)",
+        "image_size": "render every step's camera frame at this size (e.g. 128) into the `image` column (headless: "
+                      "MUJOCO_GL=osmesa after apt-get install libosmesa6; ~0.1-0.2 s per frame)",
+        "camera": "MetaWorld camera of the rendered frames (default corner)",
+        "image_format": "encoding of the frames (default png)"})
+    names = add_config_flags(m, MetaWorldIngestConfig, skip=("prior",))
     m.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
                    help="store URI (folder or s3://bucket/prefix)")
-    m.add_argument("--config", default=None, help="YAML with MetaWorldPriorConfig options")
-    m.add_argument("--seed", type=int, default=None)
-    m.add_argument("--prior", choices=("hard", "datamil"), default="hard",
-                   help="hard (the target's successes left out) or datamil (every usable v3 task, 10 demos + 10 "
-                        "failures of at least 200 steps each, the target's own demos in the prior)")
-    m.add_argument("--tasks", nargs="+", default=None, help="prior tasks (default: the config's)")
-    m.add_argument("--image-size", type=int, default=None,
-                   help="render every step's camera frame at this size (e.g. 128) into the `image` column "
-                        "(headless: MUJOCO_GL=osmesa after apt-get install libosmesa6; ~0.1-0.2 s per frame)")
-    m.add_argument("--camera", default=None, help="MetaWorld camera of the rendered frames (default corner)")
-    m.add_argument("--image-format", choices=("png", "jpeg"), default=None, help="encoding of the frames (default png)")
     add_rerun_options(m)
-    m.add_argument("--heldout-demos", type=int, default=5,
-                   help="fresh expert demos of the target, never trained on, at steps/source=target-<task>-heldout: "
-                        "what `distcur evaluate` scores the proxy loss on (default 5, as `distcur demo`; 0: none)")
     m.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    m.set_defaults(func=run_metaworld)
+    m.set_defaults(func=run_metaworld, config_names=names, prior_names=prior_names)
 
     h = kinds.add_parser("hdf5", help="robomimic / LIBERO HDF5 files (data/demo_N/{obs,actions,rewards,dones})")
     h.add_argument("paths", nargs="+", metavar="PATH", help="HDF5 files (local or mounted paths)")
-    _common_file_options(h)
-    h.add_argument("--obs-keys", nargs="+", default=None,
-                   help="obs keys concatenated into state, in this order (default: every non-image obs key, sorted)")
-    h.add_argument("--action-key", default="actions", help="dataset of each demo holding the actions (default: actions)")
-    h.add_argument("--image-keys", nargs="*", default=(),
-                   help="camera obs keys (uint8 HxWx3, e.g. agentview_image); the first is kept, encoded, in image")
-    h.add_argument("--image-format", default="png", choices=("png", "jpeg"))
-    h.add_argument("--filter-key", default=None, help="ingest only the demos of mask/<KEY> (e.g. train, 20_percent)")
-    h.add_argument("--task", default=None,
-                   help="task of every demo (default: LIBERO's problem_info language_instruction, else the file name)")
-    h.add_argument("--control-frequency", type=float, default=None,
-                   help="Hz (default: env_args' control_freq when the file records it)")
-    h.add_argument("--demos-per-shard", type=int, default=None,
-                   help="demos per read task (default: one task per file)")
-    h.set_defaults(func=run_hdf5)
+    names = ["paths", *add_config_flags(h, HDF5IngestConfig, skip=("paths",))]
+    _common_options(h)
+    h.set_defaults(func=run_hdf5, config_names=names)
 
     q = kinds.add_parser("parquet", help="your own step table: a Parquet/Arrow file or a folder of them")
     q.add_argument("path", help="a .parquet/.arrow/.feather file or a folder of them (local or s3://)")
-    _common_file_options(q)
-    q.add_argument("--map", nargs="+", required=True, metavar="CANONICAL=COLUMN[,COLUMN...]",
-                   help="canonical column = your column (a list column) or several scalar columns joined by commas, "
-                        "e.g. state=obs.state action=act episode=ep_id step=t task=instruction; episode, state and "
-                        "action are required; also step, task, reward, image, is_terminal, success")
-    q.set_defaults(func=run_parquet)
+    names = ["path", *add_config_flags(q, ParquetIngestConfig, skip=("path",))]
+    _common_options(q)
+    q.set_defaults(func=run_parquet, config_names=names)
 
     lr = kinds.add_parser("lerobot", help="a LeRobot v3 dataset root (local or s3://)")
     lr.add_argument("root", help="dataset root holding meta/info.json, meta/tasks.parquet, meta/episodes/, data/")
-    _common_file_options(lr)
-    lr.add_argument("--state-key", default="observation.state", help="feature used as state")
-    lr.add_argument("--action-key", default="action", help="feature used as action")
-    lr.add_argument("--image-key", default=None, help="a camera kept (encoded) in image: an image feature, or a video feature whose mp4 frames are decoded with PyAV (the video extra)")
-    lr.add_argument("--reader", default="auto", choices=("auto", "ray-lerobot", "files"),
-                    help="ray-lerobot: ray.data.read_lerobot (needs the lerobot package >= 0.5, Python >= 3.12); "
-                         "files: one task per data file; auto (default): ray-lerobot when it can run, else files")
-    lr.set_defaults(func=run_lerobot)
+    names = ["root", *add_config_flags(lr, LeRobotIngestConfig, skip=("root",))]
+    _common_options(lr)
+    lr.set_defaults(func=run_lerobot, config_names=names)
 
 
-def _common_file_options(p, source_required: bool = True) -> None:
-    p.add_argument("--source", required=source_required, help="source name in the store")
+def _common_options(p) -> None:
+    p.add_argument("--config", default=None, help="YAML with the stage config's options (the flags win)")
     p.add_argument("--out", "--store", dest="out", default=DEFAULT_STORE,
                    help="store URI (folder or s3://bucket/prefix)")
-    p.add_argument("--rows-per-part", type=int, default=100_000, help="steps per Parquet part (memory bound)")
     p.add_argument("--force", action="store_true", help="re-ingest even when the committed output matches")
     p.add_argument("--no-ray", action="store_true", help="read in this process instead of Ray Data (same output)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
-def _mapper(args):
+def _executor(args):
+    """None (read in this process) with ``--no-ray``, else the Ray Data executor."""
     if args.no_ray:
         return None
     from distcur.distributed.ingest import ray_mapper
@@ -140,105 +113,55 @@ def _print_result(result, store, t0: float) -> int:
     return 0
 
 
-def run_parquet(args) -> int:
-    from distcur.sources.parquet import ingest_parquet, parse_mapping
+def _run(args, cls, run) -> int:
     from distcur.store import Store
 
-    t0 = time.time()
-    mapping = parse_mapping(args.map)
+    config = config_from_args(cls, args, args.config_names, source=args.config)
     store = Store(args.out)
-    result = ingest_parquet(args.path, store, args.source, mapping, mapper=_mapper(args), force=args.force,
-                            rows_per_part=args.rows_per_part)
-    return _print_result(result, store, t0)
-
-
-def run_lerobot(args) -> int:
-    from distcur.sources.lerobot import LeRobotConfig, ingest_lerobot
-    from distcur.store import Store
-
     t0 = time.time()
-    config = LeRobotConfig(state_key=args.state_key, action_key=args.action_key, image_key=args.image_key)
-    store = Store(args.out)
-    result = ingest_lerobot(args.root, store, args.source, config, mapper=_mapper(args), reader=args.reader,
-                            force=args.force, rows_per_part=args.rows_per_part)
+    result = run(store, config, executor=_executor(args), force=args.force)
     return _print_result(result, store, t0)
-
-
-def run_hdf5(args) -> int:
-    from distcur.sources.hdf5 import HDF5Config, ingest_hdf5
-    from distcur.store import Store
-
-    t0 = time.time()
-    config = HDF5Config(obs_keys=tuple(args.obs_keys) if args.obs_keys else None, action_key=args.action_key,
-                        image_keys=tuple(args.image_keys or ()), image_format=args.image_format,
-                        filter_key=args.filter_key, control_frequency=args.control_frequency, task=args.task)
-    store = Store(args.out)
-    result = ingest_hdf5(args.paths, store, args.source, config, mapper=_mapper(args), force=args.force,
-                         demos_per_shard=args.demos_per_shard, rows_per_part=args.rows_per_part)
-    return _print_result(result, store, t0)
-
-
-def rlds_config_from_args(args):
-    """The shipped config named by ``--dataset``, or a generic one when keys are given."""
-    from distcur.sources.rlds_configs import config_from_keys, get_config
-
-    if args.state_keys or args.action_keys:
-        if not (args.state_keys and args.action_keys):
-            raise ValueError("a generic RLDS config needs both --state-keys and --action-keys")
-        return config_from_keys(
-            args.dataset, args.state_keys, args.action_keys, language_key=args.language_key,
-            image_keys=args.image_keys, language_encoding=args.language_encoding,
-            control_frequency=args.control_frequency,
-        )
-    return get_config(args.dataset)
 
 
 def run_rlds(args) -> int:
-    from distcur.sources.rlds import ingest_rlds
-    from distcur.store import Store
+    from distcur.stages.ingest import run_rlds as run
 
-    config = rlds_config_from_args(args)
-    store = Store(args.out)
-    t0 = time.time()
-    kwargs = dict(source=args.source, splits=args.split, force=args.force, rows_per_part=args.rows_per_part)
-    if args.no_ray:
-        result = ingest_rlds(args.path, config, store, **kwargs)
-    else:
-        from distcur.distributed.ingest import ingest_rlds_ray
+    return _run(args, RLDSIngestConfig, run)
 
-        result = ingest_rlds_ray(args.path, config, store, address=args.address, **kwargs)
-    return _print_result(result, store, t0)
+
+def run_hdf5(args) -> int:
+    from distcur.stages.ingest import run_hdf5 as run
+
+    return _run(args, HDF5IngestConfig, run)
+
+
+def run_parquet(args) -> int:
+    from distcur.stages.ingest import run_parquet as run
+
+    return _run(args, ParquetIngestConfig, run)
+
+
+def run_lerobot(args) -> int:
+    from distcur.stages.ingest import run_lerobot as run
+
+    return _run(args, LeRobotIngestConfig, run)
 
 
 def run_metaworld(args) -> int:
     from distcur import progress
-    from distcur.config import load_config
-    from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld
+    from distcur.distributed.metaworld import RayTasks
+    from distcur.stages.ingest import run_metaworld as run
 
     source = args.config
     if args.prior == "datamil":  # the DataMIL-like defaults, under the YAML's own options
-        import yaml
+        from distcur.config import read_yaml
+        from distcur.envs.generation import datamil_options
 
-        from distcur.sources.metaworld import datamil_options
-
-        given = {}
-        if args.config:
-            with open(args.config) as f:
-                given = yaml.safe_load(f) or {}
-        source = {**datamil_options(), **given}
-    config = load_config(MetaWorldPriorConfig, source, target=args.target, seed=args.seed,
-                         tasks=tuple(args.tasks) if args.tasks else None, image_size=args.image_size,
-                         camera=args.camera, image_format=args.image_format)
-    if args.heldout_demos < 0:
-        raise ValueError(f"--heldout-demos must be >= 0, got {args.heldout_demos}")
+        source = {**datamil_options(), **((read_yaml(args.config) or {}) if args.config else {})}
+    prior = config_from_args(MetaWorldPriorConfig, args, args.prior_names, source=source)
+    config = config_from_args(MetaWorldIngestConfig, args, args.config_names, source={"prior": prior})
     store = output_store(args.out, args)
-    info = generate_metaworld(config, store, address=args.address, progress=progress.enabled())
-    if args.heldout_demos:
-        from distcur.data import heldout_source, steps_key
-        from distcur.stages.demo import write_heldout_target
-
-        write_heldout_target(store, config, args.heldout_demos)
-        key = steps_key(heldout_source(config.target))
-        info["heldout"] = {"key": store.uri_of(key), "rows": store.manifest(key).rows}
+    executor = RayTasks(args.address, progress=progress.enabled(), label="metaworld episodes")
+    info = run(store, config, executor=executor, progress=progress.enabled())
     print(json.dumps(info, indent=2, default=str))
     return 0

@@ -1,30 +1,19 @@
-"""Ray Data glue for ingest: one read task per RLDS shard file (or HDF5 / Parquet / LeRobot shard).
+"""Ray Data executors for ingest: one Ray Data task per shard (an RLDS shard file, an HDF5 file or
+group of demos, a Parquet file, a LeRobot data file), and ``ray.data.read_lerobot``'s frames.
 
-The work of a task (read, parse, convert, validate, write parts) is
-:func:`distcur.sources.rlds.ingest_shard`; this module only maps it over shards with Ray
-Data and hands the small per-shard results back to :func:`distcur.sources.rlds.ingest_rlds`,
-which commits the table. Data never flows through the driver: each task writes its own
-immutable parts to the store and returns their paths and statistics.
+The ingest stage (:mod:`distcur.stages.ingest`) hands :class:`RayDataShards` the task (read,
+parse, convert, validate, write parts) and the user-error types of the source; this module only
+maps the task over the shards. Data never flows through the driver: each task writes its own
+immutable parts to the store and returns their paths and statistics, which the stage commits.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Iterable, Iterator
+import pickle
+from collections.abc import Callable, Iterable, Iterator
 
 from distcur.distributed.session import ensure_ray
-from distcur.schema import StepValidationError
-from distcur.sources.rlds import (
-    IngestResult,
-    RLDSConfig,
-    RLDSFormatError,
-    Shard,
-    ShardResult,
-    ShardTask,
-    ingest_rlds,
-)
-from distcur.store import Store
 
 # Forwarded to the read tasks (when set in the driver) so workers reach the same S3 endpoint as the
 # driver. Never credentials: a runtime env is written in plain text to Ray's logs and shown by its
@@ -37,19 +26,19 @@ S3_ENV_VARS = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
 )
-# Errors a read task reports back as data (type and message) so the caller gets the same
-# exception, naming file/episode/column, as without Ray; anything else propagates as Ray's error.
-_USER_ERRORS = {e.__name__: e for e in (RLDSFormatError, StepValidationError)}
 
 
-def _map_ray_data(task, shards: list, errors: dict[str, type], progress: bool, num_cpus: float) -> Iterator:
+def map_ray_data(task: Callable, shards: list, errors: Iterable[type] = (), progress: bool = True,
+                 num_cpus: float = 1.0) -> Iterator:
     """Run ``task`` once per shard (any picklable object) as Ray Data tasks, one block (hence one
-    task) per shard, and yield its results (picklable) in shard order. An input error of a type in
-    ``errors`` raised in a task is raised here with its own type and message, as without Ray."""
-    import pickle
-
+    task) per shard, and yield its results (picklable) as they come (not in shard order: a result
+    names its shard, and the caller sorts). An error of one of the
+    ``errors`` types raised in a task (a user's bad input, naming file/episode/column) is raised
+    here with its own type and message, as without Ray; anything else propagates as Ray's error."""
     import ray
 
+    by_name = {e.__name__: e for e in errors}
+    caught = tuple(by_name.values())
     ray.data.DataContext.get_current().enable_progress_bars = progress
     # the S3 endpoint settings, never credentials, as the tasks' environment
     env = {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
@@ -60,63 +49,48 @@ def _map_ray_data(task, shards: list, errors: dict[str, type], progress: bool, n
     def run_shard(row: dict) -> dict:
         try:
             return {"result": pickle.dumps(task(pickle.loads(row["shard"]))), "error": "", "message": ""}
-        except tuple(errors.values()) as e:
+        except caught as e:
             return {"result": b"", "error": type(e).__name__, "message": str(e)}
 
     items = [{"shard": pickle.dumps(s)} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(shards)).map(run_shard, **remote_args)
     for row in ds.iter_rows():
         if row["error"]:
-            raise errors[row["error"]](row["message"])
+            raise by_name[row["error"]](row["message"])
         yield pickle.loads(row["result"])
 
 
-def map_shards_ray_data(
-    task: ShardTask, shards: list[Shard], progress: bool = True, num_cpus: float = 1.0
-) -> Iterator[ShardResult]:
-    """Run an RLDS shard ``task`` once per shard as Ray Data tasks (one per shard)."""
-    return _map_ray_data(task, shards, _USER_ERRORS, progress, num_cpus)
+class RayDataShards:
+    """The Ray Data executor of the ingest stage: ``executor(task, shards, errors=...)`` maps
+    ``task`` over ``shards`` with :func:`map_ray_data`, joining ``address`` (or ``RAY_ADDRESS``) or
+    starting a local Ray on first use. It can also stream a LeRobot dataset's frames through
+    ``ray.data.read_lerobot`` (:meth:`read_lerobot`)."""
+
+    def __init__(self, address: str | None = None, progress: bool = True, num_cpus: float = 1.0):
+        self.address, self.progress, self.num_cpus = address, progress, num_cpus
+
+    def __call__(self, task: Callable, shards: list, errors: Iterable[type] = ()) -> Iterator:
+        ensure_ray(self.address)
+        return map_ray_data(task, shards, errors, progress=self.progress, num_cpus=self.num_cpus)
+
+    def read_lerobot(self, uri: str) -> Iterator:
+        ensure_ray(self.address)
+        return read_lerobot_batches(uri)
 
 
-# the file-based sources' own input errors, reported back the same way
-def _source_errors() -> dict[str, type]:
-    from distcur.deps import MissingDependencyError
-    from distcur.sources.common import SourceFormatError
-
-    return {e.__name__: e for e in (SourceFormatError, StepValidationError, MissingDependencyError)}
-
-
-def map_tasks_ray_data(task, shards: list, progress: bool = True, num_cpus: float = 1.0):
-    """Run a file source's ``task`` (returning a :class:`distcur.sources.common.ShardResult`) once
-    per shard as Ray Data tasks; its input errors (:class:`~distcur.sources.common.SourceFormatError`,
-    a step validation error, a missing optional package) are raised here as on the ``--no-ray`` path."""
-    return _map_ray_data(task, shards, _source_errors(), progress, num_cpus)
-
-
-def ray_mapper(address: str | None = None, progress: bool = True):
-    """The Ray Data mapper for :func:`distcur.sources.common.commit_shards` (joins or starts Ray)."""
+def ray_mapper(address: str | None = None, progress: bool = True) -> RayDataShards:
+    """The Ray Data executor for the ingest stage (joins or starts Ray)."""
     ensure_ray(address)
-    return functools.partial(map_tasks_ray_data, progress=progress)
+    return RayDataShards(address, progress)
 
 
-def ingest_rlds_ray(
-    dataset_uri: str,
-    config: RLDSConfig,
-    store: Store,
-    source: str | None = None,
-    splits: Iterable[str] = ("train",),
-    address: str | None = None,
-    force: bool = False,
-    rows_per_part: int = 100_000,
-    progress: bool = True,
-) -> IngestResult:
-    """:func:`distcur.sources.rlds.ingest_rlds` with one Ray Data read task per shard file.
+def read_lerobot_batches(uri: str) -> Iterator:
+    """A LeRobot dataset's frames as pyarrow tables, streamed by ``ray.data.read_lerobot`` (Ray >=
+    2.60, the ``lerobot`` package >= 0.5), one episode's frames per read; Ray's own columns
+    ``stats`` and ``dataset_index`` dropped."""
+    import ray
 
-    Joins ``address`` (or ``RAY_ADDRESS``) or starts a local Ray.
-    """
-    ensure_ray(address)
-    return ingest_rlds(
-        dataset_uri, config, store, source=source, splits=splits,
-        mapper=functools.partial(map_shards_ray_data, progress=progress),
-        force=force, rows_per_part=rows_per_part, progress=progress,
-    )
+    frames = ray.data.read_lerobot(uri, read_granularity="episode")
+    drop = [c for c in ("stats", "dataset_index") if c in frames.schema().names]
+    for batch in frames.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield batch.drop_columns([c for c in drop if c in batch.column_names])

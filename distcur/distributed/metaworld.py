@@ -1,19 +1,22 @@
-"""Ray glue for MetaWorld: prior generation over (task x chunk) and batched rollout evaluation.
+"""Ray tasks as an executor: a callable mapped over items, one task (1 CPU) per item, results in
+order, with a progress bar as they finish.
 
-The work itself is plain code in :mod:`distcur.sources.metaworld` and
-:mod:`distcur.evaluate.metaworld`; here it only fans out as Ray tasks. Ray worker processes
-are reused, so each keeps one pool of environments per task (built on first use).
+The MetaWorld stage hands it prior generation jobs (:func:`distcur.sources.metaworld.generate_chunk`
+over (task x chunk)); evaluation hands it batched rollouts
+(:func:`distcur.envs.rollouts.rollout_batch` per (seed, episodes)). This module knows neither: it
+runs the callable it is given. Ray worker processes are reused, so each keeps one pool of
+environments per task (built on first use).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ray
 
-from distcur import progress
 from distcur.distributed.session import ensure_ray
+from distcur.progress import bar
 
 
 def _gather(refs: list, show: bool, label: str) -> list:
@@ -22,51 +25,40 @@ def _gather(refs: list, show: bool, label: str) -> list:
     if not show:
         return ray.get(refs)
     pending = list(refs)
-    with progress.bar(total=len(refs), desc=label, unit="task") as bar:
+    with bar(total=len(refs), desc=label, unit="task") as shown:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
+            shown.update(len(done))
     return ray.get(refs)
 
 
 @ray.remote(num_cpus=1)
-def _generate_chunk(cfg, specs):
-    from distcur.sources.metaworld import generate_chunk
-
-    return generate_chunk(cfg, specs)
+def _call(fn: Callable, item: Any) -> Any:
+    return fn(item)
 
 
-def run_generation_chunks(
-    cfg: Any, chunks: Sequence[Sequence[Any]], address: str | None = None, progress: bool = True
-) -> list:
-    """:func:`distcur.sources.metaworld.generate_chunk` over ``chunks`` as Ray tasks, in order."""
-    ensure_ray(address)
-    cfg_ref = ray.put(cfg)
-    refs = [_generate_chunk.remote(cfg_ref, list(c)) for c in chunks]
-    return _gather(refs, progress, "metaworld episodes")
+class RayTasks:
+    """``executor(fn, items) -> [fn(item), ...]`` as Ray tasks of ``num_cpus`` each, in order.
 
+    ``fn`` is put in Ray's object store once (a policy it carries travels once, not per task).
+    Joins ``address`` (or ``RAY_ADDRESS``) or starts a local Ray on first use, so a caller can
+    set the workers' environment (e.g. ``MUJOCO_GL``) before then. An exception of one of the
+    ``errors`` types raised in a task is raised here as itself (a user's bad config, one line)."""
 
-@ray.remote(num_cpus=1)
-def _rollout_batch(policy, task, seed, episodes, max_steps, onehot_over):
-    from distcur.evaluate.metaworld import rollout_batch
+    def __init__(self, address: str | None = None, progress: bool = True, label: str = "tasks",
+                 num_cpus: float = 1, errors: Iterable[type] = (ValueError,)):
+        self.address, self.progress, self.label, self.num_cpus = address, progress, label, num_cpus
+        self.errors = tuple(errors)
 
-    return rollout_batch(policy, task, seed, episodes, max_steps=max_steps, append_task_onehot_over=onehot_over)
-
-
-def run_rollout_batches(
-    policy: Callable,
-    task: str,
-    jobs: Sequence[tuple[int, Sequence[int]]],
-    max_steps: int,
-    append_task_onehot_over: tuple[str, ...] | None,
-    address: str | None = None,
-    progress: bool = False,
-) -> list[dict]:
-    """:func:`distcur.evaluate.metaworld.rollout_batch` for each ``(seed, episodes)`` job as Ray tasks."""
-    ensure_ray(address)
-    policy_ref = ray.put(policy)
-    refs = [
-        _rollout_batch.remote(policy_ref, task, seed, list(eps), max_steps, append_task_onehot_over)
-        for seed, eps in jobs
-    ]
-    return _gather(refs, progress, f"rollouts {task}")
+    def __call__(self, fn: Callable, items: Sequence[Any]) -> list:
+        ensure_ray(self.address)
+        fn_ref = ray.put(fn)
+        remote = _call.options(num_cpus=self.num_cpus)
+        refs = [remote.remote(fn_ref, item) for item in items]
+        try:
+            return _gather(refs, self.progress, self.label)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, self.errors):
+                raise cause from None
+            raise

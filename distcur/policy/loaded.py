@@ -1,6 +1,6 @@
 """A trained policy as a picklable callable ``obs (B, state_dim) -> act (B, action_dim)``.
 
-What rollouts (``distcur.evaluate.metaworld``) and the proxy loss take. It carries plain
+What rollouts (``distcur.envs.rollouts``) and the proxy loss take. It carries plain
 tensors, the :class:`PolicySpec` and the :class:`Normalizer`, so it pickles to Ray tasks, and it
 loads from the store with ``torch.load(weights_only=True)``
 (:func:`distcur.stages.train.load_policy`).

@@ -1,17 +1,18 @@
-"""What the file-based sources (HDF5, Parquet, LeRobot) share: a shard of work, a writer of
-validated parts, and the commit of all shards' parts as one table.
+"""What the file-based sources (HDF5, Parquet, LeRobot) share: a shard's result, a writer of
+validated parts, and the sequential map over shards.
 
 The pattern is that of :mod:`distcur.sources.rlds`: the driver plans shards (a file, or a group of
 its episodes) with their episode ids fixed up front; a task converts one shard into step-table
-columns episode by episode (:class:`PartWriter` validates and writes whole parts under the
-writer's data dir); :func:`commit_shards` maps the task over the shards with a pluggable mapper
-(sequential here; Ray Data in :mod:`distcur.distributed.ingest`) and commits one manifest. Any
-error deletes the partial parts; the previously committed table stays as it was.
+columns episode by episode, and :class:`PartWriter` validates whole parts and hands each to a
+``sink(name, table) -> path`` it is given (the ingest stage's sink writes it under the store
+writer's data dir; no reader sees the store). The stage
+(:func:`distcur.stages.ingest.commit_shards`) maps the task over the shards with an executor
+(:func:`map_sequential` here; Ray Data in :mod:`distcur.distributed.ingest`) and commits one
+manifest.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import pickle
 import time
@@ -20,11 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from distcur.data import steps_key
-from distcur.schema import STEP_SCHEMA, StepValidationError, steps_table, validate_steps
-from distcur.sources.rlds import IngestResult, merge_stats, part_stats
-from distcur.store import Store
+from distcur.schema import StepValidationError, steps_table, validate_steps
+from distcur.sources.rlds import part_stats
 
 PART_NAME = "part-{shard:05d}-{chunk:04d}.parquet"
 
@@ -56,13 +56,17 @@ class ShardResult:
         return pickle.loads(data)
 
 
-class PartWriter:
-    """Collects the step columns of whole episodes and writes validated parts of about
-    ``rows_per_part`` steps (or ``bytes_per_part`` of images) under ``data_dir``."""
+# sink(part file name, table) -> the path it was written to (what the manifest lists)
+Sink = Callable[[str, pa.Table], str]
 
-    def __init__(self, store: Store, data_dir: str, shard: int, uri: str, rows_per_part: int = 100_000,
+
+class PartWriter:
+    """Collects the step columns of whole episodes and hands validated parts of about
+    ``rows_per_part`` steps (or ``bytes_per_part`` of images) to ``sink``."""
+
+    def __init__(self, sink: Sink, shard: int, uri: str, rows_per_part: int = 100_000,
                  bytes_per_part: int = 64 << 20):
-        self.store, self.data_dir, self.shard, self.uri = store, data_dir, shard, uri
+        self.sink, self.shard, self.uri = sink, shard, uri
         self.rows_per_part, self.bytes_per_part = rows_per_part, bytes_per_part
         self.files: list[str] = []
         self.stats: list[dict[str, Any]] = []
@@ -104,9 +108,7 @@ class PartWriter:
                 raise SourceFormatError(f"{w}: cannot build its step table ({type(e).__name__}: {e})") from e
         cols = concat_columns(chunks)
         table = validate_steps(steps_table(cols), origin=origin)
-        rel = f"{self.data_dir}/{PART_NAME.format(shard=self.shard, chunk=len(self.files))}"
-        self.store.write_parquet(rel, table)
-        self.files.append(rel)
+        self.files.append(self.sink(PART_NAME.format(shard=self.shard, chunk=len(self.files)), table))
         self.stats.append(part_stats(cols["state"], cols["action"], len(chunks)))
         self.rows += table.num_rows
         self._pending, self._rows, self._bytes = [], 0, 0
@@ -157,56 +159,17 @@ def encode_image(frame: np.ndarray, fmt: str = "png") -> bytes:
 # -- mapping tasks over shards -------------------------------------------------------------------
 
 Task = Callable[[Any], ShardResult]
-Mapper = Callable[[Task, list], Iterable[ShardResult]]
+Mapper = Callable[..., Iterable[ShardResult]]
 
 
-def map_sequential(task: Task, shards: list, progress: bool = True, desc: str = "ingest shards") -> Iterator[ShardResult]:
-    """Run ``task`` on each shard in this process (the ``--no-ray`` path)."""
+def map_sequential(task: Callable, shards: list, progress: bool = True, desc: str = "ingest shards",
+                   errors: dict[str, type] | None = None) -> Iterator:
+    """Run ``task`` on each shard in this process, in order (the ``--no-ray`` path). ``errors``
+    (the user-error types an executor re-raises) is accepted for the executors' signature: here
+    every exception propagates as it is."""
     if progress:
         from tqdm import tqdm
 
         shards = tqdm(shards, desc=desc, unit="shard")
     for shard in shards:
         yield task(shard)
-
-
-def commit_shards(
-    store: Store,
-    source: str,
-    stage: str,
-    stage_config: dict,
-    inputs: dict[str, str],
-    shards: list,
-    make_task: Callable[[str], Task],
-    metadata: Callable[[list[ShardResult]], dict],
-    mapper: Mapper | None = None,
-    force: bool = False,
-    progress: bool = True,
-    empty_message: str = "no steps",
-) -> IngestResult:
-    """Skip when done; else run ``make_task(data_dir)`` on every shard and commit ``steps/source=<source>``.
-
-    ``metadata(results)`` returns the source's manifest fields besides the merged dims and action
-    statistics (file/demo per episode, keys, control frequency, ...).
-    """
-    key = steps_key(source)
-    if not force and store.is_done(key, stage, stage_config, inputs):
-        return IngestResult(key=key, manifest=store.manifest(key), skipped=True)
-    writer = store.writer(key, stage, stage_config, inputs)
-    mapper = mapper or functools.partial(map_sequential, progress=progress)
-    try:
-        results = sorted(mapper(make_task(writer.data_dir), shards), key=lambda r: r.shard)
-        if len(results) != len(shards):
-            raise RuntimeError(f"ingest of {source}: {len(results)} shard results for {len(shards)} shards")
-        parts = [(s, f"{r.uri} part {i}") for r in results for i, s in enumerate(r.stats)]
-        if not parts:
-            raise SourceFormatError(f"source {source!r}: {empty_message}")
-        meta = merge_stats([p[0] for p in parts], [p[1] for p in parts])
-        meta.update(metadata(results))
-        writer.add_files([f for r in results for f in r.files], rows=sum(r.rows for r in results),
-                         schema=STEP_SCHEMA)
-        manifest = writer.commit({source: meta})
-    except BaseException:
-        writer.abort()
-        raise
-    return IngestResult(key=key, manifest=manifest, skipped=False, shard_results=results)

@@ -17,35 +17,35 @@ camera of ``image_keys`` encoded as PNG (or JPEG). Demos are read in order of th
 stable for the same inputs. The manifest records per episode its file, demo and the masks (filter
 keys) it belongs to, so a selection maps back to demos (``distcur select --export-hdf5-mask``).
 
-The unit of work is a shard: one file, or a group of ``demos_per_shard`` of its demos.
+The unit of work is a shard: one file, or a group of ``demos_per_shard`` of its demos
+(:func:`plan_hdf5` plans them, :func:`read_shard` reads one and hands its parts to a sink); the
+stage :func:`distcur.stages.ingest.run_hdf5` maps the shards and commits the table.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from distcur.deps import require
+from distcur.fs import resolve
 from distcur.sources.common import (
-    Mapper,
     PartWriter,
     ShardResult,
+    Sink,
     SourceFormatError,
-    commit_shards,
     encode_image,
     episode_flags,
 )
-from distcur.sources.rlds import IngestResult
-from distcur.store import Store, fingerprint, resolve
 
 STAGE = "ingest-hdf5"
+IMAGE_FORMATS = ("png", "jpeg")
 
 
 def _h5py():
@@ -64,13 +64,25 @@ class HDF5Shard:
 
 @dataclass(frozen=True)
 class HDF5Config:
-    obs_keys: tuple[str, ...] | None = None  # None: every non-image obs key, sorted
-    action_key: str = "actions"
-    image_keys: tuple[str, ...] = ()
-    image_format: str = "png"
-    filter_key: str | None = None
-    control_frequency: float | None = None
-    task: str | None = None  # overrides the instruction / file name
+    """How a robomimic / LIBERO file's demos map to the step table (see the module docstring)."""
+
+    obs_keys: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "obs keys concatenated into state, in this order (default: every non-image obs key, sorted)"})
+    action_key: str = field(default="actions", metadata={
+        "help": "dataset of each demo holding the actions (default: actions)"})
+    image_keys: tuple[str, ...] = field(default=(), metadata={
+        "help": "camera obs keys (uint8 HxWx3, e.g. agentview_image); the first is kept, encoded, in image"})
+    image_format: str = field(default="png", metadata={"choices": IMAGE_FORMATS})
+    filter_key: str | None = field(default=None, metadata={
+        "help": "ingest only the demos of mask/<KEY> (e.g. train, 20_percent)"})
+    control_frequency: float | None = field(default=None, metadata={
+        "help": "Hz (default: env_args' control_freq when the file records it)"})
+    task: str | None = field(default=None, metadata={  # overrides the instruction / file name
+        "help": "task of every demo (default: LIBERO's problem_info language_instruction, else the file name)"})
+
+    def __post_init__(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"HDF5Config.image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -249,11 +261,12 @@ def demo_columns(demo, config: HDF5Config, obs_keys: list[str], source: str, epi
 
 
 def ingest_hdf5_shard(shard: HDF5Shard, config: HDF5Config, obs_keys: list[str], task: str, masks: dict,
-                      source: str, store: Store, data_dir: str, rows_per_part: int = 100_000,
+                      source: str, sink: Sink, rows_per_part: int = 100_000,
                       keys_from: str = "the first demo") -> ShardResult:
-    """Read, convert, validate and write the demos of one shard; returns its parts and per-episode facts."""
+    """Read, convert and validate the demos of one shard, handing its parts to ``sink``; returns
+    its parts and per-episode facts."""
     h5py = _h5py()
-    writer = PartWriter(store, data_dir, shard.index, shard.uri, rows_per_part)
+    writer = PartWriter(sink, shard.index, shard.uri, rows_per_part)
     info: dict[str, Any] = {}
     try:
         f = h5py.File(_local(shard.uri), "r")
@@ -287,23 +300,26 @@ def plan_shards(files: list[HDF5File], demos_per_shard: int | None = None) -> li
     return shards
 
 
-def ingest_hdf5(
-    paths: list[str],
-    store: Store,
-    source: str,
-    config: HDF5Config | None = None,
-    mapper: Mapper | None = None,
-    force: bool = False,
-    demos_per_shard: int | None = None,
-    rows_per_part: int = 100_000,
-    progress: bool = True,
-) -> IngestResult:
-    """Ingest robomimic / LIBERO HDF5 files into ``steps/source=<source>`` and commit it.
+@dataclass
+class HDF5Plan:
+    """The files of one ingest, the obs keys that make the state, and the shards."""
 
-    ``mapper(task, shards)``: sequential by default, Ray Data with
-    :func:`distcur.distributed.ingest.ray_mapper`; the output is the same either way.
-    """
-    config = config or HDF5Config()
+    uris: list[str]
+    files: list[HDF5File]
+    obs_keys: list[str]
+    shards: list[HDF5Shard] = field(default_factory=list)
+
+    @property
+    def keys_from(self) -> str:
+        return f"{self.files[0].uri}, demo {self.files[0].demos[0]!r}"
+
+    def identity(self) -> dict:
+        """Identity of the input files (what the stage fingerprints): their sizes."""
+        return {"files": {f.uri: f.size for f in self.files}}
+
+
+def plan_hdf5(paths: list[str], config: HDF5Config, demos_per_shard: int | None = None) -> HDF5Plan:
+    """Open every file (its demos, masks and obs keys), check the state's obs keys, plan the shards."""
     if not paths:
         raise SourceFormatError("ingest hdf5: no files given")
     uris = [str(p) if "://" in str(p) else os.path.abspath(str(p)) for p in paths]
@@ -316,40 +332,32 @@ def ingest_hdf5(
         if cams:
             raise SourceFormatError(f"{f.uri}: obs key(s) {cams} are camera images (uint8 HxWx3), not state; "
                                     "pass them with --image-keys")
-    shards = plan_shards(files, demos_per_shard)
-    by_uri = {f.uri: f for f in files}
-    stage_config = {"files": uris, "source": source, "hdf5_config": config.to_dict(), "obs_keys": obs_keys,
-                    "demos_per_shard": demos_per_shard, "rows_per_part": rows_per_part}
-    inputs = {"hdf5": fingerprint({"files": {f.uri: f.size for f in files}})}
-
-    def make_task(data_dir: str):
-        return functools.partial(_shard_task, by_uri=by_uri, config=config, obs_keys=obs_keys, source=source,
-                                 store=store, data_dir=data_dir, rows_per_part=rows_per_part,
-                                 keys_from=f"{files[0].uri}, demo {files[0].demos[0]!r}")
-
-    def metadata(results: list[ShardResult]) -> dict:
-        episodes = {k: v for r in results for k, v in r.episode_info.items()}
-        freqs = sorted({f.control_frequency for f in files if f.control_frequency is not None})
-        return {
-            "format": "hdf5", "files": uris, "obs_keys": obs_keys, "action_key": config.action_key,
-            "camera_names": sorted({k for f in files for k in f.image_keys}),
-            "image_key": config.image_keys[0] if config.image_keys else None,
-            "filter_key": config.filter_key,
-            "control_frequency": freqs[0] if len(freqs) == 1 else (freqs or None),
-            "tasks": sorted({f.task for f in files}), "env_names": sorted({f.env_name for f in files if f.env_name}),
-            "masks": {f.uri: sorted(f.masks) for f in files},
-            "episode_info": episodes,
-        }
-
-    return commit_shards(store, source, STAGE, stage_config, inputs, shards, make_task, metadata, mapper=mapper,
-                         force=force, progress=progress, empty_message="no demos in the files given")
+    return HDF5Plan(uris=uris, files=files, obs_keys=obs_keys, shards=plan_shards(files, demos_per_shard))
 
 
-def _shard_task(shard: HDF5Shard, by_uri: dict, config: HDF5Config, obs_keys: list[str], source: str, store: Store,
-                data_dir: str, rows_per_part: int, keys_from: str = "the first demo") -> ShardResult:
-    f = by_uri[shard.uri]
-    return ingest_hdf5_shard(shard, config, obs_keys, f.task, f.masks, source, store, data_dir, rows_per_part,
-                             keys_from)
+def read_shard(shard: HDF5Shard, plan: HDF5Plan, config: HDF5Config, source: str, sink: Sink,
+               rows_per_part: int = 100_000) -> ShardResult:
+    """One shard of ``plan`` (the task an executor maps over ``plan.shards``)."""
+    f = next(f for f in plan.files if f.uri == shard.uri)
+    return ingest_hdf5_shard(shard, config, plan.obs_keys, f.task, f.masks, source, sink, rows_per_part,
+                             plan.keys_from)
+
+
+def hdf5_metadata(plan: HDF5Plan, config: HDF5Config, results: list[ShardResult]) -> dict:
+    """The source's manifest fields besides the merged dims and action statistics."""
+    files = plan.files
+    episodes = {k: v for r in results for k, v in r.episode_info.items()}
+    freqs = sorted({f.control_frequency for f in files if f.control_frequency is not None})
+    return {
+        "format": "hdf5", "files": plan.uris, "obs_keys": plan.obs_keys, "action_key": config.action_key,
+        "camera_names": sorted({k for f in files for k in f.image_keys}),
+        "image_key": config.image_keys[0] if config.image_keys else None,
+        "filter_key": config.filter_key,
+        "control_frequency": freqs[0] if len(freqs) == 1 else (freqs or None),
+        "tasks": sorted({f.task for f in files}), "env_names": sorted({f.env_name for f in files if f.env_name}),
+        "masks": {f.uri: sorted(f.masks) for f in files},
+        "episode_info": episodes,
+    }
 
 
 def write_mask_copy(src_uri: str, dst_path: str, key: str, demos: list[str]) -> None:

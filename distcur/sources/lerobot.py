@@ -24,19 +24,21 @@ and recorded per episode in the manifest (``episode_info``: episode_index, from_
 Two readers give the same table:
 
 - ``ray.data.read_lerobot`` (Ray >= 2.60), when the ``lerobot`` package (>= 0.5, which needs
-  Python >= 3.12) is importable: Ray's reader streams the frames, the driver converts whole
-  episodes and writes the parts;
-- otherwise, and with ``--no-ray``, one task per data file (Ray Data over the files, or in
-  process) reads the Parquet frames itself, and decodes a video camera's frames itself.
+  Python >= 3.12) is importable: Ray's reader (:func:`distcur.distributed.ingest.read_lerobot_batches`)
+  streams the frames, the driver converts whole episodes (:func:`convert_frame_batches`) and
+  writes the parts;
+- otherwise, and with ``--no-ray``, one task per data file (:func:`ingest_lerobot_file`: Ray Data
+  over the files, or in process) reads the Parquet frames itself, and decodes a video camera's
+  frames itself.
+
+The stage :func:`distcur.stages.ingest.run_lerobot` picks the reader and commits the table.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,30 +47,31 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from distcur.fs import resolve
 from distcur.sources.common import (
-    Mapper,
     PartWriter,
     ShardResult,
+    Sink,
     SourceFormatError,
-    commit_shards,
     encode_image,
     episode_flags,
 )
-from distcur.sources.rlds import IngestResult
-from distcur.store import Store, fingerprint, resolve
 
-log = logging.getLogger(__name__)
 STAGE = "ingest-lerobot"
 KEY_COLUMNS = ("index", "episode_index", "frame_index")
 
 
 @dataclass(frozen=True)
 class LeRobotConfig:
-    state_key: str = "observation.state"
-    action_key: str = "action"
-    image_key: str | None = None  # an `image` feature (encoded bytes in the parquet rows) or a `video` one
-    reward_key: str = "next.reward"
-    done_key: str = "next.done"
+    """Which features of a LeRobot dataset make the step table's columns."""
+
+    state_key: str = field(default="observation.state", metadata={"help": "feature used as state"})
+    action_key: str = field(default="action", metadata={"help": "feature used as action"})
+    image_key: str | None = field(default=None, metadata={  # an `image` feature (encoded bytes) or a `video` one
+        "help": "a camera kept (encoded) in image: an image feature, or a video feature whose mp4 frames are "
+                "decoded with PyAV (the video extra)"})
+    reward_key: str = field(default="next.reward", metadata={"help": "feature used as reward, when present"})
+    done_key: str = field(default="next.done", metadata={"help": "feature used as is_terminal, when present"})
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -87,8 +90,9 @@ class LeRobotDataset:
     def fps(self) -> float | None:
         return self.info.get("fps")
 
-    def fingerprint(self) -> str:
-        return fingerprint({"info": self.info, "files": self.sizes})
+    def identity(self) -> dict:
+        """Identity of the input (what the stage fingerprints): info.json and the files' sizes."""
+        return {"info": self.info, "files": self.sizes}
 
 
 @dataclass(frozen=True)
@@ -305,15 +309,15 @@ def _episode_info(ds: LeRobotDataset, eid: int) -> dict:
     return {"episode_index": eid, "from_index": m["from_index"], "length": m["length"], "file": m["file"]}
 
 
-def ingest_lerobot_file(shard: LeRobotShard, ds: LeRobotDataset, config: LeRobotConfig, source: str, store: Store,
-                        data_dir: str, rows_per_part: int = 100_000) -> ShardResult:
-    """Read one data file's frames with pyarrow, convert and write its episodes."""
+def ingest_lerobot_file(shard: LeRobotShard, ds: LeRobotDataset, config: LeRobotConfig, source: str, sink: Sink,
+                        rows_per_part: int = 100_000) -> ShardResult:
+    """Read one data file's frames with pyarrow, convert its episodes and hand the parts to ``sink``."""
     fs, root = resolve(shard.uri)
     where = f"{shard.uri}/{shard.file}"
     frames = _table(fs, f"{root}/{shard.file}", shard.uri, shard.file)
     if frames.num_rows == 0:
         raise SourceFormatError(f"{where}: empty data file")
-    writer = PartWriter(store, data_dir, shard.index, where, rows_per_part)
+    writer = PartWriter(sink, shard.index, where, rows_per_part)
     info = {}
     for eid, cols, w in frames_to_episodes(frames, ds, config, source, where):
         writer.add(cols, w)
@@ -330,19 +334,15 @@ def lerobot_reader_available() -> bool:
     return True
 
 
-def _read_with_ray_lerobot(ds: LeRobotDataset, config: LeRobotConfig, source: str, store: Store, data_dir: str,
-                           rows_per_part: int) -> list[ShardResult]:
-    """Frames through ``ray.data.read_lerobot``; whole episodes are converted and written here."""
-    import ray
-
-    frames = ray.data.read_lerobot(ds.uri, read_granularity="episode")
-    writer = PartWriter(store, data_dir, 0, ds.uri, rows_per_part)
+def convert_frame_batches(batches: Iterable[pa.Table], ds: LeRobotDataset, config: LeRobotConfig, source: str,
+                          sink: Sink, rows_per_part: int = 100_000) -> ShardResult:
+    """Frames streamed in batches (``ray.data.read_lerobot``'s, any episode order within a batch):
+    whole episodes are converted as their last frame arrives and their parts handed to ``sink``."""
+    writer = PartWriter(sink, 0, ds.uri, rows_per_part)
     pending: dict[int, list[pa.Table]] = {}
     counts: dict[int, int] = {}
     info = {}
-    drop = [c for c in ("stats", "dataset_index") if c in frames.schema().names]
-    for batch in frames.iter_batches(batch_format="pyarrow", batch_size=None):
-        batch = batch.drop_columns([c for c in drop if c in batch.column_names])
+    for batch in batches:
         ep = batch.column("episode_index").to_numpy()
         for eid in np.unique(ep).tolist():
             part = batch.filter(pc.equal(batch.column("episode_index"), eid))
@@ -355,62 +355,20 @@ def _read_with_ray_lerobot(ds: LeRobotDataset, config: LeRobotConfig, source: st
                     info[str(e)] = _episode_info(ds, e)
     if pending:
         raise SourceFormatError(f"{ds.uri}: read_lerobot gave incomplete episodes {sorted(pending)[:5]}")
-    return [writer.result(episode_info=info)]
+    return writer.result(episode_info=info)
 
 
-def ingest_lerobot(root: str, store: Store, source: str, config: LeRobotConfig | None = None,
-                   mapper: Mapper | None = None, reader: str = "auto", force: bool = False,
-                   rows_per_part: int = 100_000, progress: bool = True) -> IngestResult:
-    """Ingest a LeRobot v3 dataset into ``steps/source=<source>`` and commit it.
-
-    ``reader``: ``"ray-lerobot"`` (``ray.data.read_lerobot``), ``"files"`` (one task per data file
-    through ``mapper``: sequential by default, Ray Data with
-    :func:`distcur.distributed.ingest.ray_mapper`), or ``"auto"``: read_lerobot when a Ray mapper is
-    given and the ``lerobot`` package is importable, else the files.
-    """
-    config = config or LeRobotConfig()
-    uri = str(root) if "://" in str(root) else os.path.abspath(str(root))
-    ds = open_lerobot(uri, config)
-    if reader == "auto":
-        reader = "ray-lerobot" if mapper is not None and lerobot_reader_available() else "files"
-        if mapper is not None and reader == "files":
-            log.info("ray.data.read_lerobot needs the lerobot package (>= 0.5, Python >= 3.12); reading the "
-                     "data files with one Ray Data task each")
-    if reader not in ("ray-lerobot", "files"):
-        raise ValueError(f"ingest lerobot: reader must be auto, ray-lerobot or files, got {reader!r}")
-    if reader == "ray-lerobot":
-        from distcur.deps import require
-
-        require("lerobot", "ray.data.read_lerobot")
-    shards = [LeRobotShard(uri=uri, file=f, index=i) for i, f in enumerate(ds.files)]
-    stage_config = {"root": uri, "source": source, "lerobot_config": config.to_dict(), "rows_per_part": rows_per_part}
-    inputs = {"lerobot": ds.fingerprint()}
-
-    if reader == "ray-lerobot":
-        def run_all(task, _shards):
-            return task(None)
-
-        mapper = run_all
-        shards = [None]
-
-    def make_task(data_dir: str):
-        if reader == "ray-lerobot":
-            return lambda _: _read_with_ray_lerobot(ds, config, source, store, data_dir, rows_per_part)
-        return functools.partial(ingest_lerobot_file, ds=ds, config=config, source=source, store=store,
-                                 data_dir=data_dir, rows_per_part=rows_per_part)
-
-    def metadata(results: list[ShardResult]) -> dict:
-        episodes = {k: v for r in results for k, v in r.episode_info.items()}
-        missing = sorted(set(map(str, ds.episodes)) - set(episodes), key=int)
-        if missing:
-            raise SourceFormatError(f"{uri}: episodes {missing[:5]} of meta/episodes have no frames in data/")
-        feats = ds.info.get("features", {})
-        return {"format": "lerobot", "root": uri, "codebase_version": ds.info.get("codebase_version"),
-                "control_frequency": ds.fps, "state_key": config.state_key, "action_key": config.action_key,
-                "image_key": config.image_key, "reader": reader,
-                "camera_names": sorted(k for k, f in feats.items() if f.get("dtype") in ("image", "video")),
-                "total_frames": ds.info.get("total_frames"), "tasks": {str(k): v for k, v in ds.tasks.items()},
-                "index_columns": list(KEY_COLUMNS), "episode_info": episodes}
-
-    return commit_shards(store, source, STAGE, stage_config, inputs, shards, make_task, metadata, mapper=mapper,
-                         force=force, progress=progress)
+def lerobot_metadata(ds: LeRobotDataset, config: LeRobotConfig, reader: str, results: list[ShardResult]) -> dict:
+    """The source's manifest fields besides the merged dims and action statistics; every episode of
+    meta/episodes must have had frames."""
+    episodes = {k: v for r in results for k, v in r.episode_info.items()}
+    missing = sorted(set(map(str, ds.episodes)) - set(episodes), key=int)
+    if missing:
+        raise SourceFormatError(f"{ds.uri}: episodes {missing[:5]} of meta/episodes have no frames in data/")
+    feats = ds.info.get("features", {})
+    return {"format": "lerobot", "root": ds.uri, "codebase_version": ds.info.get("codebase_version"),
+            "control_frequency": ds.fps, "state_key": config.state_key, "action_key": config.action_key,
+            "image_key": config.image_key, "reader": reader,
+            "camera_names": sorted(k for k, f in feats.items() if f.get("dtype") in ("image", "video")),
+            "total_frames": ds.info.get("total_frames"), "tasks": {str(k): v for k, v in ds.tasks.items()},
+            "index_columns": list(KEY_COLUMNS), "episode_info": episodes}

@@ -8,12 +8,13 @@ required; ``step`` orders the rows of an episode (default: their order in the fi
 are derived from the episode boundaries. An episode must lie in one file. Errors name the file,
 the canonical column and the user's column it is mapped from.
 
-One shard per file (Ray Data for several files, or in-process with the same output).
+One shard per file (:func:`plan_parquet`, :func:`ingest_parquet_file`); the stage
+:func:`distcur.stages.ingest.run_parquet` maps them (Ray Data for several files, or in-process
+with the same output) and commits the table.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -23,17 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from distcur.fs import resolve
 from distcur.schema import STEP_SCHEMA, StepValidationError
-from distcur.sources.common import (
-    Mapper,
-    PartWriter,
-    ShardResult,
-    SourceFormatError,
-    commit_shards,
-    episode_flags,
-)
-from distcur.sources.rlds import IngestResult
-from distcur.store import Store, fingerprint, resolve
+from distcur.sources.common import PartWriter, ShardResult, Sink, SourceFormatError, episode_flags
 
 STAGE = "ingest-parquet"
 REQUIRED = ("episode", "state", "action")
@@ -133,9 +126,9 @@ class FileShard:
     index: int
 
 
-def ingest_parquet_file(shard: FileShard, mapping: dict, source: str, store: Store, data_dir: str,
+def ingest_parquet_file(shard: FileShard, mapping: dict, source: str, sink: Sink,
                         rows_per_part: int = 100_000) -> ShardResult:
-    """Map, check, order and write the episodes of one file."""
+    """Map, check and order the episodes of one file, handing its parts to ``sink``."""
     uri = shard.uri
     needed = sorted({c for cols in mapping.values() for c in cols})
     if uri.endswith(".parquet"):  # check the names from the footer before reading any data
@@ -187,7 +180,7 @@ def ingest_parquet_file(shard: FileShard, mapping: dict, source: str, store: Sto
                                         f"to {want} ({e})") from e
     starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
     ends = np.r_[starts[1:], len(episode)]
-    writer = PartWriter(store, data_dir, shard.index, uri, rows_per_part)
+    writer = PartWriter(sink, shard.index, uri, rows_per_part)
     info = {}
     for s, e in zip(starts, ends):
         eid, t = int(episode[s]), int(e - s)
@@ -224,34 +217,38 @@ def _with_user_column(message: str, mapping: dict) -> str:
     return message
 
 
-def ingest_parquet(path: str, store: Store, source: str, mapping: dict | list[str], mapper: Mapper | None = None,
-                   force: bool = False, rows_per_part: int = 100_000, progress: bool = True) -> IngestResult:
-    """Ingest a Parquet/Arrow step table (a file or a folder of files) into ``steps/source=<source>``."""
-    mapping = parse_mapping(mapping) if not (isinstance(mapping, dict) and all(isinstance(v, tuple)
-                                                                                for v in mapping.values())) else mapping
+@dataclass
+class ParquetPlan:
+    """The table files of one ingest (one shard each) and their sizes."""
+
+    uri: str
+    files: list[str]
+    sizes: dict[str, int]
+    shards: list[FileShard]
+
+    def identity(self) -> dict:
+        """Identity of the input files (what the stage fingerprints): their sizes."""
+        return {"files": self.sizes}
+
+
+def plan_parquet(path: str) -> ParquetPlan:
+    """The files of ``path`` (a file or a folder), their sizes, one shard each."""
     uri = str(path) if "://" in str(path) else os.path.abspath(str(path))
     files = list_files(uri)
     fs, _ = resolve(uri)
     sizes = {f: int(i.size) for f, i in zip(files, fs.get_file_info([resolve(f)[1] for f in files]))}
-    shards = [FileShard(uri=f, index=i) for i, f in enumerate(files)]
-    stage_config = {"path": uri, "source": source, "map": {k: list(v) for k, v in mapping.items()},
-                    "rows_per_part": rows_per_part}
-    inputs = {"parquet": fingerprint({"files": sizes})}
+    return ParquetPlan(uri=uri, files=files, sizes=sizes, shards=[FileShard(uri=f, index=i) for i, f in enumerate(files)])
 
-    def make_task(data_dir: str):
-        return functools.partial(ingest_parquet_file, mapping=mapping, source=source, store=store,
-                                 data_dir=data_dir, rows_per_part=rows_per_part)
 
-    def metadata(results: list[ShardResult]) -> dict:
-        owner: dict[str, str] = {}
-        for r in results:
-            for eid in r.episode_info:
-                if eid in owner:
-                    raise SourceFormatError(f"episode {eid} is in two files, {owner[eid]} and {r.uri}: an episode must "
-                                            f"lie in one file (and ids be unique within the source)")
-                owner[eid] = r.uri
-        return {"format": "parquet", "path": uri, "files": files, "map": {k: list(v) for k, v in mapping.items()},
-                "episode_info": {k: v for r in results for k, v in r.episode_info.items()}}
-
-    return commit_shards(store, source, STAGE, stage_config, inputs, shards, make_task, metadata, mapper=mapper,
-                         force=force, progress=progress)
+def parquet_metadata(plan: ParquetPlan, mapping: dict, results: list[ShardResult]) -> dict:
+    """The source's manifest fields besides the merged dims and action statistics; an episode found
+    in two files is an error naming both."""
+    owner: dict[str, str] = {}
+    for r in results:
+        for eid in r.episode_info:
+            if eid in owner:
+                raise SourceFormatError(f"episode {eid} is in two files, {owner[eid]} and {r.uri}: an episode must "
+                                        f"lie in one file (and ids be unique within the source)")
+            owner[eid] = r.uri
+    return {"format": "parquet", "path": plan.uri, "files": plan.files, "map": {k: list(v) for k, v in mapping.items()},
+            "episode_info": {k: v for r in results for k, v in r.episode_info.items()}}

@@ -13,10 +13,12 @@ serialized episode whose ``steps`` are a nested sequence feature. This module
 - validates every part with :func:`distcur.schema.validate_steps` (errors name file, episode,
   step and column) and writes it under the store writer's data dir.
 
-The unit of work is one shard file (:func:`ingest_shard`); :func:`ingest_rlds` plans the shards,
-maps ``ingest_shard`` over them with a pluggable mapper (sequential here; Ray Data in
-:mod:`distcur.distributed.ingest`) and commits the table with one manifest. Memory per worker
-is bounded by one part (``rows_per_part`` / ``bytes_per_part``), never a whole shard or dataset.
+The unit of work is one shard file (:func:`ingest_shard`, which hands each validated part to a
+``sink``); the stage (:func:`distcur.stages.ingest.run_rlds`) plans the shards with
+:func:`open_rlds_dataset`, maps ``ingest_shard`` over them with an executor (sequential, or Ray
+Data in :mod:`distcur.distributed.ingest`) and commits the table with one manifest. Memory per
+worker is bounded by one part (``rows_per_part`` / ``bytes_per_part``), never a whole shard or
+dataset.
 
 Episode ids are the episode's position in the dataset (splits in the order asked, shards in
 order, records in file order), from the shard lengths in ``dataset_info.json``: deterministic,
@@ -37,12 +39,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from distcur.data import steps_key
-from distcur.schema import STEP_SCHEMA, StepValidationError, steps_table, validate_steps
+from distcur.fs import resolve
+from distcur.schema import StepValidationError, steps_table, validate_steps
 from distcur.sources.rlds_configs import RLDSConfig
-from distcur.store import Manifest, Store, fingerprint, resolve
 
 STAGE = "ingest-rlds"
 FILE_FORMATS = {"tfrecord": "tfrecord", "array_record": "array_record"}
@@ -100,9 +102,10 @@ class RLDSDataset:
         counts = [s.num_episodes for s in self.shards]
         return None if any(c is None for c in counts) else sum(counts)
 
-    def fingerprint(self) -> str:
-        """Identity of the input data: its metadata and shard files with their sizes."""
-        return fingerprint({"dataset_info": self.dataset_info, "files": self.file_sizes})
+    def identity(self) -> dict:
+        """Identity of the input data (what the stage fingerprints): its metadata and shard files
+        with their sizes."""
+        return {"dataset_info": self.dataset_info, "files": self.file_sizes}
 
 
 def _read_json(fs: pafs.FileSystem, path: str, uri: str) -> dict:
@@ -461,7 +464,7 @@ def merge_stats(stats: list[dict[str, Any]], where: list[str]) -> dict[str, Any]
     }
 
 
-# -- one shard -> parts in the store -------------------------------------------------------------
+# -- one shard -> parts -------------------------------------------------------------
 
 
 @dataclass
@@ -491,12 +494,12 @@ def ingest_shard(
     features_json: dict,
     config: RLDSConfig,
     source: str,
-    store: Store,
-    data_dir: str,
+    sink: Callable[[str, pa.Table], str],
     rows_per_part: int = 100_000,
     bytes_per_part: int = 64 << 20,
 ) -> ShardResult:
-    """Read one shard, convert and validate its episodes, and write parts under ``data_dir``.
+    """Read one shard, convert and validate its episodes, and hand each part to
+    ``sink(part name, table) -> path``.
 
     Memory is bounded by one part: parts are flushed every ``rows_per_part`` steps or
     ``bytes_per_part`` bytes of images, whichever comes first.
@@ -518,9 +521,7 @@ def ingest_shard(
         cols = _concat(pending)
         origin = f"{shard.uri} (episodes {int(cols['episode'][0])}..{int(cols['episode'][-1])})"
         table = validate_steps(steps_table(cols), origin=origin)
-        rel = f"{data_dir}/{PART_NAME.format(shard=shard.index, chunk=len(files))}"
-        store.write_parquet(rel, table)
-        files.append(rel)
+        files.append(sink(PART_NAME.format(shard=shard.index, chunk=len(files)), table))
         stats.append(part_stats(cols["state"], cols["action"], pending_episodes))
         rows += table.num_rows
         pending, pending_rows, pending_bytes, pending_episodes = [], 0, 0, 0
@@ -554,90 +555,3 @@ def ingest_shard(
         shard=shard.index, uri=shard.uri, files=files, rows=rows, episodes=episodes, empty_episodes=empty,
         stats=stats, tensorflow_loaded="tensorflow" in sys.modules, wall_s=round(time.time() - t0, 3),
     )
-
-
-# -- the whole dataset ---------------------------------------------------------------------------
-
-ShardTask = Callable[[Shard], ShardResult]
-ShardMapper = Callable[[ShardTask, list[Shard]], Iterable[ShardResult]]
-
-
-def map_sequential(task: ShardTask, shards: list[Shard], progress: bool = True) -> Iterator[ShardResult]:
-    """Run ``task`` on each shard in this process (the single-process baseline)."""
-    if progress:
-        from tqdm import tqdm
-
-        shards = tqdm(shards, desc="ingest shards", unit="shard")
-    for shard in shards:
-        yield task(shard)
-
-
-@dataclass
-class IngestResult:
-    """The committed table (its manifest) and whether this run skipped it as already done."""
-
-    key: str
-    manifest: Manifest
-    skipped: bool
-    shard_results: list[ShardResult] = field(default_factory=list)
-
-
-def ingest_rlds(
-    dataset_uri: str,
-    config: RLDSConfig,
-    store: Store,
-    source: str | None = None,
-    splits: Iterable[str] = ("train",),
-    mapper: ShardMapper | None = None,
-    force: bool = False,
-    rows_per_part: int = 100_000,
-    progress: bool = True,
-) -> IngestResult:
-    """Ingest an RLDS dataset into ``steps/source=<source>`` of ``store`` and commit it.
-
-    ``mapper(task, shards)`` runs ``task`` on every shard (default: sequentially here; see
-    :func:`distcur.distributed.ingest.ingest_rlds_ray` for Ray Data). A committed output with
-    the same config and input fingerprint is skipped unless ``force``. On any error the
-    partial parts are deleted and the previously committed table stays as it was.
-    """
-    source = source or config.name
-    splits = tuple(splits)
-    dataset = open_rlds_dataset(dataset_uri, splits)
-    check_config(dataset, config)
-    key = steps_key(source)
-    stage_config = {
-        "dataset": dataset.uri, "splits": list(splits), "source": source, "rlds_config": config.to_dict(),
-        "rows_per_part": rows_per_part,
-    }
-    inputs = {"rlds": dataset.fingerprint()}
-    if not force and store.is_done(key, STAGE, stage_config, inputs):
-        return IngestResult(key=key, manifest=store.manifest(key), skipped=True)
-    writer = store.writer(key, STAGE, stage_config, inputs)
-    task = functools.partial(
-        ingest_shard, features_json=dataset.features_json, config=config, source=source, store=store,
-        data_dir=writer.data_dir, rows_per_part=rows_per_part,
-    )
-    if mapper is None:
-        mapper = functools.partial(map_sequential, progress=progress)
-    try:
-        results = sorted(mapper(task, dataset.shards), key=lambda r: r.shard)
-        if len(results) != len(dataset.shards):
-            raise RuntimeError(f"ingest of {dataset.uri}: {len(results)} shard results for {len(dataset.shards)} shards")
-        parts = [(s, f"{r.uri} part {i}") for r in results for i, s in enumerate(r.stats)]
-        if not parts:
-            raise RLDSFormatError(f"{dataset.uri}: dataset is empty (no steps in splits {list(splits)})")
-        meta = merge_stats([p[0] for p in parts], [p[1] for p in parts])
-        meta.update(
-            dataset=dataset.name, dataset_uri=dataset.uri, version=dataset.version, file_format=dataset.file_format,
-            shards=len(dataset.shards), empty_episodes=sum(r.empty_episodes for r in results),
-            control_frequency=config.control_frequency, state_keys=list(config.state_keys),
-            action_keys=list(config.action_keys), image_key=config.image_keys[0] if config.image_keys else None,
-        )
-        files = [f for r in results for f in r.files]
-        writer.add_files(files, rows=sum(r.rows for r in results), schema=STEP_SCHEMA)
-        manifest = writer.commit({source: meta})
-    except BaseException:
-        writer.abort()
-        raise
-    return IngestResult(key=key, manifest=manifest, skipped=False, shard_results=results)
-

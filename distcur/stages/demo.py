@@ -32,9 +32,9 @@ import pyarrow as pa
 
 from distcur.config import DEFAULT_STORE, load_config, merge_options, to_dict
 from distcur.data import eval_key, heldout_source, scores_key, selection_key, steps_key, target_source
+from distcur.envs.generation import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.methods import REGISTRY, names
 from distcur.policy.train import TrainConfig
-from distcur.sources.metaworld import PRIOR_KINDS, MetaWorldPriorConfig
 from distcur.stages.output import commit_table
 from distcur.store import Store
 
@@ -197,27 +197,12 @@ class DemoConfig:
 
 def ingest(cfg: DemoConfig, store: Store) -> dict:
     """The MetaWorld prior and target, plus held-out target demos for the proxy."""
-    from distcur.sources.metaworld import generate_metaworld
+    from distcur.distributed.metaworld import RayTasks
+    from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 
-    prior_cfg = cfg.prior_config()
-    info = generate_metaworld(prior_cfg, store, address=cfg.address)  # a bar only where bars are drawn
-    write_heldout_target(store, prior_cfg, cfg.evaluation.heldout_demos)
-    return info
-
-
-def write_heldout_target(store: Store, prior_cfg: MetaWorldPriorConfig, n: int) -> None:
-    """``n`` fresh expert demos of the target, never trained on (their initial states come from
-    episode indices after the training demos', so they differ from them)."""
-    from distcur.sources.metaworld import EpisodeSpec, generate_chunk
-
-    key = steps_key(heldout_source(prior_cfg.target))
-    config = {**prior_cfg.target_config(), "heldout": n}
-    if store.is_done(key, "ingest-heldout", config, {}):
-        return
-    specs = [EpisodeSpec(heldout_source(prior_cfg.target), i, prior_cfg.target, "target", prior_cfg.target_demos + i)
-             for i in range(n)]
-    table, _ = generate_chunk(prior_cfg, specs)
-    store.write_table(key, table, "ingest-heldout", config)
+    config = MetaWorldIngestConfig(prior=cfg.prior_config(), heldout_demos=cfg.evaluation.heldout_demos)
+    # a bar only where bars are drawn
+    return run_metaworld(store, config, executor=RayTasks(cfg.address, label="metaworld episodes"))
 
 
 def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:

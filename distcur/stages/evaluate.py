@@ -184,8 +184,14 @@ def _success(policy: TrainedPolicy, task: str, episodes: int, seeds, **rollout) 
     """Per seed {seed, episodes, success}: MetaWorld rollouts, or NaN success for ``episodes`` 0."""
     if episodes == 0:
         return [{"seed": int(s), "episodes": 0, "success": float("nan")} for s in seeds]
-    from distcur.evaluate.metaworld import evaluate_success
+    from distcur.envs.rollouts import evaluate_success
 
+    parallel, address = rollout.pop("parallel", False), rollout.pop("address", None)
+    if parallel:  # one Ray task per batch of envs_per_worker environments
+        from distcur import progress
+        from distcur.distributed.metaworld import RayTasks
+
+        rollout["executor"] = RayTasks(address, progress=progress.enabled(), label=f"rollouts {task}")
     return evaluate_success(policy, task, episodes=episodes, seeds=seeds, **rollout)
 
 

@@ -152,11 +152,11 @@ def _trial(config: dict, report) -> None:
 
     params, normalizer, _ = train_policy(data, tcfg, checkpoint_fn=report_proxy if cfg.objective == "proxy" else None)
     if cfg.objective == "success":
-        from distcur.evaluate.metaworld import evaluate_success
+        from distcur.envs.rollouts import evaluate_success
 
         policy = TrainedPolicy(params, spec, normalizer)
         res = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(cfg.train.seed,),
-                               max_steps=cfg.max_steps, envs_per_worker=cfg.episodes, parallel=False)[0]
+                               max_steps=cfg.max_steps, envs_per_worker=cfg.episodes)[0]
         loss = policy_proxy(policy, heldout.state, heldout.action)
         report({"success": float(res["success"]), "proxy_loss": loss, "step": cfg.train.steps,
                 "selected_steps": int(data.n_prior)})

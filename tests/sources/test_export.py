@@ -15,14 +15,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hdf5_factory import make_hdf5  # noqa: E402
+from ingest_calls import ingest_hdf5, ingest_lerobot  # noqa: E402
 from lerobot_factory import make_lerobot  # noqa: E402
 
 from distcur.cli import main as cli_main  # noqa: E402
 from distcur.data import scores_key, steps_key  # noqa: E402
 from distcur.schema import SCORE_SCHEMA  # noqa: E402
 from distcur.select import SelectConfig  # noqa: E402
-from distcur.sources.hdf5 import ingest_hdf5  # noqa: E402
-from distcur.sources.lerobot import ingest_lerobot  # noqa: E402
 from distcur.stages.select import hdf5_mask_dir, lerobot_key  # noqa: E402
 from distcur.stages.select import run as run_select  # noqa: E402
 from distcur.store import Store  # noqa: E402

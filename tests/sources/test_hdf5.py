@@ -14,13 +14,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hdf5_factory import CAMERA, LOW_DIM, make_hdf5  # noqa: E402
+from ingest_calls import ingest_hdf5  # noqa: E402
 
 from distcur.cli import main as cli_main  # noqa: E402
 from distcur.data import steps_key  # noqa: E402
 from distcur.distributed.ingest import ray_mapper  # noqa: E402
 from distcur.schema import StepValidationError  # noqa: E402
 from distcur.sources.common import SourceFormatError  # noqa: E402
-from distcur.sources.hdf5 import HDF5Config, demo_number, ingest_hdf5, task_from_file_name  # noqa: E402
+from distcur.sources.hdf5 import HDF5Config, demo_number, task_from_file_name  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
 SOURCE = "libero"
@@ -40,7 +41,7 @@ def test_in_process_and_ray_give_the_same_table_with_every_value(ray_session, fi
     store = Store(tmp_path / "store")
     r1 = ingest_hdf5([a.path, b.path], store, SOURCE, config, progress=False)
     t1 = store.read_table(steps_key(SOURCE))
-    r2 = ingest_hdf5([a.path, b.path], store, SOURCE, config, mapper=ray_mapper(progress=False), force=True,
+    r2 = ingest_hdf5([a.path, b.path], store, SOURCE, config, executor=ray_mapper(progress=False), force=True,
                      demos_per_shard=5, progress=False)
     t2 = store.read_table(steps_key(SOURCE))
     assert len(r2.shard_results) == 4  # 12 demos in groups of 5 (3 shards) + 1 file of 3 demos

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hdf5_factory import LOW_DIM, make_hdf5  # noqa: E402
+from ingest_calls import ingest_hdf5  # noqa: E402
 
 from distcur.data import steps_key  # noqa: E402
 from distcur.schema import StepValidationError  # noqa: E402
 from distcur.sources.common import SourceFormatError  # noqa: E402
-from distcur.sources.hdf5 import ingest_hdf5  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
 h5py = pytest.importorskip("h5py")

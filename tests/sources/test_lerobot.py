@@ -14,13 +14,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ingest_calls import ingest_lerobot  # noqa: E402
 from lerobot_factory import TASKS, make_lerobot  # noqa: E402
 
 from distcur.cli import main as cli_main  # noqa: E402
 from distcur.data import steps_key  # noqa: E402
 from distcur.distributed.ingest import ray_mapper  # noqa: E402
 from distcur.sources.common import SourceFormatError  # noqa: E402
-from distcur.sources.lerobot import ingest_lerobot, lerobot_reader_available  # noqa: E402
+from distcur.sources.lerobot import lerobot_reader_available  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
 SOURCE = "so100"
@@ -47,7 +48,7 @@ def check_table(table, fx):
 
 def test_ray_data_and_in_process_give_the_same_table(ray_session, dataset, tmp_path):
     store = Store(tmp_path / "store")
-    r = ingest_lerobot(dataset.root, store, SOURCE, mapper=ray_mapper(progress=False), progress=False)
+    r = ingest_lerobot(dataset.root, store, SOURCE, executor=ray_mapper(progress=False), progress=False)
     t1 = store.read_table(steps_key(SOURCE))
     check_table(t1, dataset)
     assert len(r.shard_results) == 2  # one task per data file
@@ -66,7 +67,7 @@ def test_ray_read_lerobot_gives_the_same_table(ray_session, dataset, tmp_path):
     store = Store(tmp_path / "store")
     ingest_lerobot(dataset.root, store, SOURCE, reader="files", progress=False)
     t1 = store.read_table(steps_key(SOURCE))
-    ingest_lerobot(dataset.root, store, SOURCE, mapper=ray_mapper(progress=False), reader="ray-lerobot", force=True,
+    ingest_lerobot(dataset.root, store, SOURCE, executor=ray_mapper(progress=False), reader="ray-lerobot", force=True,
                    progress=False)
     assert store.read_table(steps_key(SOURCE)).equals(t1)
 

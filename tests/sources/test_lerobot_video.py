@@ -9,9 +9,10 @@ import pytest
 from distcur.data import steps_key
 from distcur.embed.images import decode_images
 from distcur.sources.common import SourceFormatError
-from distcur.sources.lerobot import LeRobotConfig, ingest_lerobot
+from distcur.sources.lerobot import LeRobotConfig
 from distcur.sources.video import video_frames
 from distcur.store import Store
+from tests.ingest_calls import ingest_lerobot
 from tests.lerobot_factory import FPS, VIDEO_KEY, make_lerobot, video_value, write_video
 
 pytest.importorskip("av")

@@ -19,14 +19,10 @@ import yaml
 from distcur.cli import main
 from distcur.data import embeddings_key, selection_key, steps_key, target_source
 from distcur.embed.images import decode_images
+from distcur.envs.generation import MetaWorldPriorConfig, generate_episode
+from distcur.envs.metaworld import render_episode
 from distcur.schema import list_column_to_numpy
-from distcur.sources.metaworld import (
-    PRIOR_SOURCE,
-    MetaWorldPriorConfig,
-    generate_episode,
-    plan_episodes,
-    render_episode,
-)
+from distcur.sources.metaworld import PRIOR_SOURCE, plan_episodes
 from distcur.store import Store
 
 pytest.importorskip("PIL.Image")

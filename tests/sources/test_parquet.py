@@ -13,8 +13,9 @@ from distcur.data import steps_key
 from distcur.distributed.ingest import ray_mapper
 from distcur.schema import StepValidationError
 from distcur.sources.common import SourceFormatError
-from distcur.sources.parquet import ingest_parquet, parse_mapping
+from distcur.sources.parquet import parse_mapping
 from distcur.store import Store
+from tests.ingest_calls import ingest_parquet
 
 SOURCE = "mine"
 MAP = ["state=obs.state", "action=a0,a1", "episode=ep_id", "step=t", "task=instruction", "reward=r"]
@@ -53,7 +54,7 @@ def test_folder_in_process_and_ray_give_the_same_table(ray_session, folder, tmp_
     store = Store(tmp_path / "store")
     r = ingest_parquet(str(folder), store, SOURCE, MAP, progress=False)
     t1 = store.read_table(steps_key(SOURCE))
-    ingest_parquet(str(folder), store, SOURCE, MAP, mapper=ray_mapper(progress=False), force=True, progress=False)
+    ingest_parquet(str(folder), store, SOURCE, MAP, executor=ray_mapper(progress=False), force=True, progress=False)
     assert store.read_table(steps_key(SOURCE)).equals(t1)
     meta = r.manifest.metadata[SOURCE]
     assert (meta["state_dim"], meta["action_dim"], meta["episodes"]) == (4, 2, 7)

@@ -15,13 +15,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ingest_calls import ingest_rlds, ingest_rlds_ray  # noqa: E402
 from rlds_factory import make_episode, make_rlds_dataset, rlds_features  # noqa: E402
 
 from distcur.cli import main as cli_main  # noqa: E402
 from distcur.data import steps_key  # noqa: E402
-from distcur.distributed.ingest import ingest_rlds_ray  # noqa: E402
 from distcur.schema import StepValidationError  # noqa: E402
-from distcur.sources.rlds import RLDSDataset, RLDSFormatError, check_config, ingest_rlds  # noqa: E402
+from distcur.sources.rlds import RLDSDataset, RLDSFormatError, check_config  # noqa: E402
 from distcur.sources.rlds_configs import CONFIGS, OXE_DICT_ACTION, RLDSConfig, get_config  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
@@ -110,8 +110,8 @@ def test_read_path_imports_no_tensorflow(datasets, tmp_path):
                 if name == "tensorflow" or name.startswith("tensorflow."):
                     raise ImportError("tensorflow is blocked in this test")
         sys.meta_path.insert(0, BlockTensorFlow())
-        from distcur.sources.rlds import ingest_rlds
         from distcur.sources.rlds_configs import RLDSConfig
+        from tests.ingest_calls import ingest_rlds
         from distcur.store import Store
         config = RLDSConfig(**json.loads({json.dumps(CONFIG.to_dict())!r}))
         lang_obs = RLDSConfig(**{{**config.to_dict(), "language_key": "observation/natural_language_instruction"}})

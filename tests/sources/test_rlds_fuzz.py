@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ingest_calls import ingest_rlds  # noqa: E402
 from rlds_factory import make_rlds_dataset  # noqa: E402
 
 from distcur.data import steps_key  # noqa: E402
-from distcur.sources.rlds import RLDSFormatError, ingest_rlds  # noqa: E402
+from distcur.sources.rlds import RLDSFormatError  # noqa: E402
 from distcur.sources.rlds_configs import OXE_DICT_ACTION, RLDSConfig  # noqa: E402
 from distcur.store import Store  # noqa: E402
 

@@ -1,10 +1,13 @@
 """``distcur sweep`` on Ray Tune: a real grid over scorer, top-x% and alpha with ASHA on the proxy."""
 
+import functools
+
 import pytest
 
+from distcur.envs.generation import MetaWorldPriorConfig
 from distcur.policy.train import TrainConfig
-from distcur.sources.metaworld import MetaWorldPriorConfig, generate_metaworld, run_chunks_locally
-from distcur.stages.demo import write_heldout_target
+from distcur.sources.common import map_sequential
+from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 from distcur.stages.sweep import SweepConfig
 from distcur.stages.sweep import run as run_sweep
 from distcur.store import Store
@@ -15,8 +18,8 @@ def prior_store(tmp_path_factory):
     store = Store(str(tmp_path_factory.mktemp("sweep-store")))
     cfg = MetaWorldPriorConfig(tasks=("reach-v3", "pick-place-v3"), success_per_task=2, failed_per_task=2,
                                failed_max_steps=30, max_steps=150, target_demos=3)
-    generate_metaworld(cfg, store, runner=run_chunks_locally, progress=False)
-    write_heldout_target(store, cfg, 2)
+    run_metaworld(store, MetaWorldIngestConfig(prior=cfg, heldout_demos=2),
+                  executor=functools.partial(map_sequential, progress=False), progress=False)
     return store
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distcur.evaluate.metaworld import (
+from distcur.distributed.metaworld import RayTasks
+from distcur.envs.metaworld import STREAM_TARGET, derive_seed, make_envs, reset_env
+from distcur.envs.rollouts import (
     RandomPolicy,
     ScriptedExpertPolicy,
     eval_episode_seed,
@@ -13,20 +15,21 @@ from distcur.evaluate.metaworld import (
     rollout_batch,
     rollout_steps_per_s,
 )
-from distcur.sources.metaworld import STREAM_TARGET, derive_seed, make_envs, reset_env
 
 TASK = "button-press-topdown-v3"
 
 
 def test_scripted_expert_success_through_ray(ray_session):
     """The expert's known success (about 98 %) through the same batched code a trained policy uses."""
-    res = evaluate_success(ScriptedExpertPolicy(TASK), TASK, episodes=10, seeds=(0,), envs_per_worker=5, max_steps=200)
+    res = evaluate_success(ScriptedExpertPolicy(TASK), TASK, episodes=10, seeds=(0,), envs_per_worker=5, max_steps=200,
+                           executor=RayTasks(progress=False))
     assert [r["seed"] for r in res] == [0] and all(r["episodes"] == 10 and r["task"] == TASK for r in res)
     assert np.mean([r["success"] for r in res]) >= 0.9, res
 
 
 def test_random_policy_fails(ray_session):
-    res = evaluate_success(RandomPolicy(0), TASK, episodes=4, seeds=(0,), envs_per_worker=4, max_steps=100)
+    res = evaluate_success(RandomPolicy(0), TASK, episodes=4, seeds=(0,), envs_per_worker=4, max_steps=100,
+                           executor=RayTasks(progress=False))
     assert res[0]["success"] <= 0.25, res
 
 
@@ -55,22 +58,22 @@ class OneHotCheck:
 
 
 def test_task_onehot_is_appended():
-    res = evaluate_success(OneHotCheck(), TASK, episodes=2, seeds=(0,), max_steps=150, parallel=False,
+    res = evaluate_success(OneHotCheck(), TASK, episodes=2, seeds=(0,), max_steps=150,
                            append_task_onehot_over=("reach-v3", TASK, "drawer-close-v3"))
     assert res[0]["success"] == 1.0
 
 
 def test_steps_per_s():
-    r = rollout_steps_per_s(RandomPolicy(0), TASK, episodes=3, envs_per_worker=3, max_steps=20, parallel=False)
+    r = rollout_steps_per_s(RandomPolicy(0), TASK, episodes=3, envs_per_worker=3, max_steps=20)
     assert r["steps"] == 60 and r["steps_per_s"] > 0 and r["wall_s"] > 0
 
 
 def test_errors():
     with pytest.raises(ValueError, match=r"unknown MetaWorld task 'pick-place-wal-v3'; valid names: \[.*'pick-place-wall-v3'"):
-        evaluate_success(RandomPolicy(0), "pick-place-wal-v3", episodes=1, parallel=False)
+        evaluate_success(RandomPolicy(0), "pick-place-wal-v3", episodes=1)
     with pytest.raises(ValueError, match="valid names"):
         ScriptedExpertPolicy("nope-v3")
     with pytest.raises(ValueError, match=r"expected \(2, 4\)"):
-        evaluate_success(lambda obs: np.zeros((len(obs), 3)), TASK, episodes=2, seeds=(0,), parallel=False)
+        evaluate_success(lambda obs: np.zeros((len(obs), 3)), TASK, episodes=2, seeds=(0,))
     with pytest.raises(ValueError, match="not in the one-hot task list"):
-        evaluate_success(RandomPolicy(0), TASK, episodes=1, append_task_onehot_over=("reach-v3",), parallel=False)
+        evaluate_success(RandomPolicy(0), TASK, episodes=1, append_task_onehot_over=("reach-v3",))

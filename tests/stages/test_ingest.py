@@ -1,24 +1,29 @@
-"""MetaWorld prior/target generation: counts, determinism, the target rule, replayable success, resume."""
+"""The ingest stage on MetaWorld: prior/target generation counts, determinism on any executor, the
+target rule, replayable success, resume; and ``distcur ingest``'s flags built from the stage configs."""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
 from distcur.data import StepArrays, steps_key, target_source
-from distcur.sources.metaworld import (
-    PRIOR_SOURCE,
-    EpisodeSpec,
-    MetaWorldPriorConfig,
-    generate_chunk,
-    generate_episode,
-    generate_metaworld,
-    make_envs,
-    reset_env,
-    run_chunks_locally,
-)
+from distcur.envs.generation import EpisodeSpec, MetaWorldPriorConfig
+from distcur.envs.metaworld import make_envs, reset_env
+from distcur.sources.common import map_sequential
+from distcur.sources.metaworld import PRIOR_SOURCE, generate_chunk
+from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 from distcur.store import Store
+
+LOCAL = functools.partial(map_sequential, progress=False)  # the jobs in this process, no Ray
+
+
+def generate_metaworld(cfg: MetaWorldPriorConfig, store: Store, executor=None, **kw) -> dict:
+    """The stage on ``cfg`` without held-out demos (Ray tasks unless an executor is given)."""
+    return run_metaworld(store, MetaWorldIngestConfig(prior=cfg, heldout_demos=0), executor, **kw)
+
 
 TARGET = "button-press-topdown-v3"
 TASKS = ("reach-v3", "drawer-close-v3", TARGET)
@@ -37,7 +42,7 @@ def generated(ray_session, tmp_path_factory):
     ray_store = Store(tmp_path_factory.mktemp("mw_ray"))
     local_store = Store(tmp_path_factory.mktemp("mw_local"))
     info = generate_metaworld(cfg, ray_store, progress=False)
-    generate_metaworld(cfg, local_store, runner=run_chunks_locally)
+    generate_metaworld(cfg, local_store, LOCAL)
     return cfg, ray_store, local_store, info
 
 
@@ -120,7 +125,7 @@ def test_seed_changes_the_data():
 def test_resume_skips(generated):
     cfg, store, _, _ = generated
     before = {k: store.manifest(k).created for k in (steps_key(PRIOR_SOURCE), steps_key(target_source(TARGET)))}
-    info = generate_metaworld(cfg, store, runner=lambda *a: pytest.fail("resume should not generate"))
+    info = generate_metaworld(cfg, store, lambda *a, **k: pytest.fail("resume should not generate"))
     assert info["prior"]["skipped"] and info["target"]["skipped"] and info["prior"]["episodes"] == 13
     assert {k: store.manifest(k).created for k in before} == before
 
@@ -130,7 +135,7 @@ def test_onehot_and_task_counts(tmp_path):
                                failed_per_task=1, target_demos=1, failed_max_steps=20, max_steps=150,
                                task_counts={"drawer-close-v3": 2}, append_task_onehot=True)
     store = Store(tmp_path)
-    info = generate_metaworld(cfg, store, runner=run_chunks_locally)
+    info = generate_metaworld(cfg, store, LOCAL)
     prior = StepArrays.from_table(store.read_table(steps_key(PRIOR_SOURCE)))
     target = StepArrays.from_table(store.read_table(steps_key(target_source("reach-v3"))))
     assert prior.state.shape[1] == target.state.shape[1] == 41 == cfg.state_dim
@@ -140,57 +145,6 @@ def test_onehot_and_task_counts(tmp_path):
     assert store.manifest(steps_key(PRIOR_SOURCE)).metadata["onehot_over"] == ["drawer-close-v3", "reach-v3"]
 
 
-def test_target_is_added_to_tasks():
-    cfg = MetaWorldPriorConfig(target="drawer-open-v3", tasks=("reach-v3",))
-    assert cfg.tasks == ("reach-v3", "drawer-open-v3") and cfg.successes("drawer-open-v3") == 0
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(target="pick-place-wal-v3"), r"unknown MetaWorld target 'pick-place-wal-v3'; valid names: \[.*'pick-place-wall-v3'"),
-        (dict(tasks=("reach-v3", "nope-v3")), r"unknown MetaWorld prior task 'nope-v3'; valid names"),
-        (dict(target="peg-insert-side-v3"), r"expert fails.*valid names"),
-        (dict(task_counts={"pick-place-wall-v3": 3}), "must be 0"),
-        (dict(task_counts={"door-close-v3": 3}), "not in tasks"),
-        (dict(success_noise=-0.1), "success_noise"),
-        (dict(failed_modes=("wild",)), "failed_modes"),
-        (dict(max_steps=501), "max_steps"),
-    ],
-)
-def test_bad_config(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        MetaWorldPriorConfig(**kwargs)
-
-
-def test_expert_that_cannot_finish_within_max_steps_names_episode_task_and_both_remedies():
-    cfg = small_config(max_steps=3, failed_max_steps=3)
-    spec = EpisodeSpec(source=PRIOR_SOURCE, episode=4, task="reach-v3", role="success", index=0)
-    with pytest.raises(ValueError, match=r"expert of task 'reach-v3' did not finish episode 4 of source 'metaworld' "
-                                         r"within max_steps=3 in 8 attempts \(success_noise=0.1\); raise max_steps "
-                                         r"\(at most 500\) or lower success_noise"):
-        generate_episode(cfg, spec)
-
-
-def test_envs_match_metaworld_mt1():
-    """Our environments behave exactly like ones built by metaworld.MT1 from the same initial state."""
-    import metaworld
-
-    task = "pick-place-wall-v3"
-    mt1 = metaworld.MT1(task, seed=3)
-    theirs = mt1.train_classes[task]()
-    theirs.set_task(mt1.train_tasks[5])
-    ours = make_envs(task, 1)[0]
-    np.testing.assert_array_equal(reset_env(theirs, 77), reset_env(ours, 77))
-    assert np.any(reset_env(ours, 77)[36:] != 0)  # the goal is in the state
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        act = rng.uniform(-1, 1, 4).astype(np.float32)
-        a, b = theirs.step(act), ours.step(act)
-        np.testing.assert_array_equal(a[0], b[0])
-        assert a[1] == b[1] and a[4]["success"] == b[4]["success"]
-
-
 def test_datamil_prior_holds_the_targets_demos_and_long_failures(tmp_path):
     """The DataMIL-like prior: the target task's own successful demos are in the prior (the hard prior
     has none, test_counts_and_target_rule), every failure ran 200 steps without success, and the
@@ -198,7 +152,7 @@ def test_datamil_prior_holds_the_targets_demos_and_long_failures(tmp_path):
     cfg = MetaWorldPriorConfig.datamil(TARGET, per_task=2, tasks=TASKS, target_demos=2, chunk_episodes=4)
     assert cfg.kind == "datamil" and cfg.success_noise == pytest.approx(0.2) and cfg.successes(TARGET) == 2
     store = Store(tmp_path)
-    generate_metaworld(cfg, store, runner=run_chunks_locally)
+    generate_metaworld(cfg, store, LOCAL)
     prior = StepArrays.from_table(store.read_table(steps_key(PRIOR_SOURCE)))
     first = prior.is_first
     outcome = {(t, bool(ok)) for t, ok in zip(prior.task[first], prior.success[first])}
@@ -214,3 +168,61 @@ def test_datamil_prior_holds_the_targets_demos_and_long_failures(tmp_path):
     target = StepArrays.from_table(store.read_table(steps_key(target_source(TARGET))))
     starts = {tuple(x) for x in prior.state[first].round(5).tolist()}
     assert target.success.all() and not starts & {tuple(x) for x in target.state[target.is_first].round(5).tolist()}
+
+
+# -- the CLI is built from the stage configs ----------------------------------------------------
+
+
+def test_file_source_flags_come_from_the_stage_config_and_a_yaml_config(tmp_path, capsys):
+    """``ingest parquet --config`` reads the ParquetIngestConfig fields from YAML, the flags win, and
+    a bad value is one error line naming the field."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from distcur.cli import main
+
+    rows = [{"ep": e, "obs": [float(e), float(t)], "act": [0.5 * t], "t": t} for e in range(3) for t in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "steps.parquet")
+    conf = tmp_path / "parquet.yaml"
+    conf.write_text(yaml.safe_dump({"source": "mine", "map": ["state=obs", "action=act", "episode=ep", "step=t"],
+                                    "rows_per_part": 5}))
+    out = tmp_path / "store"
+    assert main(["ingest", "parquet", str(tmp_path / "steps.parquet"), "--config", str(conf), "--out", str(out),
+                 "--no-ray", "--rows-per-part", "8"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == 12 and printed["episodes"] == 3 and printed["state_dim"] == 2
+    m = Store(out).manifest(steps_key("mine"))
+    assert m.config["rows_per_part"] == 8 and m.config["map"]["state"] == ["obs"]  # the flag won over the YAML
+    conf.write_text(yaml.safe_dump({"source": "mine", "map": ["state=obs", "action=act", "episode=ep"],
+                                    "rows_per_part": "many"}))
+    assert main(["ingest", "parquet", str(tmp_path / "steps.parquet"), "--config", str(conf), "--out", str(out),
+                 "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert f"{conf}: rows_per_part = 'many' is a str, but ParquetIngestConfig.rows_per_part expects int" in err
+
+
+def test_metaworld_flags_are_the_prior_config_fields(ray_session, tmp_path, capsys):
+    """``ingest metaworld`` takes every MetaWorldPriorConfig field as a flag (``--success-per-task``, ...)
+    over its YAML, and ``--heldout-demos`` from the stage config; the run is the stage's."""
+    import json
+
+    import yaml
+
+    from distcur.cli import main
+
+    conf = tmp_path / "mw.yaml"
+    conf.write_text(yaml.safe_dump({"tasks": ["reach-v3"], "success_per_task": 3, "failed_per_task": 1,
+                                    "failed_max_steps": 10, "max_steps": 150, "target_demos": 1}))
+    out = tmp_path / "store"
+    assert main(["ingest", "metaworld", "--target", "reach-v3", "--config", str(conf), "--success-per-task", "1",
+                 "--out", str(out), "--heldout-demos", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["prior"]["episodes"] == 1 and info["target"]["episodes"] == 1  # hard prior: the target's failure
+    assert info["heldout"]["rows"] > 0 and info["heldout"]["key"].endswith("target-reach-v3-heldout")
+    m = Store(out).manifest(steps_key(PRIOR_SOURCE))
+    assert m.config["success_per_task"] == 1 and m.config["tasks"] == ["reach-v3"]
+    assert main(["ingest", "metaworld", "--target", "reach-v3", "--out", str(out), "--heldout-demos", "-1"]) == 2
+    assert "--heldout-demos must be >= 0, got -1" in capsys.readouterr().err

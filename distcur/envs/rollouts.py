@@ -7,18 +7,20 @@ goes through the same code as a trained policy, via :class:`ScriptedExpertPolicy
 An episode succeeds when ``info['success']`` is ever 1 (that environment stops there) and fails
 after ``max_steps``. Its initial state is a pure function of (task, seed, episode), drawn from
 a seed stream that the prior and target generators never use, so evaluation never replays a
-training demonstration. Episodes run in parallel as Ray tasks (one batch of environments
-each, see :mod:`distcur.distributed.metaworld`); ``parallel=False`` runs the same batches here.
+training demonstration. The batches of environments run here, one after another, unless the
+caller hands in an ``executor`` (``executor(fn, items) -> [fn(item), ...]`` in order), e.g. Ray
+tasks (:class:`distcur.distributed.metaworld.RayTasks`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from distcur.sources.metaworld import (
+from distcur.envs.metaworld import (
     ACTION_DIM,
     MAX_PATH_LENGTH,
     STATE_DIM,
@@ -31,6 +33,8 @@ from distcur.sources.metaworld import (
 )
 
 Policy = Callable[[np.ndarray], np.ndarray]
+# executor(fn, items) -> [fn(item) for item in items], in order (sequential here by default)
+Executor = Callable[[Callable, Sequence], list]
 
 
 def check_eval_task(task: str) -> str:
@@ -159,15 +163,19 @@ def _jobs(episodes: int, seeds: Sequence[int], envs_per_worker: int) -> list[tup
     ]
 
 
-def _run_jobs(policy, task, jobs, max_steps, onehot, parallel, address) -> list[dict]:
+def _rollout_job(job: tuple[int, Sequence[int]], policy: Policy, task: str, max_steps: int,
+                 onehot: tuple[str, ...] | None) -> dict:
+    seed, episodes = job
+    return rollout_batch(policy, task, seed, episodes, max_steps, onehot)
+
+
+def _run_jobs(policy, task, jobs, max_steps, onehot, executor: Executor | None) -> list[dict]:
+    fn = functools.partial(_rollout_job, policy=policy, task=task, max_steps=max_steps, onehot=onehot)
+    if executor is not None:
+        return list(executor(fn, jobs))
     from distcur import progress
 
-    if parallel:
-        from distcur.distributed.metaworld import run_rollout_batches
-
-        return run_rollout_batches(policy, task, jobs, max_steps, onehot, address=address, progress=progress.enabled())
-    return [rollout_batch(policy, task, s, eps, max_steps, onehot)
-            for s, eps in progress.bar(jobs, desc=f"rollouts {task}", unit="batch")]
+    return [fn(job) for job in progress.bar(jobs, desc=f"rollouts {task}", unit="batch")]
 
 
 def evaluate_success(
@@ -178,14 +186,14 @@ def evaluate_success(
     envs_per_worker: int = 10,
     max_steps: int = MAX_PATH_LENGTH,
     append_task_onehot_over: Sequence[str] | None = None,
-    address: str | None = None,
-    parallel: bool = True,
+    executor: Executor | None = None,
 ) -> list[dict]:
     """Success rate of ``policy`` on ``task``: one record per seed.
 
     Returns ``[{"task", "seed", "episodes", "success": rate in [0, 1], "mean_steps"}, ...]``.
     ``append_task_onehot_over`` appends the task's one-hot over that task list to each
-    observation (for a policy trained with ``append_task_onehot=True``).
+    observation (for a policy trained with ``append_task_onehot=True``). The batches of
+    ``envs_per_worker`` environments run here unless ``executor`` is given.
     """
     check_eval_task(task)
     if episodes < 1 or envs_per_worker < 1 or not seeds:
@@ -194,7 +202,7 @@ def evaluate_success(
     onehot = tuple(append_task_onehot_over) if append_task_onehot_over is not None else None
     if onehot is not None:
         task_onehot(task, onehot)
-    results = _run_jobs(policy, task, _jobs(episodes, seeds, envs_per_worker), max_steps, onehot, parallel, address)
+    results = _run_jobs(policy, task, _jobs(episodes, seeds, envs_per_worker), max_steps, onehot, executor)
     out = []
     for s in seeds:
         mine = [r for r in results if r["seed"] == int(s)]
@@ -213,8 +221,7 @@ def rollout_steps_per_s(
     max_steps: int = 200,
     seed: int = 0,
     append_task_onehot_over: Sequence[str] | None = None,
-    address: str | None = None,
-    parallel: bool = True,
+    executor: Executor | None = None,
 ) -> dict:
     """Throughput of batched rollouts: environment steps per wall-clock second.
 
@@ -226,9 +233,9 @@ def rollout_steps_per_s(
     check_eval_task(task)
     onehot = tuple(append_task_onehot_over) if append_task_onehot_over is not None else None
     jobs = _jobs(episodes, (seed,), envs_per_worker)
-    _run_jobs(policy, task, [(seed, eps) for _, eps in jobs], 1, onehot, parallel, address)  # warm-up
+    _run_jobs(policy, task, [(seed, eps) for _, eps in jobs], 1, onehot, executor)  # warm-up
     t0 = time.perf_counter()
-    results = _run_jobs(policy, task, jobs, max_steps, onehot, parallel, address)
+    results = _run_jobs(policy, task, jobs, max_steps, onehot, executor)
     wall = time.perf_counter() - t0
     steps = sum(r["env_steps"] for r in results)
     return {
