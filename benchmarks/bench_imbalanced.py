@@ -134,7 +134,6 @@ def run_metaworld(args) -> dict:
     from distcur.policy.train import TrainConfig, TrainingData, train_policy
     from distcur.rebalance.dro import DROConfig
     from distcur.rebalance.metagrad import MetaGradConfig
-    from distcur.envs.generation import MetaWorldPriorConfig
     from distcur.sources.common import map_sequential
     from distcur.stages import rebalance
     from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld

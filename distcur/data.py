@@ -63,6 +63,15 @@ def eval_key(run: str) -> str:
     return f"evals/{run}"
 
 
+def datamodel_key(run: str, part: str = "") -> str:
+    """``datamodels/<run>[/<part>]``: a datamodel run's tables (``tau``, ``masks``, ``results``, ...)."""
+    return f"datamodels/{run}" + (f"/{part}" if part else "")
+
+
+def sweep_key(run: str) -> str:
+    return f"sweeps/{run}"
+
+
 def list_sources(store: Store) -> list[str]:
     """Sources with a committed step table in ``store``."""
     names = [n for n in store.listdir(STEPS_PREFIX) if n.startswith("source=")]

@@ -65,7 +65,14 @@ import torch
 
 from distcur.clusters import CLUSTER_LEVELS, DEFAULT_HORIZON, cluster_ids
 from distcur.config import ConfigError, load_config, merge_options, read_yaml, to_dict
-from distcur.data import default_prior_sources, load_steps, scores_key, steps_key, target_source
+from distcur.data import (
+    datamodel_key,
+    default_prior_sources,
+    load_steps,
+    scores_key,
+    steps_key,
+    target_source,
+)
 from distcur.datamodels.metagrad import (
     RECIPES,
     MetagradFold,
@@ -362,7 +369,7 @@ BATCH_STAGE = "datamodel-batch"
 
 
 def results_prefix(run: str) -> str:
-    return f"datamodels/{run}/results"
+    return datamodel_key(run, "results")
 
 
 def batch_key(run: str, batch: int) -> str:
@@ -482,7 +489,7 @@ def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.nda
 
                 error = "Ray Train finished without committing it"
                 try:
-                    executor.run(_batches_plan(todo), shared, store.uri_of(f"datamodels/{run}/ray"),
+                    executor.run(_batches_plan(todo), shared, store.uri_of(datamodel_key(run, "ray")),
                                  "datamodel-batches", poll, fault_marker)
                 except ClusterTooSmall:  # nothing ran: the config's error, not a failed batch
                     raise
@@ -512,7 +519,7 @@ ITERATION_SCHEMA = pa.schema([pa.field("cluster", pa.int64(), nullable=False),
 
 
 def iteration_key(run: str, fold: int, it: int) -> str:
-    return f"datamodels/{run}/metagrad/fold={fold}/iter={it:05d}"
+    return datamodel_key(run, f"metagrad/fold={fold}/iter={it:05d}")
 
 
 class _FoldState:
@@ -639,7 +646,7 @@ def run_metagrad_iterations(store: Store, run: str, jobs: list[MetagradFold], in
     if done < total:
         error = None
         try:
-            executor.run(_metagrad_plan, _Folds(store, run, jobs, fps, inputs), store.uri_of(f"datamodels/{run}/ray"),
+            executor.run(_metagrad_plan, _Folds(store, run, jobs, fps, inputs), store.uri_of(datamodel_key(run, "ray")),
                          "datamodel-metagrad", poll, fault_marker)
         except ClusterTooSmall:  # nothing ran: the config's error, not a failed iteration
             raise
@@ -649,7 +656,7 @@ def run_metagrad_iterations(store: Store, run: str, jobs: list[MetagradFold], in
         if missing:
             raise MetagradFailed(f"meta-gradient {run}: {missing} of {total} iterations are not committed "
                                  f"({error or 'Ray Train finished without them'}); the others are under "
-                                 f"{store.uri_of(f'datamodels/{run}/metagrad')} - rerun to do only the missing ones")
+                                 f"{store.uri_of(datamodel_key(run, 'metagrad'))} - rerun to do only the missing ones")
     out = []
     for job, state in zip(jobs, states):
         scores, _ = state.committed()
@@ -688,7 +695,7 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, folds: list[Subset
     models = np.arange(m + h)
     masks = subset_masks(models, c, r.keep_prob, cfg.seed)
     splits = ["train"] * m + ["heldout"] * h
-    commit_table(store, f"datamodels/{run}/masks", "datamodel-masks",
+    commit_table(store, datamodel_key(run, "masks"), "datamodel-masks",
                  {"n_clusters": c, "keep_prob": r.keep_prob, "seed": cfg.seed, "models": m + h}, inputs,
                  lambda: (masks_table(models, splits, masks), None), force=True, quiet=True)
     settings = SubsetTrainSettings(spec, AdamConfig(lr=cfg.lr), r.steps, cfg.batch_size, target_fraction,
@@ -714,7 +721,7 @@ def _regression(store: Store, run: str, cfg: DatamodelConfig, folds: list[Subset
             train = y_raw[(fold_of == f) & (models < m)]
             fold_stats.append({"proxy_mean": float(train.mean()), "proxy_std": float(train.std()) or 1.0})
     y = _standardise(y_raw, fold_of, fold_stats)
-    commit_table(store, f"datamodels/{run}/results", "datamodel-results", settings.as_dict(), inputs,
+    commit_table(store, datamodel_key(run, "results"), "datamodel-results", settings.as_dict(), inputs,
                  lambda: (results, stats), force=True, quiet=True)
     fit = fit_linear_datamodel(masks[:m], y[:m], r.penalty, r.cv_folds, cfg.seed)
     lds = linear_datamodeling_score(fit, masks[m:], y[m:])
@@ -828,7 +835,7 @@ def run(store: Store | str, config: DatamodelConfig, target_task: str, run_name:
         tau_table = pa.table({"cluster": np.arange(clusters.n_clusters, dtype=np.int64),
                               "key": clusters.keys.astype(str), "size": clusters.sizes(),
                               "tau": tau.astype(np.float64)})
-        commit_table(store, f"datamodels/{run_name}/tau", "datamodel-tau", fingerprint, inputs,
+        commit_table(store, datamodel_key(run_name, "tau"), "datamodel-tau", fingerprint, inputs,
                      lambda: (tau_table, meta), force=True, quiet=True)
         # tau / the meta-gradient is the change of the proxy *loss*: the score is its negative.
         score = -tau[clusters.ids]

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from distcur.config import DEFAULT_STORE, to_dict
-from distcur.data import heldout_source, steps_key, target_source
+from distcur.data import heldout_source, steps_key, sweep_key, target_source
 from distcur.methods import names, parse_bandwidth
 from distcur.policy.train import TrainConfig
 from distcur.stages.output import commit_table
@@ -39,13 +39,10 @@ SWEEP_SCORERS = names("scorer")
 PER_TRIAL = ("alpha", "checkpoint_every")
 
 
-@dataclass
-class SweepTrainConfig(TrainConfig):
-    """:class:`TrainConfig` with the sweep's own defaults (a smaller policy, fewer steps), whichever
-    of its fields a YAML or a flag sets."""
-
-    hidden: tuple[int, ...] = (256, 256)
-    steps: int = 1000
+def _sweep_train() -> TrainConfig:
+    """The sweep's policy: smaller and shorter-trained than TrainConfig's default (a config or flag that
+    sets some of its options keeps these for the rest)."""
+    return TrainConfig(hidden=(256, 256), steps=1000)
 
 
 @dataclass
@@ -71,7 +68,7 @@ class SweepConfig:
     max_concurrent: int = field(default=2, metadata={"help": "trials at a time"})
     grace_period: int = 3  # ASHA: reports before a trial may be stopped
     address: str | None = field(default=None, metadata={"help": "Ray address (default: local Ray or RAY_ADDRESS)"})
-    train: SweepTrainConfig = field(default_factory=SweepTrainConfig)
+    train: TrainConfig = field(default_factory=_sweep_train)
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -127,39 +124,25 @@ def prepare_selections(cfg: SweepConfig, store: Store) -> list[dict]:
 
 
 def _trial(config: dict, report) -> None:
-    """One Tune trial: co-train on the trial's selection, report the objective (``report``: Tune's)."""
+    """One Tune trial: co-train on the trial's selection and report the objective (``report``: Tune's),
+    through the one train-then-evaluate (:func:`distcur.stages.evaluate.train_and_evaluate`): the proxy
+    at every ``report_every`` steps (objective ``proxy``, no rollouts), or the rollouts' success at the end."""
     import torch
 
-    from distcur.policy import checkpoint as ckpt
-    from distcur.policy.loaded import TrainedPolicy
-    from distcur.policy.proxy import policy_proxy
-    from distcur.policy.train import train_policy
-    from distcur.stages.evaluate import load_heldout
-    from distcur.stages.train import load_training_data, read_selection
+    from distcur.stages.evaluate import train_and_evaluate
 
     torch.set_num_threads(1)
     cfg: SweepConfig = config["sweep"]
-    store = Store(cfg.store)
-    data = load_training_data(store, target_source(cfg.target), read_selection(store, config["selection"]))
-    heldout = load_heldout(store, config["heldout"])
-    tcfg = dataclasses.replace(cfg.train, alpha=config["alpha"], checkpoint_every=cfg.report_every)
-    spec = data.policy_spec(tcfg.hidden)
-
-    def report_proxy(state: dict) -> None:
-        params, _, normalizer = ckpt.unpack(state)
-        loss = policy_proxy(TrainedPolicy(params, spec, normalizer), heldout.state, heldout.action)
-        report({"proxy_loss": loss, "step": int(state["step"])})
-
-    params, normalizer, _ = train_policy(data, tcfg, checkpoint_fn=report_proxy if cfg.objective == "proxy" else None)
-    if cfg.objective == "success":
-        from distcur.envs.rollouts import evaluate_success
-
-        policy = TrainedPolicy(params, spec, normalizer)
-        res = evaluate_success(policy, cfg.target, episodes=cfg.episodes, seeds=(cfg.train.seed,),
-                               max_steps=cfg.max_steps, envs_per_worker=cfg.episodes)[0]
-        loss = policy_proxy(policy, heldout.state, heldout.action)
-        report({"success": float(res["success"]), "proxy_loss": loss, "step": cfg.train.steps,
-                "selected_steps": int(data.n_prior)})
+    train = dataclasses.replace(cfg.train, alpha=config["alpha"], checkpoint_every=cfg.report_every)
+    by_proxy = cfg.objective == "proxy"
+    row = train_and_evaluate(cfg.store, cfg.target, config["selection"], train, config["selection"],
+                             episodes=0 if by_proxy else cfg.episodes, max_steps=cfg.max_steps,
+                             proxy_source=config["heldout"],
+                             on_checkpoint=(lambda step, loss: report({"proxy_loss": loss, "step": step}))
+                             if by_proxy else None)
+    if not by_proxy:
+        report({"success": float(row["success"]), "proxy_loss": row["proxy_loss"], "step": train.steps,
+                "selected_steps": row["selected_steps"]})
 
 
 def run(cfg: SweepConfig, executor: Any = None) -> pa.Table:
@@ -171,7 +154,7 @@ def run(cfg: SweepConfig, executor: Any = None) -> pa.Table:
 
     run_trials = executor or run_grid
     store = Store(cfg.store)
-    key = f"sweeps/{cfg.run}"
+    key = sweep_key(cfg.run)
     config = cfg.manifest_config()
     ensure_ray(cfg.address)
     points = prepare_selections(cfg, store)
