@@ -165,7 +165,13 @@ def evaluate_policy(store: Store, policy_ref: str, task: str, episodes: int, see
               f"loss is the {_proxy_name(proxy_kind)} on {source or 'no demos (NaN)'}"
               f"{' (in-sample: the demos it trained on)' if in_sample_proxy else ''}", flush=True)
         episodes = 0
-    rates = _success(policy, task, episodes, seeds, envs_per_worker=envs_per_worker, parallel=parallel, address=address)
+    executor = None
+    if parallel and episodes > 0:  # one Ray task per batch of envs_per_worker environments
+        from distcur import progress
+        from distcur.distributed.metaworld import RayTasks
+
+        executor = RayTasks(address, progress=progress.enabled(), label=f"rollouts {task}")
+    rates = _success(policy, task, episodes, seeds, envs_per_worker=envs_per_worker, executor=executor)
     method = method or policy_ref
     selection = store.manifest(selection_key(method))
     share = {"selected_fraction": selection.metadata.get("selected_fraction") if selection else None,
@@ -186,12 +192,6 @@ def _success(policy: TrainedPolicy, task: str, episodes: int, seeds, **rollout) 
         return [{"seed": int(s), "episodes": 0, "success": float("nan")} for s in seeds]
     from distcur.envs.rollouts import evaluate_success
 
-    parallel, address = rollout.pop("parallel", False), rollout.pop("address", None)
-    if parallel:  # one Ray task per batch of envs_per_worker environments
-        from distcur import progress
-        from distcur.distributed.metaworld import RayTasks
-
-        rollout["executor"] = RayTasks(address, progress=progress.enabled(), label=f"rollouts {task}")
     return evaluate_success(policy, task, episodes=episodes, seeds=seeds, **rollout)
 
 
@@ -259,7 +259,7 @@ def train_and_evaluate(store: Store | str, target_task: str, selection_run: str 
     policy = TrainedPolicy(params, spec, normalizer)
     t0 = time.time()
     rollout = {"max_steps": max_steps} if max_steps is not None else {}
-    success = _success(policy, target_task, episodes, (train.seed,), envs_per_worker=max(episodes, 1), parallel=False,
+    success = _success(policy, target_task, episodes, (train.seed,), envs_per_worker=max(episodes, 1),
                        **rollout)[0]
     proxy = policy_proxy(policy, heldout.state, heldout.action, proxy_kind)
     return {"method": method, "task": target_task, "seed": train.seed, "episodes": success["episodes"],
