@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from distcur.config import to_dict
 from distcur.stages.demo import BASELINES, DemoConfig
+from distcur.sources.metaworld import PRIOR_SOURCE
 from distcur.store import fingerprint
 
 RECORD_FIELDS = ("task", "prior", "method", "seed", "episodes", "success", "proxy_loss", "budget",
@@ -118,7 +119,14 @@ def _datamodel_protocol(cfg: DemoConfig) -> dict:
     from distcur.stages.datamodel import make_config
 
     d = to_dict(make_config(dict(cfg.datamodel)))
-    return {k: v for k, v in d.items() if k not in ("address", "max_retries", "estimator")}
+    # the demo's prior is its one generated source (the stage's default resolves to it)
+    if d.get("prior_sources") is None:
+        d["prior_sources"] = [PRIOR_SOURCE]
+    # round_size 1 is the reference's sequence, as every record before the field existed
+    if d.get("metagrad", {}).get("round_size") == 1:
+        d["metagrad"] = {k: v for k, v in d["metagrad"].items() if k != "round_size"}
+    # runtime fields: where the work runs, not what it computes (the same numbers either way)
+    return {k: v for k, v in d.items() if k not in ("address", "max_retries", "estimator", "executor", "ray_train")}
 
 
 def protocol_of(cfg: DemoConfig) -> dict:
