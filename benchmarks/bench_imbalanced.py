@@ -127,7 +127,7 @@ def merge_quality_records(path: Path, records: list[dict], protocol: dict) -> No
 
 def run_metaworld(args) -> dict:
     from distcur.data import load_steps
-    from distcur.distributed.metaworld import RayTasks
+    from distcur.distributed.tasks import RayTasks
     from distcur.envs.generation import MetaWorldPriorConfig
     from distcur.envs.rollouts import evaluate_success
     from distcur.policy.loaded import TrainedPolicy

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from distcur.data import target_source
-from distcur.distributed.metaworld import RayTasks
+from distcur.distributed.tasks import RayTasks
 from distcur.envs.generation import MetaWorldPriorConfig
 from distcur.envs.rollouts import evaluate_success, rollout_steps_per_s
 from distcur.policy.loaded import TrainedPolicy

@@ -40,9 +40,12 @@ from distcur.datamodels.subsets import (  # noqa: E402
     SubsetTrainSettings,  # noqa: E402
     subset_masks,
 )
-from distcur.distributed.datamodels import RayTasks, RayTrain  # noqa: E402
-from distcur.distributed.raytrain import RayTrainSettings  # noqa: E402
+from distcur.distributed.raytrain import (
+    RayTrain,  # noqa: E402
+    RayTrainSettings,  # noqa: E402
+)
 from distcur.distributed.session import ensure_ray  # noqa: E402
+from distcur.distributed.tasks import RayTasks  # noqa: E402
 from distcur.policy.functional import AdamConfig, PolicySpec  # noqa: E402
 from distcur.policy.proxy import make_proxy_fn  # noqa: E402
 from distcur.stages.datamodel import (  # noqa: E402
@@ -82,7 +85,7 @@ def time_batches(executor: str, data, spec, cfg: DatamodelConfig, n_models: int,
     with tempfile.TemporaryDirectory() as d:
         store = Store(d)
         t0 = time.perf_counter()
-        runner = RayTrain(workers) if executor == "ray-train" else RayTasks()
+        runner = RayTrain(workers) if executor == "ray-train" else RayTasks(max_retries=1)
         _, st = run_subset_batches(store, "bench", models, masks, data, settings, r.models_per_batch, INPUTS, runner)
         wall = time.perf_counter() - t0
     assert st["trained"] == len(range(0, n_models, r.models_per_batch)), st

@@ -140,7 +140,7 @@ def test_iwr_scores_survive_losing_a_node(cluster, tmp_path, executor):
 # In `make test` (the node-loss check every change gets); the IWR one above is in the slow set.
 def test_datamodel_batches_survive_losing_a_node(cluster, tmp_path):
     from distcur.datamodels.subsets import SubsetTrainingData, SubsetTrainSettings, plan_batches, subset_masks
-    from distcur.distributed.datamodels import RayTasks
+    from distcur.distributed.tasks import RayTasks
     from distcur.policy.functional import AdamConfig, PolicySpec
     from distcur.stages.datamodel import batch_key, run_subset_batches
 

@@ -43,15 +43,16 @@ JOBS = [("br", "demo-br", 0), ("br", "demo-br", 1), ("iwr", "demo-iwr", 0)]
 
 
 def test_job_bar_keeps_redrawing_while_a_job_runs(monkeypatch, capsys, caplog, slow_ray):
-    from distcur.distributed.jobs import wait_for_jobs
+    from distcur.distributed.tasks import wait
     from distcur.stages.demo import describe_job
 
     monkeypatch.setenv(progress.ENV, "1")
     monkeypatch.setattr(progress, "REFRESH_S", 0.2)
     refs = [(m, s) for m, _, s in JOBS]
     committed = []
-    with caplog.at_level(logging.INFO, logger="distcur.distributed.jobs"):
-        rows = wait_for_jobs(refs, JOBS, on_result=lambda job, row: committed.append(job), describe=describe_job)
+    with caplog.at_level(logging.INFO, logger="distcur.distributed.tasks"):
+        rows = wait(refs, on_result=lambda i, row: committed.append(JOBS[i]), describe=describe_job, label="policies",
+                    unit="job")
     assert [(r["method"], r["seed"]) for r in rows] == refs and committed == JOBS
     frames = capsys.readouterr().err.split("\r")
     # nothing finishes for 1 s: only the refresh timer draws the bar at 0/3 after its first frame
@@ -62,13 +63,13 @@ def test_job_bar_keeps_redrawing_while_a_job_runs(monkeypatch, capsys, caplog, s
 
 
 def test_without_a_terminal_every_job_is_one_log_line(monkeypatch, capsys, caplog, slow_ray):
-    from distcur.distributed.jobs import wait_for_jobs
+    from distcur.distributed.tasks import wait
     from distcur.stages.demo import describe_job
 
     monkeypatch.delenv(progress.ENV, raising=False)  # pytest's stderr is not a terminal
     slow_ray.delay_s = 0.0
-    with caplog.at_level(logging.INFO, logger="distcur.distributed.jobs"):
-        wait_for_jobs([(m, s) for m, _, s in JOBS], JOBS, describe=describe_job)
+    with caplog.at_level(logging.INFO, logger="distcur.distributed.tasks"):
+        wait([(m, s) for m, _, s in JOBS], describe=describe_job, label="policies", unit="job")
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 3 and lines[0].startswith("[1/3] br ") and lines[2].startswith("[3/3] iwr ")
     assert "success 0.50, proxy nll -1.250 (train 40 s, eval 9 s)" in lines[0]

@@ -149,7 +149,7 @@ def run_lerobot(args) -> int:
 
 def run_metaworld(args) -> int:
     from distcur import progress
-    from distcur.distributed.metaworld import RayTasks
+    from distcur.distributed.tasks import RayTasks
     from distcur.stages.ingest import run_metaworld as run
 
     source = args.config

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from distcur.distributed.session import ensure_ray
+from distcur.distributed.tasks import RayTasks
 from distcur.progress import bar
 
 EXECUTORS = ("tasks", "ray-data")
@@ -67,17 +67,6 @@ def _points(block: np.ndarray | pa.Table) -> np.ndarray:
     return y.flatten().to_numpy().reshape(len(y), y.type.list_size)
 
 
-def _apply(fn: Callable, *args: Any) -> Any:
-    """``fn(*args)``: the one remote function every callable handed in runs through (a partial included)."""
-    return fn(*args)
-
-
-def _task(ray, fn: Callable, num_returns: int = 1):
-    """``fn`` as a Ray task (named after it): submit with ``.remote(fn, *args)``."""
-    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
-    return ray.remote(_apply).options(num_returns=num_returns, name=name)
-
-
 def _pair(block_fn: Callable, queries, refs, h: float) -> np.ndarray:
     return block_fn(_points(queries), _points(refs), h)
 
@@ -86,28 +75,11 @@ def _reduce(combine: Callable, *partials: np.ndarray) -> np.ndarray:
     return combine(list(partials))
 
 
-class _Grid:
+class _Grid(RayTasks):
+    """The grid executors are Ray-task executors (``start``, ``put``, ``map``, ``submit`` for the
+    stage's own per-shard work) with one more verb, ``grid``."""
+
     name = ""
-
-    def __init__(self, address: str | None = None):
-        self.address = address
-
-    def start(self) -> None:
-        """Join ``address`` (or RAY_ADDRESS) or start a local Ray."""
-        ensure_ray(self.address)
-
-    def map(self, fn: Callable, items: Sequence[tuple]) -> list:
-        """``[fn(*args) for args in items]``, one Ray task each."""
-        import ray
-
-        task = _task(ray, fn)
-        return ray.get([task.remote(fn, *args) for args in items])
-
-    def put(self, value: Any) -> Any:
-        """``value`` in the object store, for arguments every task shares."""
-        import ray
-
-        return ray.put(value)
 
     def _probe(self, ray, block_fn, probe_refs: list, query_refs: list, ref_blocks: list, h: float):
         probe = ray.put(np.concatenate(ray.get(probe_refs)))
@@ -127,16 +99,15 @@ class TaskGrid(_Grid):
              desc: str = "blocks") -> GridResult:
         import ray
 
-        load_task = _task(ray, load, num_returns=4)
-        blocks = [load_task.remote(load, *args) for args in loads]
+        blocks = [self.submit(load, *args, num_returns=4) for args in loads]
         query_refs = [b[0] for b in blocks]
         ref_blocks = [b[2] for b in blocks] if refs == "subsample" else query_refs
-        pair, reduce, write_task = ray.remote(_pair), ray.remote(_reduce), _task(ray, write)
+        pair, reduce = ray.remote(_pair), ray.remote(_reduce)
         pending = []
         for i, (q_i, carry_i, _, _) in enumerate(blocks):
             reduced = [reduce.remote(combine, *[pair.remote(block_fn, q_i, r, h) for r in ref_blocks])
                        for h in bandwidths]
-            pending.append(write_task.remote(write, i, carry_i, *reduced))
+            pending.append(self.submit(write, i, carry_i, *reduced))
         with bar(total=len(pending), desc=desc, unit="block") as progress:
             remaining = list(pending)
             while remaining:

@@ -222,6 +222,20 @@ def fit_plan(make_plan: Callable[[Any, Any], WorkPlan], payload: Any, settings: 
     fit_loop(_plan_worker, config, settings, storage, name, progress, poll_s)
 
 
+@dataclass
+class RayTrain:
+    """An executor: plans of work items on one TorchTrainer each (:func:`fit_plan`), on the Ray at
+    ``address``; the datamodel stage's ``executor: ray-train``."""
+
+    settings: RayTrainSettings = field(default_factory=RayTrainSettings)
+    address: str | None = None
+    kind: str = field(default="ray-train", init=False)
+
+    def run(self, make_plan: Callable[[Any, Any], WorkPlan], payload: Any, storage: str, name: str,
+            progress: Callable[[], None] | None = None, fault_marker: str | None = None) -> None:
+        fit_plan(make_plan, payload, self.settings, storage, name, progress, fault_marker, self.address)
+
+
 def fit_loop(loop: Callable[[dict], None], config: dict, settings: RayTrainSettings, storage: str, name: str,
              progress: Callable[[], None] | None = None, poll_s: float = 2.0, checkpoints_to_keep: int | None = None,
              use_gpu: bool | None = None) -> Any:

@@ -9,7 +9,7 @@ after ``max_steps``. Its initial state is a pure function of (task, seed, episod
 a seed stream that the prior and target generators never use, so evaluation never replays a
 training demonstration. The batches of environments run here, one after another, unless the
 caller hands in an ``executor`` (``executor(fn, items) -> [fn(item), ...]`` in order), e.g. Ray
-tasks (:class:`distcur.distributed.metaworld.RayTasks`).
+tasks (:class:`distcur.distributed.tasks.RayTasks`).
 """
 
 from __future__ import annotations

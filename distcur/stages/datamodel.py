@@ -16,7 +16,7 @@ config): ``ray-tasks`` (default) trains the subset-model batches as Ray tasks an
 meta-gradient iterations on the driver; ``ray-train`` runs both on one TorchTrainer per stage
 (``ray_train``: workers, CPUs and GPUs per worker, restarts), the meta-gradient iterations
 committed one by one under ``datamodels/<run>/metagrad/``. The executors
-(:mod:`distcur.distributed.datamodels`) run the items this module hands them; the work itself
+(:class:`~distcur.distributed.tasks.RayTasks`, :class:`~distcur.distributed.raytrain.RayTrain`) run the items this module hands them; the work itself
 (train one batch of stacked subset models, run one meta-gradient iteration, commit it) is here,
 on the maths of :mod:`distcur.datamodels`.
 
@@ -101,14 +101,15 @@ from distcur.datamodels.subsets import (
     subset_masks,
     train_batch,
 )
-from distcur.distributed.datamodels import RayTasks, RayTrain
 from distcur.distributed.raytrain import (
     EXECUTORS,
     ClusterTooSmall,
+    RayTrain,
     RayTrainSettings,
     WorkPlan,
     check_executor,
 )
+from distcur.distributed.tasks import RayTasks, failures
 from distcur.policy.functional import AdamConfig, Normalizer, PolicySpec
 from distcur.policy.proxy import PROXIES, check_proxy, make_proxy_fn
 from distcur.progress import bar
@@ -460,14 +461,14 @@ def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.nda
                        executor: RayTasks | RayTrain | None = None,
                        fault_marker: str | None = None) -> tuple[pa.Table, dict]:
     """Train every model (the missing batches as Ray tasks, or spread over one TorchTrainer's
-    workers with a :class:`~distcur.distributed.datamodels.RayTrain` executor) and merge the results.
+    workers with a :class:`~distcur.distributed.raytrain.RayTrain` executor) and merge the results.
 
     ``models`` (m,) ids and ``masks`` (m, C) bool. Returns the merged (model, proxy) table sorted
     by model and stats {"batches", "trained", "skipped"}. Raises :class:`BatchesFailed` naming the
     failed batches after every other batch has finished and committed (Ray tasks); with Ray Train
     the trainer's error after ``ray_train.max_failures`` restarts, the committed batches kept.
     """
-    executor = executor or RayTasks()
+    executor = executor or RayTasks(max_retries=1)
     batches = plan_batches(np.asarray(models), models_per_batch)
     batch_masks = [masks[i : i + models_per_batch] for i in range(0, len(models), models_per_batch)]
     done = completed_bitmap(store, run, models, masks, settings, models_per_batch, inputs)
@@ -499,7 +500,11 @@ def run_subset_batches(store: Store, run: str, models: np.ndarray, masks: np.nda
                 failed = {int(i): error for i in np.flatnonzero(missing)}
             else:
                 shared = _Batches(store, run, batches, batch_masks, data, settings, inputs, fault_marker)
-                failed = executor.map(_batch_task, todo, shared, progress.update)
+                executor.start()
+                shared_ref = executor.put(shared)  # once, not once per batch
+                results = executor.each(_batch_task, [(i, shared_ref) for i in todo],
+                                        on_result=lambda i, r: progress.update(), keep_going=True)
+                failed = {todo[i]: e for i, e in failures(results).items()}
         if failed:
             raise BatchesFailed(
                 f"datamodel {run}: {len(failed)} of {len(batches)} batches failed {sorted(failed)} "
@@ -800,7 +805,7 @@ def make_executor(cfg: DatamodelConfig) -> RayTasks | RayTrain:
     """The executor ``cfg.executor`` names: Ray tasks (``max_retries``), or one TorchTrainer (``ray_train``)."""
     if cfg.executor == "ray-train":
         return RayTrain(cfg.ray_train, cfg.address)
-    return RayTasks(cfg.address, cfg.max_retries)
+    return RayTasks(cfg.address, max_retries=cfg.max_retries)
 
 
 def run(store: Store | str, config: DatamodelConfig, target_task: str, run_name: str,

@@ -197,12 +197,12 @@ class DemoConfig:
 
 def ingest(cfg: DemoConfig, store: Store) -> dict:
     """The MetaWorld prior and target, plus held-out target demos for the proxy."""
-    from distcur.distributed.metaworld import RayTasks
+    from distcur.distributed.tasks import RayTasks
     from distcur.stages.ingest import MetaWorldIngestConfig, run_metaworld
 
     config = MetaWorldIngestConfig(prior=cfg.prior_config(), heldout_demos=cfg.evaluation.heldout_demos)
     # a bar only where bars are drawn
-    return run_metaworld(store, config, executor=RayTasks(cfg.address, label="metaworld episodes"))
+    return run_metaworld(store, config, executor=RayTasks(cfg.address, progress=True, label="metaworld episodes"))
 
 
 def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
@@ -299,7 +299,7 @@ def baseline_run(cfg: DemoConfig, store: Store, kind: str) -> str:
 def train_and_evaluate(store_uri: str, cfg: DemoConfig, method: str, selection_run: str | None, seed: int) -> dict:
     """Co-train one policy on (target, selection) and measure success and held-out proxy loss.
 
-    A plain function: the demo runs it as one Ray task per job (:func:`distcur.distributed.jobs.run_jobs`)."""
+    A plain function: the demo runs it as one Ray task per job (:meth:`distcur.distributed.tasks.RayTasks.each`)."""
     import torch
 
     from distcur.stages import evaluate
@@ -339,7 +339,7 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
     """Every job's row, training only the jobs without a committed row made from the same policy,
     rollout and selection settings: a run stopped after hours loses only the jobs in flight, and
     adding seeds or methods trains only those."""
-    from distcur.distributed.jobs import run_jobs
+    from distcur.distributed.tasks import RayTasks
 
     # What a policy row depends on besides its inputs (target, held-out and selection fingerprints, which
     # capture the prior and every scoring choice): the training and evaluation settings only, so that
@@ -372,7 +372,11 @@ def _train_evaluate_resumable(store: Store, cfg: DemoConfig, jobs: list[tuple[st
     fresh = {}
     if todo:
         calls = [(store.uri, cfg, method, run, seed) for method, run, seed in todo]
-        rows = run_jobs(train_and_evaluate, calls, todo, on_result=commit, describe=describe_job, address=cfg.address)
+        # one CPU per job (the job keeps torch to one thread): a 2-core machine runs two at once, a
+        # cluster spreads them over its nodes; a job whose worker died is retried twice
+        jobs_executor = RayTasks(cfg.address, max_retries=2, label="policies", unit="job")
+        rows = jobs_executor.each(train_and_evaluate, calls, on_result=lambda i, row: commit(todo[i], row),
+                                  describe=describe_job)
         fresh = dict(zip(todo, rows, strict=True))
     return [done[job] if job in done else fresh[job] for job in jobs]
 

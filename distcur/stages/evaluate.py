@@ -168,7 +168,7 @@ def evaluate_policy(store: Store, policy_ref: str, task: str, episodes: int, see
     executor = None
     if parallel and episodes > 0:  # one Ray task per batch of envs_per_worker environments
         from distcur import progress
-        from distcur.distributed.metaworld import RayTasks
+        from distcur.distributed.tasks import RayTasks
 
         executor = RayTasks(address, progress=progress.enabled(), label=f"rollouts {task}")
     rates = _success(policy, task, episodes, seeds, envs_per_worker=envs_per_worker, executor=executor)

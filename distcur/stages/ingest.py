@@ -12,7 +12,7 @@ Executors: for RLDS, HDF5, Parquet and LeRobot ``None`` reads the shards in this
 (:func:`distcur.sources.common.map_sequential`); the CLI passes the Ray Data one
 (:class:`distcur.distributed.ingest.RayDataShards`), which gets the source's user-error types to
 re-raise. MetaWorld generation runs on Ray tasks by default
-(:class:`distcur.distributed.metaworld.RayTasks`); any ``executor(fn, items) -> list`` will do,
+(:class:`distcur.distributed.tasks.RayTasks`); any ``executor(fn, items) -> list`` will do,
 e.g. ``functools.partial(map_sequential, progress=False)``.
 """
 
@@ -416,7 +416,7 @@ def run_metaworld(store: Store, config: MetaWorldIngestConfig, executor: Callabl
 
     Each output is skipped when its committed manifest matches the config (resume). The generation
     jobs of (task x chunk) run on ``executor(fn, items) -> list`` (default: Ray tasks,
-    :class:`distcur.distributed.metaworld.RayTasks`). Returns ``{"prior": info, "target": info,
+    :class:`distcur.distributed.tasks.RayTasks`). Returns ``{"prior": info, "target": info,
     "wall_s"}`` (+ ``"heldout"`` when ``heldout_demos``) where info is ``{"key", "skipped", "rows",
     "episodes", "tasks": per-task counts}``.
     """
@@ -438,7 +438,7 @@ def run_metaworld(store: Store, config: MetaWorldIngestConfig, executor: Callabl
     results: list = []
     if all_chunks:
         if executor is None:
-            from distcur.distributed.metaworld import RayTasks
+            from distcur.distributed.tasks import RayTasks
 
             executor = RayTasks(progress=progress, label="metaworld episodes")
         results = mw.generate_chunks(cfg, all_chunks, executor)

@@ -125,7 +125,7 @@ class ScoreConfig:
 def run(store: Store, config: ScoreConfig, address: str | None = None, executor: Any = None) -> Manifest:
     """Score every prior step for ``config.target`` with ``config.method``; commit ``scores/<run>``.
 
-    ``executor``: :class:`distcur.distributed.score.RayTasks` for sr / ar / br / strap / random, a
+    ``executor``: :class:`distcur.distributed.tasks.RayTasks` for sr / ar / br / strap / random, a
     grid executor of :mod:`distcur.distributed.kde` for iwr (default: the one ``scorer.executor``
     names, ``tasks`` unless told; the same scores either way); ``address``: the Ray to join.
     """
@@ -145,7 +145,7 @@ def run(store: Store, config: ScoreConfig, address: str | None = None, executor:
 
 
 def _tasks(address: str | None):
-    from distcur.distributed.score import RayTasks
+    from distcur.distributed.tasks import RayTasks
 
     return RayTasks(address)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distcur.distributed.metaworld import RayTasks
+from distcur.distributed.tasks import RayTasks
 from distcur.envs.metaworld import STREAM_TARGET, derive_seed, make_envs, reset_env
 from distcur.envs.rollouts import (
     RandomPolicy,
