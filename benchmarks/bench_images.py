@@ -150,7 +150,7 @@ def quality(args, save=lambda partial: None) -> dict:
             run = f"images-{latent}-{method}"
             score.run(store, score.ScoreConfig(method=method, target=cfg.target, run=run,
                                                scorer={"encoder": encoder}))
-            select.run(store, run, run, SelectConfig(budget_percent=cfg.budget_percent, level="step"))
+            select.select(store, run, run, SelectConfig(budget_percent=cfg.budget_percent, level="step"))
             jobs += [(f"{method}-{latent}", run, s) for s in cfg.seeds]
         assert embeddings_key(encoder, "metaworld") in out
         save({"status": f"embedded and selected on {latent} latents", "embed_stage": embed_rates, "timings": timings})

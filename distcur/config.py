@@ -257,7 +257,8 @@ def _leaves(cls: type, path: tuple[str, ...] = (), owner: Any = _NO_DEFAULT) -> 
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        default = getattr(owner, f.name) if owner is not _NO_DEFAULT else _field_default(f)
+        # owner None: a nested config whose field defaults to None (built from its class's defaults)
+        default = getattr(owner, f.name) if owner is not _NO_DEFAULT and owner is not None else _field_default(f)
         if dataclasses.is_dataclass(hints[f.name]):
             out += _leaves(hints[f.name], (*path, f.name), default)
         else:
@@ -316,8 +317,8 @@ def config_from_args(cls: type[T], args, names: list[str], source: str | os.Path
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if not any("." in n for n in given):
         return load_config(cls, source, **given)
-    if source is not None:
-        load_config(cls, source)  # the file's own errors, naming it
+    if source is not None:  # the file's own errors, naming it (with the top-level flags: required fields)
+        load_config(cls, source, **{n: v for n, v in given.items() if "." not in n})
     data = {} if source is None else _source_dict(source)
     for name, value in given.items():
         _merge(data, name.split("."), value)

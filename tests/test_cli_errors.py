@@ -157,20 +157,24 @@ def test_force_retrains_a_finished_policy_and_evaluate_takes_it(tmp_path, capsys
 
 def test_select_and_score_take_a_config_file_the_flags_winning(store, tmp_path, capsys):
     cfg = tmp_path / "select.yaml"
-    cfg.write_text("level: episode\nbudget_percent: 40\ntie_seed: 3\n")
+    cfg.write_text("selection: {level: episode, budget_percent: 40, tie_seed: 3}\n")
     assert main(["select", "--store", store.uri, "--scores", "run", "--run", "sel", "--config", str(cfg),
                  "--tie-seed", "5"]) == 0
     m = store.manifest(selection_key("sel"))
     assert m.config["level"] == "episode" and m.config["budget_percent"] == 40 and m.config["tie_seed"] == 5
     assert m.rows == 8  # the 2 best of 4 five-step episodes
-    cfg.write_text("level: episodes\n")
+    cfg.write_text("selection: {level: episodes}\n")
     code, _, err = run_cli(capsys, "select", "--store", store.uri, "--scores", "run", "--run", "sel2", "--config",
                            str(cfg))
     assert code == 2 and "level must be one of" in one_error_line(err, "select")
-    cfg.write_text("budget_percent: 40\n")
+    cfg.write_text("selection: {budget_percent: 40}\n")
     code, _, err = run_cli(capsys, "select", "--store", store.uri, "--scores", "run", "--run", "sel2", "--config",
                            str(cfg), "--top", "10")
     assert code == 2 and "at most one of" in one_error_line(err, "select")
+    cfg.write_text("budget_percent: 40\n")  # a SelectConfig option outside `selection:` names the known keys
+    code, _, err = run_cli(capsys, "select", "--store", store.uri, "--scores", "run", "--run", "sel2", "--config",
+                           str(cfg))
+    assert code == 2 and "unknown option(s) ['budget_percent'] for SelectStageConfig" in one_error_line(err, "select")
     opts = tmp_path / "iwr.yaml"
     opts.write_text("bandwidth: 0.4\nk: 3\n")
     code, _, err = run_cli(capsys, "score", "--store", store.uri, "--method", "iwr", "--target", "t", "--run", "s",

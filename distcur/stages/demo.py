@@ -232,7 +232,7 @@ def score_all(cfg: DemoConfig, store: Store) -> dict[str, str | None]:
             continue
         select_cfg = SelectConfig(budget_percent=cfg.budget_percent, level=cfg.level_of(method), horizon=cfg.horizon,
                                   tie_seed=cfg.tie_seed)
-        m = select.run(store, run, run, select_cfg)
+        m = select.select(store, run, run, select_cfg)
         selections[method] = run
         log.info("%s: scored and selected %.1f%% of the prior's steps (%s level) in %.1f s", method,
                  100 * m.metadata["selected_fraction"], select_cfg.level, time.time() - t0)

@@ -14,6 +14,8 @@ export, one count per episode; the step tables themselves are only streamed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pyarrow as pa
 
@@ -30,10 +32,56 @@ LEROBOT_SCHEMA = pa.schema([pa.field("index", pa.int64(), nullable=False),
                             pa.field("weight", pa.float32(), nullable=False)])
 
 
-def run(store: Store, scores_run: str, out_run: str, config: SelectConfig | None = None,
-        export_lerobot: bool = False, dense: bool = True, alpha: float | None = None,
-        export_hdf5_mask: str | None = None) -> Manifest:
-    """Select from ``scores/<scores_run>``; commit ``selections/<out_run>`` (and its LeRobot / HDF5 exports)."""
+@dataclass
+class ExportOptions:
+    """What the select stage writes besides the selection."""
+
+    lerobot: bool = field(default=False, metadata={
+        "help": "also write selections/<run>/lerobot: (index, weight); for LeRobot-ingested sources the dataset's "
+                "own index with episode_index and frame_index, every frame (weight 0 unselected)"})
+    sparse: bool = field(default=False, metadata={
+        "help": "LeRobot export of the selected frames only (the manifest states the others' weight, 0)"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "target share of a co-training batch, recorded with the LeRobot export (default 0.5)"})
+    hdf5_mask: str | None = field(default=None, metadata={
+        "help": "for HDF5-ingested sources: copies of the files under selections/<run>/hdf5/ with mask/KEY = the "
+                "selected demos (the originals are never written)"})
+
+
+@dataclass
+class SelectStageConfig:
+    """One select run: ``selection`` applied to ``scores/<scores>``, committed as ``selections/<run>``,
+    with the ``export`` options."""
+
+    scores: str = field(default="", metadata={"help": "score run to select from (scores/<run>)"})
+    run: str = field(default="", metadata={"help": "output run name: writes selections/<run>"})
+    # None, not a default instance: SelectConfig fills in the 10% budget when no budget is given, and a
+    # partial `selection: {threshold: 20}` must not be merged onto an instance with that budget filled
+    selection: SelectConfig = field(default=None, metadata={"help": "the selection's options (SelectConfig)"})
+    export: ExportOptions = field(default_factory=ExportOptions)
+
+    def __post_init__(self) -> None:
+        for name in ("scores", "run"):
+            if not getattr(self, name):
+                raise ValueError(f"SelectStageConfig.{name} is required (--{name})")
+        if self.selection is None or isinstance(self.selection, dict):
+            self.selection = SelectConfig(**(self.selection or {}))
+        if isinstance(self.export, dict):
+            self.export = ExportOptions(**self.export)
+        if self.export.sparse and not self.export.lerobot:
+            raise ValueError("SelectStageConfig.export.sparse (--export-sparse) needs export.lerobot (--export-lerobot)")
+
+
+def run(store: Store, config: SelectStageConfig) -> Manifest:
+    """Select from ``scores/<config.scores>``; commit ``selections/<config.run>`` (and its LeRobot / HDF5 exports)."""
+    return select(store, config.scores, config.run, config.selection, export_lerobot=config.export.lerobot,
+                  dense=not config.export.sparse, alpha=config.export.alpha, export_hdf5_mask=config.export.hdf5_mask)
+
+
+def select(store: Store, scores_run: str, out_run: str, config: SelectConfig | None = None,
+           export_lerobot: bool = False, dense: bool = True, alpha: float | None = None,
+           export_hdf5_mask: str | None = None) -> Manifest:
+    """:func:`run` with its options as arguments (the demo's, the sweep's and the tests' calls)."""
     config = config or SelectConfig()
     in_key, out_key = scores_key(scores_run), selection_key(out_run)
     inputs = {in_key: store.input_fingerprint(in_key)}

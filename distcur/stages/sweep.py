@@ -118,7 +118,7 @@ def prepare_selections(cfg: SweepConfig, store: Store) -> list[dict]:
                       address=cfg.address)
             for top in cfg.top_percents:
                 sel_run = f"{score_run}-top{top:g}"
-                select.run(store, score_run, sel_run, SelectConfig(top_percent=top, level=cfg.level))
+                select.select(store, score_run, sel_run, SelectConfig(top_percent=top, level=cfg.level))
                 points.append({"method": method, "bandwidth": bw, "top_percent": top, "selection": sel_run})
     return points
 

@@ -23,7 +23,7 @@ from distcur.data import scores_key, steps_key  # noqa: E402
 from distcur.schema import SCORE_SCHEMA  # noqa: E402
 from distcur.select import SelectConfig  # noqa: E402
 from distcur.stages.select import hdf5_mask_dir, lerobot_key  # noqa: E402
-from distcur.stages.select import run as run_select  # noqa: E402
+from distcur.stages.select import select as run_select  # noqa: E402
 from distcur.store import Store  # noqa: E402
 
 

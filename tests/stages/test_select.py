@@ -3,6 +3,8 @@ selection's make-up, CLI."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -11,7 +13,7 @@ from distcur.data import scores_key, selection_key, steps_key
 from distcur.schema import SCORE_SCHEMA, SELECTION_SCHEMA, steps_table
 from distcur.select import SelectConfig, cluster_scores, select_steps
 from distcur.stages.select import lerobot_key, selection_composition
-from distcur.stages.select import run as run_select
+from distcur.stages.select import select as run_select
 from distcur.store import Store
 
 
@@ -176,6 +178,26 @@ def test_cli_score_random_and_select(store, tmp_path, capsys):
     assert "scores/nope is not a committed table" in capsys.readouterr().err
     assert main(["score", "--store", store.uri, "--method", "sr", "--target", "reach", "--run", "r", "--k", "3"]) == 2
     assert "--k" in capsys.readouterr().err
+
+
+def test_cli_select_from_a_config_file_the_flags_winning(store, tmp_path, capsys):
+    from distcur.cli import main
+
+    cfg = tmp_path / "select.yaml"
+    cfg.write_text("scores: br-run\nrun: yaml-sel\nselection: {top_percent: 20, level: step}\n"
+                   "export: {lerobot: true, alpha: 0.3}\n")
+    assert main(["select", "--store", store.uri, "--config", str(cfg)]) == 0
+    m = store.manifest(selection_key("yaml-sel"))
+    assert m.rows == 6 and store.manifest(lerobot_key("yaml-sel")).metadata["alpha"] == 0.3
+    capsys.readouterr()
+    assert main(["select", "--store", store.uri, "--config", str(cfg), "--top", "40", "--run", "flag-sel"]) == 0
+    assert json.loads(capsys.readouterr().out)["selection"] == "selections/flag-sel"
+    assert store.manifest(selection_key("flag-sel")).rows == 11  # ceil(40% of 26 steps)
+    # every run name is required, and a sparse export needs the export it thins
+    assert main(["select", "--store", store.uri, "--scores", "br-run"]) == 2
+    assert "SelectStageConfig.run is required (--run)" in capsys.readouterr().err
+    assert main(["select", "--store", store.uri, "--scores", "br-run", "--run", "x", "--export-sparse"]) == 2
+    assert "needs export.lerobot (--export-lerobot)" in capsys.readouterr().err
 
 
 def selection_of(rows: list[tuple[str, int, int]]) -> pa.Table:
