@@ -1,4 +1,4 @@
-"""The one way a stage commits a table: skip when current, else write, commit, or abort.
+"""The one way a stage commits its output: skip when current, else write, commit, or abort.
 
 Every stage output is a table version with a manifest that records the stage, its config and the
 fingerprints of its inputs. :func:`commit_output` is the whole protocol:
@@ -10,6 +10,11 @@ fingerprints of its inputs. :func:`commit_output` is the whole protocol:
   the writer commits, so readers see the new version at once;
 - anything raised on the way (a bad input, Ctrl-C, a lost worker) aborts the writer: its parts are
   deleted and the previous version stays what readers see.
+
+:func:`commit_files` is the same commit for files a stage writes at fixed paths under its key
+(a trained policy's ``policy.pt``, which users and tools address by name, not per version): the
+stage has checked ``Store.is_done`` before its work, writes the files (each atomically), and the
+manifest written last is their done bit.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from distcur.store import Manifest, Store, TableWriter
+from distcur.store import MANIFEST, Manifest, Store, TableWriter
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +75,16 @@ def commit_table(store: Store, key: str, stage: str, config: dict, inputs: dict[
         return metadata
 
     return commit_output(store, key, stage, config, inputs, produce, force=force, quiet=quiet)
+
+
+def commit_files(store: Store, key: str, stage: str, config: dict, inputs: dict[str, str], files: list[str],
+                 rows: int, metadata: dict | None = None, wall_s: float = 0.0) -> Manifest:
+    """Commit ``files`` (already written at fixed paths under ``key``) with ``key``'s manifest,
+    written last: until it exists, the output is not done and a rerun redoes it."""
+    missing = [f for f in files if not store.exists(f)]
+    if missing:
+        raise FileNotFoundError(f"{key}: cannot commit {missing}: not written")
+    manifest = Manifest(stage=stage, config=config, inputs=dict(inputs), files=list(files), rows=int(rows),
+                        metadata=dict(metadata or {}), wall_s=round(wall_s, 3))
+    store.write_text(f"{key}/{MANIFEST}", manifest.to_json())
+    return manifest

@@ -54,6 +54,7 @@ from distcur.policy.train import (
     train_policy,
 )
 from distcur.schema import SELECTION_SCHEMA, list_column_to_numpy
+from distcur.stages.output import commit_files
 from distcur.store import Manifest, Store
 
 log = logging.getLogger(__name__)
@@ -297,11 +298,9 @@ def baseline_selection(
 def write_policy(store: Store, run: str, state: dict, cfg: TrainConfig, inputs: dict[str, str], wall_s: float) -> Manifest:
     """Write ``policies/<run>/policy.pt`` and commit it with a manifest (stage "train")."""
     key = save_policy(store, run, state)
-    manifest = Manifest(stage=STAGE, config=fingerprint_config(cfg), inputs=dict(inputs), files=[key],
-                        rows=int(state["meta"]["data"]["n_target"] + state["meta"]["data"]["n_prior"]),
-                        metadata={"history": state["meta"]["history"][-5:]}, wall_s=round(wall_s, 3))
-    store.write_text(f"{policy_key(run)}/manifest.json", manifest.to_json())
-    return manifest
+    rows = state["meta"]["data"]["n_target"] + state["meta"]["data"]["n_prior"]
+    return commit_files(store, policy_key(run), STAGE, fingerprint_config(cfg), inputs, [key], rows,
+                        {"history": state["meta"]["history"][-5:]}, wall_s)
 
 
 def train_to_store(

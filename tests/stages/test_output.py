@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from distcur.stages.output import commit_output, commit_table
+from distcur.stages.output import commit_files, commit_output, commit_table
 from distcur.store import Store
 
 
@@ -57,3 +57,16 @@ def test_produce_may_adopt_parts_written_under_the_writer_dir(tmp_path):
 
     out = commit_output(store, "t", "demo", {}, {}, produce)
     assert out.manifest.rows == 4 and store.read_table("t").num_rows == 4 and store.is_done("t", "demo", {}, {})
+
+
+def test_files_at_fixed_paths_are_done_only_once_their_manifest_is_written(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"policies/p: cannot commit \['policies/p/policy.pt'\]"):
+        commit_files(store, "policies/p", "train", {"lr": 1}, {"in": "f1"}, ["policies/p/policy.pt"], 5)
+    assert store.manifest("policies/p") is None and not store.is_done("policies/p", "train", {"lr": 1}, {"in": "f1"})
+    store.write_bytes("policies/p/policy.pt", b"weights")
+    m = commit_files(store, "policies/p", "train", {"lr": 1}, {"in": "f1"}, ["policies/p/policy.pt"], 5,
+                     {"history": [1.0]}, wall_s=2.5)
+    assert store.manifest("policies/p") == m and m.rows == 5 and m.metadata == {"history": [1.0]}
+    assert store.is_done("policies/p", "train", {"lr": 1}, {"in": "f1"})
+    assert not store.is_done("policies/p", "train", {"lr": 2}, {"in": "f1"})
