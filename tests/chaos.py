@@ -51,7 +51,7 @@ TINY_DEMO = f"""\
 prior:
 {chr(10).join('  ' + line for line in TINY_PRIOR.splitlines())}
 vae: {{train_steps: 100, hidden: [32]}}
-heldout_demos: 2
+evaluation: {{heldout_demos: 2}}
 """
 TARGET = "reach-v3"
 

@@ -222,7 +222,7 @@ TINY_METAWORLD = {
     "score": {},
     "evaluate": {"episodes": 1, "seeds": [0]},
     "demo": {"seeds": [0], "episodes": 1,
-             "config": {"max_steps": 40, "train_steps": 20, "hidden": [16, 16], "heldout_demos": 1,
+             "config": {"evaluation": {"max_steps": 40, "heldout_demos": 1}, "train": {"steps": 20, "hidden": [16, 16]},
                         "vae": {"train_steps": 30, "hidden": [16]},
                         "prior": {"tasks": ["reach-v3"], "success_per_task": 1, "failed_per_task": 1,
                                   "failed_max_steps": 30, "max_steps": 150},

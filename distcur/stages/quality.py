@@ -15,8 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from distcur.config import to_dict
-from distcur.stages.demo import BASELINES, DemoConfig
 from distcur.sources.metaworld import PRIOR_SOURCE
+from distcur.stages.demo import BASELINES, DemoConfig
 from distcur.store import fingerprint
 
 RECORD_FIELDS = ("task", "prior", "method", "seed", "episodes", "success", "proxy_loss", "budget",

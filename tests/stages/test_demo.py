@@ -133,6 +133,25 @@ def test_recording_refuses_another_protocol_unless_a_variant(tmp_path):
     assert json.load(open(path))["protocol"]["evaluation"]["episodes"] == 50
 
 
+def test_the_recorded_datamodel_protocol_leaves_out_where_the_work_runs():
+    from distcur.stages.demo import DemoConfig
+    from distcur.stages.quality import protocol_of
+
+    dm = DemoConfig().datamodel  # the demo's own datamodel options, each case changes some
+
+    def with_(**over):
+        return protocol_of(DemoConfig(datamodel={**dm, **over}))
+
+    base = with_()["datamodel"]
+    elsewhere = with_(executor="ray-train", ray_train={"num_workers": 4})
+    assert elsewhere["datamodel"] == base  # the same numbers either way: one protocol
+    assert "executor" not in base and "ray_train" not in base and base["prior_sources"] == ["metaworld"]
+    assert "round_size" not in base["metagrad"]  # 1, the reference's sequence, as in records made before the field
+    rounds = with_(metagrad={**dm.get("metagrad", {}), "recipe": "datamil", "round_size": 4})["datamodel"]
+    assert rounds["metagrad"]["round_size"] == 4
+    assert with_(lr=0.01)["datamodel"] != base
+
+
 def test_demo_flags_build_the_nested_config(tmp_path):
     """The demo's flags are DemoConfig's fields (training and evaluation options included): the protocol
     policy's options, then the --config file, then the flags given; its manifests keep the flat layout."""
