@@ -234,14 +234,15 @@ def run(store: Store | str, config: EvaluateConfig, policy: str, task: str) -> t
 def train_and_evaluate(store: Store | str, target_task: str, selection_run: str | None, train: TrainConfig,
                        method: str, episodes: int, max_steps: int | None = None, proxy_kind: str = "nll",
                        proxy_source: str | None = None,
-                       on_checkpoint: Callable[[int, float], None] | None = None) -> dict:
+                       on_checkpoint: Callable[[int, float], None] | None = None,
+                       also_proxies: tuple[str, ...] = ()) -> dict:
     """Train a policy on ``target-<target_task>`` plus ``selections/<selection_run>`` (None:
     target-only) in this process, without writing it, then evaluate it: ``episodes`` MetaWorld
     rollouts with ``train.seed`` (0: none, success NaN) and the ``proxy_kind`` proxy on
     ``proxy_source`` (default the task's held-out demos). ``on_checkpoint(step, proxy)`` is called
     with the proxy of every checkpoint (each ``train.checkpoint_every`` steps: a sweep's reports).
     One result row: method, task, seed, episodes, success, proxy_loss, proxy_kind, selected_steps,
-    train_s, eval_s, final_train_loss."""
+    train_s, eval_s, final_train_loss, and ``proxy_<kind>`` for each of ``also_proxies``."""
     store = store if isinstance(store, Store) else Store(store)
     selection = read_selection(store, selection_run) if selection_run else None
     data = load_training_data(store, target_source(target_task), selection)
@@ -265,4 +266,5 @@ def train_and_evaluate(store: Store | str, target_task: str, selection_run: str 
     return {"method": method, "task": target_task, "seed": train.seed, "episodes": success["episodes"],
             "success": success["success"], "proxy_loss": proxy, "proxy_kind": proxy_kind,
             "selected_steps": int(data.n_prior), "train_s": round(train_s, 2), "eval_s": round(time.time() - t0, 2),
-            "final_train_loss": history[-1]["loss"] if history else None}
+            "final_train_loss": history[-1]["loss"] if history else None,
+            **{f"proxy_{k}": policy_proxy(policy, heldout.state, heldout.action, k) for k in also_proxies}}
