@@ -126,6 +126,8 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=20, help="rollouts per subset policy")
     ap.add_argument("--final-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--final-episodes", type=int, default=50)
+    ap.add_argument("--final-kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="the task datamodels whose selections are trained (all three are fit)")
     ap.add_argument("--seed", type=int, default=0, help="the subsets' seed")
     ap.add_argument("--run", default="demo", help="the demo run whose rows and datamodel are compared")
     ap.add_argument("--train-steps", type=int, default=None, help="override the protocol's steps (a smoke run only)")
@@ -209,11 +211,11 @@ def main() -> int:
                       "tasks": {tasks[t]: int(n) for t, n in picked.task.value_counts().items()},
                       "success_share": comp.get("success_share"),
                       "target_failure_share": comp.get("target_failure_share")}
-        for seed in args.final_seeds:
+        for seed in (args.final_seeds if kind in args.final_kinds else []):
             final_specs.append((f"datamodel-{kind}-tasks-seed{seed}", f"{RUN}-{kind}", seed, args.final_episodes))
     final_rows = run_jobs(store, cfg, final_specs, inputs)
     final = {}
-    for kind in KINDS:
+    for kind in args.final_kinds:
         vals = {seed: final_rows[f"datamodel-{kind}-tasks-seed{seed}"]["success"] for seed in args.final_seeds}
         final[f"datamodel-{kind}-tasks"] = {"success_by_seed": vals, "success_mean": float(np.mean(list(vals.values()))),
                                             **made[kind]}

@@ -16,9 +16,9 @@ config): ``ray-tasks`` (default) trains the subset-model batches as Ray tasks an
 meta-gradient iterations on the driver; ``ray-train`` runs both on one TorchTrainer per stage
 (``ray_train``: workers, CPUs and GPUs per worker, restarts), the meta-gradient iterations
 committed one by one under ``datamodels/<run>/metagrad/``. The executors
-(:class:`~distcur.distributed.tasks.RayTasks`, :class:`~distcur.distributed.raytrain.RayTrain`) run the items this module hands them; the work itself
-(train one batch of stacked subset models, run one meta-gradient iteration, commit it) is here,
-on the maths of :mod:`distcur.datamodels`.
+(:class:`~distcur.distributed.tasks.RayTasks`, :class:`~distcur.distributed.raytrain.RayTrain`)
+run the items this module hands them; the work itself (train one batch of stacked subset models,
+run one meta-gradient iteration, commit it) is here, on the maths of :mod:`distcur.datamodels`.
 
 Batches: the m subset models are cut into batches of ``models_per_batch``; batch i commits its
 proxy losses as its own immutable table ``datamodels/<run>/results/batch=<i>`` with the batch's
