@@ -61,15 +61,29 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=32)
     ap.add_argument("--prior-steps", type=int, default=200_000)
     ap.add_argument("--out-name", default="speed_equivalence")
+    ap.add_argument("--first", choices=("new", "old"), default="new", help="which checkout runs first")
+    ap.add_argument("--append", action="store_true",
+                    help="add these runs to the existing result's (same commits and sizes), e.g. a second round "
+                         "started with --first old")
     args = ap.parse_args()
     new_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
     runs: dict[str, list[dict]] = {"new": [], "old": []}
+    earlier_order: list[str] = []
+    sizes = {"subset_models": args.models, "metagrad_iterations": args.iterations, "iwr_prior_steps": args.prior_steps}
+    if args.append:
+        with open(os.path.join(HERE, "results", f"{args.out_name}.json")) as f:
+            earlier = json.load(f)
+        if (earlier["old"], earlier["new"], earlier["sizes"]) != (args.old, new_commit, sizes):
+            raise SystemExit(f"--append: the existing result is of {earlier['old']} vs {earlier['new']} at "
+                             f"{earlier['sizes']}, not {args.old} vs {new_commit} at {sizes}")
+        runs, earlier_order = earlier["runs"], earlier["order"]
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = os.path.join(tmp, "old")
         subprocess.run(["git", "worktree", "add", "-q", "--detach", old_tree, args.old], cwd=REPO, check=True)
         try:
-            order = [w for i in range(args.rounds) for w in (("new", "old") if i % 2 == 0 else ("old", "new"))]
+            pair = ("new", "old") if args.first == "new" else ("old", "new")
+            order = [w for i in range(args.rounds) for w in (pair if i % 2 == 0 else pair[::-1])]
             for i, which in enumerate(order):
                 work = os.path.join(tmp, f"run-{i}")
                 os.makedirs(work)
@@ -84,9 +98,7 @@ def main() -> int:
     path = write_result(args.out_name, {
         "what": "walls of the executors' benchmarks under the commit before the refactor (old) and this one (new), "
                 "one machine, alternating; ratio = old / new (1.0: the same speed)",
-        "old": args.old, "new": new_commit, "order": order,
-        "sizes": {"subset_models": args.models, "metagrad_iterations": args.iterations,
-                  "iwr_prior_steps": args.prior_steps},
+        "old": args.old, "new": new_commit, "order": earlier_order + order, "sizes": sizes,
         "runs": runs, "old_over_new": ratios,
         "scores_equal_every_run": all(r["iwr_scores_equal"] for w in runs for r in runs[w]),
         "load_average_after": list(os.getloadavg()),
