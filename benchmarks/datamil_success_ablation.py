@@ -18,7 +18,7 @@ The question (does the proxy track what helps the policy?) answered on the polic
    demo's methods (``--final-seeds`` x ``--final-episodes``), beside the store's own rows.
 
 Task clusters, not episode clusters: ~1000 rollout-evaluated policies for the episode-level
-datamodel (its default 1024 subsets) are out of reach on 2 cores (about 8 h); 64 subsets over
+datamodel (its default 1024 subsets) are out of reach on 2 cores (about a day); 64 subsets over
 ~50 tasks are not. Every policy's row is committed to the store as it finishes
 (``evals/ablation-success/...``), so a rerun trains only the missing ones.
 
