@@ -113,15 +113,17 @@ def time_metagrad(parallel: bool, data, spec, cfg: DatamodelConfig, iterations: 
     return wall, grads
 
 
-def update_results(path: str, figures: dict) -> dict:
-    """Read ``path``, replace only this script's keys (of ``ray_train_run`` only the parts run
-    now: ``--skip-batches`` / ``--skip-metagrad`` runs add up), write it back atomically."""
+def update_results(path: str, figures: dict, both_parts: bool) -> dict:
+    """Read ``path``, replace only this script's keys, write it back atomically. ``ray_train_run``:
+    a run of both parts replaces it; a ``--skip-batches`` / ``--skip-metagrad`` run replaces only
+    its part's entries, so two partial runs add up."""
     res = {}
     if os.path.exists(path):
         with open(path) as f:
             res = json.load(f)
-    for k, v in figures.items():  # ray_train_run: the parts run now replace theirs, the others stay
-        res[k] = {**res.get(k, {}), **v} if k == "ray_train_run" and isinstance(res.get(k), dict) else v
+    for k, v in figures.items():
+        partial = k == "ray_train_run" and not both_parts and isinstance(res.get(k), dict)
+        res[k] = {**res[k], **v} if partial else v
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(res, f, indent=2, default=float)
@@ -190,7 +192,7 @@ def main() -> int:
     run[f"wall_s_{part}"] = round(time.time() - t_start, 1)
     run[f"machine_{part}"] = machine_facts()
     figures["ray_train_run"] = run
-    update_results(args.out, figures)
+    update_results(args.out, figures, both_parts=part == "both")
     print(json.dumps({k: v["median"] for k, v in figures.items() if isinstance(v, dict) and "median" in v}))
     return 0
 

@@ -7,6 +7,7 @@ median of >= 3 runs with min and max, and speed figures are ratios taken in the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -278,3 +279,16 @@ def run_ingest_child(make_cmd: Callable[[str], list[str]], workdir: str, prefix:
     timed = json.loads(out["stdout"].strip().splitlines()[-1])
     return {"steps": timed["steps"], "wall_s": timed["wall_s"], "steps_per_s": timed["steps"] / timed["wall_s"],
             "peak_rss_bytes": out["peak_rss_bytes"], "peak_single_rss_bytes": out["peak_single_rss_bytes"]}
+
+
+@contextlib.contextmanager
+def worktree(commit: str, parent: str) -> Iterator[str]:
+    """``commit`` checked out (detached) in a temporary git worktree under ``parent``, removed after:
+    the older code an equivalence benchmark runs beside this checkout's."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = os.path.join(parent, "old")
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", tree, commit], cwd=repo, check=True)
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=repo, check=False)

@@ -21,7 +21,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import write_result  # noqa: E402
+from common import worktree, write_result  # noqa: E402
 
 # Run in a fresh interpreter with the code under test first on sys.path.
 CHILD = r'''
@@ -64,12 +64,8 @@ def main() -> int:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     old = subprocess.run(["git", "rev-parse", args.old], cwd=REPO, capture_output=True, text=True, check=True).stdout
     with tempfile.TemporaryDirectory(prefix="demo-equivalence-") as work:
-        tree = os.path.join(work, "old")
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", tree, old.strip()], cwd=REPO, check=True)
-        try:
+        with worktree(old.strip(), work) as tree:
             before = run_demo_at(tree, work, "old")
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO, check=False)
         after = run_demo_at(REPO, work, "new")
     differ = {k: {"old": before.get(k), "new": after.get(k)} for k in sorted(set(before) | set(after))
               if before.get(k) != after.get(k)}

@@ -24,7 +24,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import write_result  # noqa: E402
+from common import worktree, write_result  # noqa: E402
 
 
 def run_benchmarks(checkout: str, models: int, iterations: int, prior_steps: int, workdir: str) -> dict:
@@ -79,9 +79,7 @@ def main() -> int:
                              f"{earlier['sizes']}, not {args.old} vs {new_commit} at {sizes}")
         runs, earlier_order = earlier["runs"], earlier["order"]
     with tempfile.TemporaryDirectory() as tmp:
-        old_tree = os.path.join(tmp, "old")
-        subprocess.run(["git", "worktree", "add", "-q", "--detach", old_tree, args.old], cwd=REPO, check=True)
-        try:
+        with worktree(args.old, tmp) as old_tree:
             pair = ("new", "old") if args.first == "new" else ("old", "new")
             order = [w for i in range(args.rounds) for w in (pair if i % 2 == 0 else pair[::-1])]
             for i, which in enumerate(order):
@@ -90,8 +88,6 @@ def main() -> int:
                 runs[which].append(run_benchmarks(REPO if which == "new" else old_tree, args.models, args.iterations,
                                                   args.prior_steps, work))
                 print(which, json.dumps(runs[which][-1]), flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", old_tree], cwd=REPO, check=False)
     walls = [k for k in runs["new"][0] if k.endswith("_s")]
     mean = {w: {k: sum(r[k] for r in runs[w]) / len(runs[w]) for k in walls} for w in runs}
     ratios = {k: mean["old"][k] / mean["new"][k] for k in walls}
