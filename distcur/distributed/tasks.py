@@ -43,6 +43,13 @@ def _name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "task")
 
 
+def _surfaced(e: BaseException, errors: tuple[type, ...]) -> BaseException:
+    """What a failed task raises on the driver: the task's own exception when it is one of the
+    ``errors`` types (a user's bad input, one clear line), else Ray's error as it is."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, errors) else e
+
+
 def _failure(e: BaseException) -> str:
     """A failed task in one line: the exception's type and the first line of its message (for a
     task's own exception, Ray's wrapper names only the task: its cause is described instead)."""
@@ -97,10 +104,10 @@ class RayTasks:
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, self.errors):
-                raise cause from None
-            raise
+            user = _surfaced(e, self.errors)
+            if user is e:
+                raise
+            raise user from None
 
     def _launch(self, fn: Callable, calls: Sequence[tuple]) -> list:
         self.start()
@@ -111,8 +118,6 @@ class RayTasks:
     def map(self, fn: Callable, calls: Sequence[tuple]) -> list:
         """``[fn(*call) for call in calls]``, one task each, results in order (a bar where
         ``progress`` and bars are drawn)."""
-        if not calls:
-            return []
         return self.each(fn, calls)
 
     def __call__(self, fn: Callable, items: Sequence[Any]) -> list:
@@ -153,20 +158,14 @@ def wait(refs: list, on_result: Callable[[int, Any], None] | None = None,
             i = index[done[0]]
             try:
                 results[i] = r = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                err = cause if isinstance(cause, errors) else e
+            except (ray.exceptions.RayError, OSError) as e:  # the task's own error, a lost worker, I/O
+                err = _surfaced(e, errors)
                 if not keep_going:
+                    if err is e:
+                        raise
                     raise err from None
                 results[i] = err
                 log.warning("task %d of %d failed: %s", i + 1, len(refs), _failure(err))
-                shown.update()
-                continue
-            except (ray.exceptions.RayError, OSError) as e:
-                if not keep_going:
-                    raise
-                results[i] = e
-                log.warning("task %d of %d failed: %s", i + 1, len(refs), _failure(e))
                 shown.update()
                 continue
             if on_result is not None:
